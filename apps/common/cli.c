@@ -1,0 +1,212 @@
+#include "cli.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum {
+    OPT_URL = 1000,
+    OPT_TIMEOUT,
+    OPT_HEARTBEAT,
+    OPT_QUEUE,
+    OPT_PREFETCH,
+    OPT_MAX_BODY,
+    OPT_RAW,
+    OPT_VERSION,
+    OPT_EXTRA /* + index of the extra option */
+};
+
+void cli_error(const struct cli *c, const char *fmt, ...)
+{
+    va_list ap;
+    fprintf(stderr, "%s: ", c->prog);
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+bool cli_parse_long(const char *s, long min, long max, long *out)
+{
+    char *end;
+    long v;
+
+    if (!s || !*s)
+        return false;
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno || *end || v < min || v > max)
+        return false;
+    *out = v;
+    return true;
+}
+
+int cli_exit_code(mqrpc_err e)
+{
+    switch (e) {
+    case MQRPC_OK: return CLI_EXIT_OK;
+    case MQRPC_EREMOTE: return CLI_EXIT_REMOTE;
+    case MQRPC_EINVAL:
+    case MQRPC_EURL: return CLI_EXIT_USAGE;
+    case MQRPC_ECONNECT:
+    case MQRPC_EAUTH:
+    case MQRPC_EACCESS:
+    case MQRPC_ECLOSED: return CLI_EXIT_BROKER;
+    case MQRPC_ETIMEOUT: return CLI_EXIT_TIMEOUT;
+    case MQRPC_ENOROUTE: return CLI_EXIT_NOSERVICE;
+    default: return CLI_EXIT_FAILURE;
+    }
+}
+
+const char *cli_connect_hint(mqrpc_err e)
+{
+    if (e == MQRPC_ECONNECT)
+        return " (is the broker running? start the private one with "
+               "scripts/broker.sh start, or set --url / AMQP_URL)";
+    return "";
+}
+
+static void usage(const struct cli *c, FILE *f)
+{
+    fprintf(f, "Usage: %s %s\n\n%s\n\nOptions:\n", c->prog, c->usage,
+            c->summary);
+    fprintf(f, "  --url URL          broker URL (else $AMQP_URL, else the "
+               "private broker's,\n"
+               "                     else amqp://guest:guest@localhost:5672/)\n");
+    if (c->flags & CLI_CALLER)
+        fprintf(f, "  --timeout MS       wait at most MS for each reply "
+                   "(default %d)\n",
+                MQRPC_DEFAULT_TIMEOUT_MS);
+    if (c->flags & CLI_SERVICE) {
+        fprintf(f, "  --queue NAME       queue to consume (default %s)\n",
+                c->queue);
+        fprintf(f, "  --prefetch N       unacknowledged requests at once "
+                   "(default 1: fair round-robin)\n");
+        fprintf(f, "  --max-body BYTES   larger requests get bad_request "
+                   "(default %u)\n",
+                MQRPC_DEFAULT_MAX_BODY);
+    }
+    for (const struct cli_extra *x = c->extra; x && x->name; x++)
+        fprintf(f, "  --%s %-*s%s%s%s%s\n", x->name,
+                (int)(16 - strlen(x->name)), x->arg, x->help,
+                x->value ? " (default " : "", x->value ? x->value : "",
+                x->value ? ")" : "");
+    fprintf(f, "  --heartbeat S      AMQP heartbeat in seconds, 0 to disable "
+               "(default %d)\n",
+            MQRPC_DEFAULT_HEARTBEAT);
+    if (c->flags & CLI_CALLER)
+        fprintf(f, "  --raw              send the body of 'call' unchecked\n");
+    fprintf(f, "  -v, --verbose      %s\n",
+            c->flags & CLI_SERVICE ? "log every request"
+                                   : "say which instance answered, and how fast");
+    fprintf(f, "  -h, --help         show this help\n"
+               "  --version          show the version\n\n"
+               "Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker "
+               "unreachable or lost,\n"
+               "            4 timeout, 5 no service on the queue, 6 other "
+               "failure.\n");
+}
+
+int cli_parse(struct cli *c, int argc, char **argv)
+{
+    struct option opts[32];
+    size_t n = 0;
+    long v;
+    int ch;
+
+    opts[n++] = (struct option){"url", required_argument, NULL, OPT_URL};
+    opts[n++] =
+        (struct option){"heartbeat", required_argument, NULL, OPT_HEARTBEAT};
+    opts[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
+    opts[n++] = (struct option){"help", no_argument, NULL, 'h'};
+    opts[n++] = (struct option){"version", no_argument, NULL, OPT_VERSION};
+    if (c->flags & CLI_CALLER) {
+        opts[n++] =
+            (struct option){"timeout", required_argument, NULL, OPT_TIMEOUT};
+        opts[n++] = (struct option){"raw", no_argument, NULL, OPT_RAW};
+    }
+    if (c->flags & CLI_SERVICE) {
+        opts[n++] = (struct option){"queue", required_argument, NULL, OPT_QUEUE};
+        opts[n++] =
+            (struct option){"prefetch", required_argument, NULL, OPT_PREFETCH};
+        opts[n++] =
+            (struct option){"max-body", required_argument, NULL, OPT_MAX_BODY};
+    }
+    for (int i = 0; c->extra && c->extra[i].name && n < 31; i++)
+        opts[n++] = (struct option){c->extra[i].name, required_argument, NULL,
+                                    OPT_EXTRA + i};
+    opts[n] = (struct option){NULL, 0, NULL, 0};
+
+    if (c->timeout_ms == 0)
+        c->timeout_ms = MQRPC_DEFAULT_TIMEOUT_MS;
+    if (c->heartbeat_s == 0)
+        c->heartbeat_s = MQRPC_DEFAULT_HEARTBEAT;
+    /* "+": stop at the first operand, so JSON like -1 after "call Q" and
+     * negative numbers after "soma" are operands, not options. */
+    opterr = 0;
+    while ((ch = getopt_long(argc, argv, "+vh", opts, NULL)) != -1) {
+        switch (ch) {
+        case OPT_URL: c->url = optarg; break;
+        case OPT_TIMEOUT:
+            if (!cli_parse_long(optarg, 1, 24L * 3600 * 1000, &v)) {
+                cli_error(c, "--timeout takes milliseconds from 1 to 86400000, "
+                             "got \"%s\"", optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->timeout_ms = (int)v;
+            break;
+        case OPT_HEARTBEAT:
+            if (!cli_parse_long(optarg, 0, 65535, &v)) {
+                cli_error(c, "--heartbeat takes seconds from 0 to 65535, got "
+                             "\"%s\"", optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->heartbeat_s = v == 0 ? -1 : (int)v;
+            break;
+        case OPT_QUEUE:
+            if (!*optarg || strlen(optarg) > 255) {
+                cli_error(c, "--queue takes a name of 1 to 255 bytes");
+                return CLI_EXIT_USAGE;
+            }
+            c->queue = optarg;
+            break;
+        case OPT_PREFETCH:
+            if (!cli_parse_long(optarg, 1, 65535, &v)) {
+                cli_error(c, "--prefetch takes a number from 1 to 65535, got "
+                             "\"%s\"", optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->prefetch = (unsigned)v;
+            break;
+        case OPT_MAX_BODY:
+            if (!cli_parse_long(optarg, 2, 128L * 1024 * 1024, &v)) {
+                cli_error(c, "--max-body takes bytes from 2 to 134217728, got "
+                             "\"%s\"", optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->max_body = (size_t)v;
+            break;
+        case OPT_RAW: c->raw = true; break;
+        case 'v': c->verbose = true; break;
+        case 'h': usage(c, stdout); return CLI_EXIT_OK;
+        case OPT_VERSION: printf("%s (mqrpc) %s\n", c->prog, MQRPC_VERSION); return CLI_EXIT_OK;
+        case '?':
+        default:
+            if (ch >= OPT_EXTRA) {
+                c->extra[ch - OPT_EXTRA].value = optarg;
+                break;
+            }
+            if (optopt > 0 && optopt < 256)
+                cli_error(c, "unknown option -%c (try --help)", optopt);
+            else
+                cli_error(c, "unknown option or missing value: %s (try --help)",
+                          argv[optind - 1]);
+            return CLI_EXIT_USAGE;
+        }
+    }
+    c->optind = optind;
+    return -1;
+}

@@ -1,0 +1,73 @@
+/*
+ * What every program shares: option parsing (--url, --timeout, --help,
+ * --version, ...), documented exit codes, and one-line error reporting.
+ */
+#ifndef MQRPC_CLI_H
+#define MQRPC_CLI_H
+
+#include "mqrpc/mqrpc.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Exit codes, the same for every program (documented in the README). */
+enum cli_exit {
+    CLI_EXIT_OK = 0,
+    CLI_EXIT_REMOTE = 1,    /* the service replied with an error */
+    CLI_EXIT_USAGE = 2,     /* bad command line or input */
+    CLI_EXIT_BROKER = 3,    /* broker unreachable, login refused, lost */
+    CLI_EXIT_TIMEOUT = 4,   /* no reply in time */
+    CLI_EXIT_NOSERVICE = 5, /* no service on that queue */
+    CLI_EXIT_FAILURE = 6    /* anything else (bad reply, setup failure) */
+};
+
+/* Which of the common options a program takes. */
+#define CLI_CALLER 1u  /* --timeout */
+#define CLI_SERVICE 2u /* --queue, --prefetch, --max-body */
+
+/* A program-specific option that takes a value: "--db PATH". */
+struct cli_extra {
+    const char *name;  /* long name without dashes */
+    const char *arg;   /* placeholder for --help, e.g. "PATH" */
+    const char *help;  /* one line */
+    const char *value; /* default on input, parsed value on output */
+};
+
+struct cli {
+    /* set by the program */
+    const char *prog;
+    const char *usage;   /* "[OPTIONS] soma A B | ..." lines after prog */
+    const char *summary; /* one paragraph */
+    unsigned flags;
+    struct cli_extra *extra; /* array ended by a NULL name, or NULL */
+    /* defaults on input, results on output */
+    const char *url;
+    int timeout_ms;
+    int heartbeat_s;
+    unsigned prefetch;
+    size_t max_body;
+    const char *queue;
+    bool verbose;
+    bool raw;
+    int optind; /* first operand */
+};
+
+/* cli_parse parses argv. Returns -1 to go on, or an exit code to return
+ * from main at once (0 after --help/--version, CLI_EXIT_USAGE on errors,
+ * already reported on stderr). */
+int cli_parse(struct cli *c, int argc, char **argv);
+
+/* cli_exit_code maps a status to the documented exit code. */
+int cli_exit_code(mqrpc_err e);
+
+/* cli_error prints "prog: message" on stderr, as one line. */
+void cli_error(const struct cli *c, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* cli_connect_hint returns advice to append to a connection failure, or "". */
+const char *cli_connect_hint(mqrpc_err e);
+
+/* cli_parse_long parses a whole decimal integer within [min, max]. */
+bool cli_parse_long(const char *s, long min, long max, long *out);
+
+#endif

@@ -1,0 +1,329 @@
+/*
+ * mqrpc: request/reply RPC over RabbitMQ (AMQP 0-9-1).
+ *
+ * Two handles: mqrpc_client calls remote services, mqrpc_service runs one.
+ * Both are single-threaded: a handle must only be used by one thread at a
+ * time, and callbacks run on the thread that calls into the handle. Every
+ * *_free accepts NULL.
+ *
+ * Wire contract (interoperates with the classic pika "RPC tutorial" peers):
+ * a request is published on the default exchange with routing key = queue,
+ * properties reply_to, correlation_id, content_type=application/json and
+ * expiration = the caller's timeout; its body is a JSON object. A success
+ * reply is the bare JSON result with the same correlation_id and app_id set
+ * to the answering instance; an error reply has type=error and the body
+ * {"error": {"code": "...", "message": "..."}}.
+ */
+#ifndef MQRPC_MQRPC_H
+#define MQRPC_MQRPC_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MQRPC_VERSION "0.1.0"
+
+/*
+ * MQRPC_ERRORS is the one table of status codes: it generates the enum,
+ * mqrpc_strerror() and mqrpc_errname(), so they cannot drift apart.
+ * Transport failures (CONNECT, CLOSED, TIMEOUT, NO_ROUTE, ...) are statuses;
+ * an error the remote handler chose to send is MQRPC_EREMOTE, and its code
+ * and message are in the reply.
+ */
+#define MQRPC_ERRORS(X)                                                        \
+    X(OK, "ok", "success")                                                     \
+    X(ENOMEM, "nomem", "out of memory")                                        \
+    X(EINVAL, "invalid", "invalid argument")                                   \
+    X(EURL, "bad_url", "malformed broker URL")                                 \
+    X(ECONNECT, "connect", "cannot connect to the broker")                     \
+    X(EAUTH, "auth", "the broker refused the login")                           \
+    X(EACCESS, "access", "the broker refused access")                          \
+    X(ECLOSED, "closed", "connection to the broker lost")                      \
+    X(ETIMEOUT, "timeout", "timed out")                                        \
+    X(ENOROUTE, "no_route", "no service on that queue")                        \
+    X(EREMOTE, "remote", "the service replied with an error")                  \
+    X(EBADREPLY, "bad_reply", "malformed reply")                               \
+    X(ETOOBIG, "too_big", "message too large")                                 \
+    X(EPROTO, "protocol", "AMQP protocol error")                               \
+    X(ECANCELED, "canceled", "call canceled")                                  \
+    X(ESTATE, "state", "operation not valid in this state")
+
+/* mqrpc_err: the status every fallible call returns. */
+typedef enum {
+#define MQRPC_ENUM_(name, short_name, text) MQRPC_##name,
+    MQRPC_ERRORS(MQRPC_ENUM_)
+#undef MQRPC_ENUM_
+        MQRPC_ERR_COUNT_
+} mqrpc_err;
+
+/* mqrpc_strerror returns a static English sentence for err, never NULL. */
+const char *mqrpc_strerror(mqrpc_err err);
+
+/* mqrpc_errname returns a static snake_case name for err ("timeout"),
+ * never NULL; for logs, metrics and JSON. */
+const char *mqrpc_errname(mqrpc_err err);
+
+/* Remote error codes every service may send. Handlers may use others. */
+#define MQRPC_BAD_REQUEST "bad_request"
+#define MQRPC_NOT_FOUND "not_found"
+#define MQRPC_INTERNAL "internal"
+
+/* Default request body limit of a service, in bytes (1 MiB). */
+#define MQRPC_DEFAULT_MAX_BODY (1024u * 1024u)
+/* Default heartbeat interval, in seconds (RabbitMQ's own default). */
+#define MQRPC_DEFAULT_HEARTBEAT 60
+/* Default call timeout of the command-line tools, in milliseconds. */
+#define MQRPC_DEFAULT_TIMEOUT_MS 5000
+
+/*
+ * mqrpc_default_url resolves the broker URL the way every program does:
+ * explicit (a --url option) if not NULL, else $AMQP_URL, else the file
+ * "amqp_url" the private broker wrote in the state directory ($MQRPC_STATE_DIR,
+ * else the directory compiled in), else amqp://guest:guest@localhost:5672/.
+ * Writes a NUL-terminated URL into buf and, if source is not NULL, a static
+ * description of where it came from ("--url", "AMQP_URL", a file path is
+ * not returned: "state file", or "default"). Returns MQRPC_EINVAL if buf is
+ * too small or the state file cannot be read although it exists.
+ */
+mqrpc_err mqrpc_default_url(const char *explicit_url, char *buf, size_t len,
+                            const char **source);
+
+/*
+ * mqrpc_url_redact copies url into buf with its password replaced by "****",
+ * for log lines and error messages. Always NUL-terminates (truncating).
+ */
+void mqrpc_url_redact(const char *url, char *buf, size_t len);
+
+/* ---------------------------------------------------------------- client */
+
+typedef struct mqrpc_client mqrpc_client;
+typedef struct mqrpc_reply mqrpc_reply;
+
+/* Client options; a zeroed struct means "all defaults". */
+typedef struct mqrpc_client_opts {
+    const char *url;        /* broker URL; NULL: mqrpc_default_url(NULL) */
+    int heartbeat_s;        /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
+    int connect_timeout_ms; /* TCP connect and login; 0: 5000 */
+} mqrpc_client_opts;
+
+/*
+ * mqrpc_done_fn is called exactly once per mqrpc_call_async that returned
+ * MQRPC_OK: with the reply, an error reply, a timeout, a connection loss, or
+ * MQRPC_ECANCELED from mqrpc_client_free. It runs on the thread that called
+ * mqrpc_client_process (or mqrpc_call, or mqrpc_client_free). The reply is
+ * owned by the library and valid only until the callback returns. The
+ * callback may start new calls; it must not free the client.
+ */
+typedef void (*mqrpc_done_fn)(const mqrpc_reply *reply, void *arg);
+
+/* mqrpc_client_new copies opts (may be NULL) into a new, unconnected client.
+ * Returns NULL only when out of memory. */
+mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
+
+/*
+ * mqrpc_client_connect opens the connection, a channel, and an exclusive
+ * server-named reply queue. Blocks up to connect_timeout_ms. On failure,
+ * mqrpc_client_errmsg says why in one line ("cannot connect to
+ * 127.0.0.1:5682: connection refused").
+ */
+mqrpc_err mqrpc_client_connect(mqrpc_client *c);
+
+/* mqrpc_client_errmsg describes the last failure of c in one line; the
+ * string is owned by c and valid until the next call on c. Never NULL. */
+const char *mqrpc_client_errmsg(const mqrpc_client *c);
+
+/* mqrpc_client_free completes every pending call with MQRPC_ECANCELED,
+ * closes the connection and frees c. Accepts NULL. */
+void mqrpc_client_free(mqrpc_client *c);
+
+/*
+ * mqrpc_call_async publishes body (len bytes, a JSON object) to queue and
+ * returns without waiting. The library copies what it needs; body may be
+ * freed on return. timeout_ms (> 0) bounds the wait for the reply and is
+ * sent as the message's expiration, so a request nobody took in time is
+ * dropped by the broker. done is called exactly once, later, from
+ * mqrpc_client_process, unless this function returns an error, in which
+ * case it is never called.
+ */
+mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue,
+                           const void *body, size_t len, int timeout_ms,
+                           mqrpc_done_fn done, void *arg);
+
+/*
+ * mqrpc_client_process reads and dispatches whatever the broker sent,
+ * waiting up to timeout_ms (0: do not wait; <0: until something happens)
+ * for the first frame, expires calls past their deadline and keeps the
+ * heartbeat going. Callbacks run inside it. Returns MQRPC_OK or
+ * MQRPC_ETIMEOUT if nothing arrived, or the connection failure (after
+ * failing every pending call with it).
+ */
+mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms);
+
+/*
+ * mqrpc_client_fd returns the connection's socket, for poll/epoll/libuv:
+ * when it is readable, or when mqrpc_client_next_timeout_ms expires, call
+ * mqrpc_client_process(c, 0). Returns -1 when not connected.
+ */
+int mqrpc_client_fd(const mqrpc_client *c);
+
+/* mqrpc_client_next_timeout_ms returns how long an event loop may sleep
+ * before mqrpc_client_process must run again (next call deadline or
+ * heartbeat), or -1 if nothing is due. 0 means "data already buffered". */
+int mqrpc_client_next_timeout_ms(const mqrpc_client *c);
+
+/* mqrpc_client_pending returns the number of calls in flight. */
+size_t mqrpc_client_pending(const mqrpc_client *c);
+
+/* mqrpc_client_dropped returns how many replies arrived with no matching
+ * call (late after a timeout, duplicated, or foreign) and were dropped. */
+uint64_t mqrpc_client_dropped(const mqrpc_client *c);
+
+/*
+ * mqrpc_call is mqrpc_call_async plus a wait: it blocks until the call
+ * completes and returns its status. When out is not NULL, *out receives the
+ * reply (also on failure, with the detail in mqrpc_reply_error_message),
+ * which the caller frees with mqrpc_reply_free. Other calls in flight on c
+ * keep being served while it waits.
+ */
+mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
+                     size_t len, int timeout_ms, mqrpc_reply **out);
+
+/*
+ * mqrpc_client_queue_info asks the broker (a passive queue.declare on a
+ * side channel, so a missing queue does not disturb calls in flight) how
+ * many messages wait in queue and how many consumers it has. Blocks for one
+ * broker round trip. MQRPC_ENOROUTE if the queue does not exist.
+ */
+mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
+                                  uint32_t *messages, uint32_t *consumers);
+
+/* mqrpc_reply_status: MQRPC_OK (result available), MQRPC_EREMOTE (error
+ * reply: see code and message), or the transport failure. */
+mqrpc_err mqrpc_reply_status(const mqrpc_reply *r);
+
+/* mqrpc_reply_result: the parsed result of a successful call (any JSON
+ * value), borrowed from r; NULL unless the status is MQRPC_OK. */
+json_t *mqrpc_reply_result(const mqrpc_reply *r);
+
+/* mqrpc_reply_body: the raw reply body (not NUL-terminated), borrowed from
+ * r; NULL with *len = 0 when no reply arrived. */
+const char *mqrpc_reply_body(const mqrpc_reply *r, size_t *len);
+
+/* mqrpc_reply_error_code: the remote error code ("bad_request") for
+ * MQRPC_EREMOTE, else mqrpc_errname(status). Never NULL for failures;
+ * NULL for success. */
+const char *mqrpc_reply_error_code(const mqrpc_reply *r);
+
+/* mqrpc_reply_error_message: one line for the user: the remote message,
+ * or the transport failure with its context ("no reply from service_soma
+ * within 5000 ms"). NULL for success. */
+const char *mqrpc_reply_error_message(const mqrpc_reply *r);
+
+/* mqrpc_reply_app_id: the answering instance ("service_soma@host:42"), or
+ * NULL if none was given (e.g. a pika service) or no reply arrived. */
+const char *mqrpc_reply_app_id(const mqrpc_reply *r);
+
+/* mqrpc_reply_queue: the queue the call was sent to. */
+const char *mqrpc_reply_queue(const mqrpc_reply *r);
+
+/* mqrpc_reply_free frees a reply returned by mqrpc_call. Accepts NULL. */
+void mqrpc_reply_free(mqrpc_reply *r);
+
+/* --------------------------------------------------------------- service */
+
+/*
+ * mqrpc_fault carries a handler's error: code is one of MQRPC_BAD_REQUEST,
+ * MQRPC_NOT_FOUND, MQRPC_INTERNAL (or another snake_case word), message one
+ * line for the user.
+ */
+typedef struct mqrpc_fault {
+    char code[32];
+    char message[256];
+} mqrpc_fault;
+
+/*
+ * mqrpc_handler_fn is a service's logic, a pure function: request is the
+ * JSON object the caller sent (borrowed; never NULL, always an object).
+ * Returns a new reference to the result (any JSON value), or NULL after
+ * filling fault (mqrpc_fault_set). Returning NULL with an empty fault is
+ * reported to the caller as "internal". It runs on the thread that called
+ * mqrpc_service_run; arg is the pointer given to mqrpc_service_new.
+ */
+typedef json_t *(*mqrpc_handler_fn)(json_t *request, mqrpc_fault *fault,
+                                    void *arg);
+
+/* mqrpc_fault_set fills fault with code and a printf-style message and
+ * returns NULL, so a handler can `return mqrpc_fault_set(...)`. */
+json_t *mqrpc_fault_set(mqrpc_fault *fault, const char *code, const char *fmt,
+                        ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+typedef struct mqrpc_service mqrpc_service;
+
+/* Service options; zero means default except for queue. */
+typedef struct mqrpc_service_opts {
+    const char *url;         /* NULL: mqrpc_default_url(NULL) */
+    const char *queue;       /* required: the queue this service consumes */
+    const char *instance_id; /* NULL: "<queue>@<hostname>:<pid>" */
+    unsigned prefetch;       /* unacknowledged requests at once; 0: 1 */
+    size_t max_body;         /* larger requests get bad_request; 0: 1 MiB */
+    int heartbeat_s;         /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
+    int connect_timeout_ms;  /* 0: 5000 */
+    int verbose;             /* nonzero: one log line per request */
+} mqrpc_service_opts;
+
+/* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
+ * only when out of memory or opts->queue is NULL or empty. */
+mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
+                                 mqrpc_handler_fn handler, void *arg);
+
+/*
+ * mqrpc_service_connect connects, declares the queue (non-durable, as the
+ * seed does), sets basic.qos prefetch and starts consuming with manual
+ * acknowledgements. Once it returns MQRPC_OK the service is consuming and
+ * requests wait in its socket until mqrpc_service_run.
+ */
+mqrpc_err mqrpc_service_connect(mqrpc_service *s);
+
+/*
+ * mqrpc_service_run serves requests until mqrpc_service_stop (returns
+ * MQRPC_OK after finishing and answering the request in hand, with
+ * unstarted deliveries returned to the queue) or until the connection fails
+ * (returns the status; see mqrpc_service_errmsg). For each delivery: the
+ * body is checked (size, JSON object), the handler runs, the reply is
+ * published to reply_to, then the delivery is acknowledged. A delivery with
+ * no reply_to is logged and acknowledged. Log lines go to stderr.
+ */
+mqrpc_err mqrpc_service_run(mqrpc_service *s);
+
+/* mqrpc_service_stop asks mqrpc_service_run to return. Async-signal-safe:
+ * call it from a SIGTERM handler or another thread. */
+void mqrpc_service_stop(mqrpc_service *s);
+
+/* mqrpc_service_instance returns the instance id sent as app_id. */
+const char *mqrpc_service_instance(const mqrpc_service *s);
+
+/* mqrpc_service_served returns how many requests were answered. */
+uint64_t mqrpc_service_served(const mqrpc_service *s);
+
+/* mqrpc_service_errmsg: last failure in one line, owned by s. */
+const char *mqrpc_service_errmsg(const mqrpc_service *s);
+
+/* mqrpc_service_free closes the connection (returning unacknowledged
+ * deliveries to the queue) and frees s. Accepts NULL. */
+void mqrpc_service_free(mqrpc_service *s);
+
+/* mqrpc_instance_id writes "<queue>@<hostname>:<pid>" into buf. */
+void mqrpc_instance_id(const char *queue, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* MQRPC_MQRPC_H */

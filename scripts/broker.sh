@@ -1,0 +1,455 @@
+#!/usr/bin/env bash
+# Run a private RabbitMQ node for mqrpc (demo and tests), isolated from the
+# system rabbitmq-server service: own node name, own ports, own epmd, own
+# state directory. Only /usr/lib/rabbitmq/bin/* is used because those scripts
+# run as the caller and honour RABBITMQ_* variables (the /usr/sbin wrappers
+# switch user and would touch the system installation).
+#
+# Usage: scripts/broker.sh start|stop|status|url|restart|--help
+#
+# Environment (all optional):
+#   MQRPC_STATE_DIR              state directory (default: <repo>/var)
+#   MQRPC_BROKER_PORT            AMQP port (default 5682)
+#   MQRPC_MGMT_PORT              management HTTP port (default AMQP+10000)
+#   MQRPC_DIST_PORT              Erlang distribution port (default AMQP+20000)
+#   MQRPC_EPMD_PORT              private epmd port (default AMQP-1000)
+#   MQRPC_BROKER_MANAGEMENT      1 = enable management plugin (default), 0 = off
+#   MQRPC_BROKER_START_TIMEOUT   seconds to wait for readiness (default 60)
+#
+# Exit codes: 0 ok, 1 error, 2 usage error,
+#             3 not running (status/url; LSB convention for "program is not running").
+set -euo pipefail
+
+readonly RMQ_BIN=/usr/lib/rabbitmq/bin
+readonly EXIT_NOT_RUNNING=3
+
+usage() {
+    echo "usage: ${0##*/} start|stop|status|url|restart|--help"
+}
+
+die() {
+    echo "broker: $*" >&2
+    exit 1
+}
+
+is_uint() {
+    [[ "$1" =~ ^[0-9]+$ ]]
+}
+
+# Resolve the repo from the script location so a clone anywhere works.
+script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+repo_dir=$(cd "$script_dir/.." && pwd -P)
+
+# ---------------------------------------------------------------------------
+# Configuration and environment: one place, used by every subcommand, so that
+# the server and every rabbitmqctl call agree on node name, cookie and epmd.
+# ---------------------------------------------------------------------------
+setup_env() {
+    state_dir=${MQRPC_STATE_DIR:-$repo_dir/var}
+    mkdir -p "$state_dir" || die "cannot create state dir $state_dir"
+    state_dir=$(cd "$state_dir" && pwd -P)
+
+    amqp_port=${MQRPC_BROKER_PORT:-5682}
+    is_uint "$amqp_port" || die "MQRPC_BROKER_PORT must be a number, got '$amqp_port'"
+    # Derived ports keep parallel brokers (demo, tests) from colliding as long
+    # as their AMQP ports differ.
+    mgmt_port=${MQRPC_MGMT_PORT:-$((amqp_port + 10000))}
+    dist_port=${MQRPC_DIST_PORT:-$((amqp_port + 20000))}
+    epmd_port=${MQRPC_EPMD_PORT:-$((amqp_port - 1000))}
+    local p
+    for p in "$mgmt_port" "$dist_port" "$epmd_port"; do
+        is_uint "$p" || die "port settings must be numbers, got '$p'"
+    done
+    for p in "$amqp_port" "$mgmt_port" "$dist_port" "$epmd_port"; do
+        ((p >= 1 && p <= 65535)) || die "port $p out of range (check MQRPC_*_PORT)"
+    done
+    management=${MQRPC_BROKER_MANAGEMENT:-1}
+    [[ "$management" == 0 || "$management" == 1 ]] ||
+        die "MQRPC_BROKER_MANAGEMENT must be 0 or 1, got '$management'"
+    start_timeout=${MQRPC_BROKER_START_TIMEOUT:-60}
+    is_uint "$start_timeout" || die "MQRPC_BROKER_START_TIMEOUT must be a number of seconds"
+
+    node="mqrpc${amqp_port}@localhost"
+    broker_dir=$state_dir/broker
+    pid_file=$state_dir/broker.pid
+    url_file=$state_dir/amqp_url
+    mgmt_url_file=$state_dir/management_url
+    cred_file=$broker_dir/credentials
+    log_dir=$broker_dir/log
+    mnesia_base=$broker_dir/mnesia
+    startup_log=$log_dir/startup.log
+    # RabbitMQ's own pid file; ours (broker.pid) is authoritative for stop.
+    rmq_pid_file=$broker_dir/$node.pid
+
+    # Drop any RABBITMQ_* inherited from the caller (e.g. RABBITMQ_LOGS,
+    # RABBITMQ_MNESIA_DIR) so they cannot redirect our node into shared paths.
+    local v
+    for v in $(compgen -e); do
+        if [[ "$v" == RABBITMQ_* ]]; then unset "$v"; fi
+    done
+
+    export RABBITMQ_NODENAME=$node
+    export RABBITMQ_USE_LONGNAME=false
+    export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+    export RABBITMQ_NODE_PORT=$amqp_port
+    export RABBITMQ_DIST_PORT=$dist_port
+    export RABBITMQ_MNESIA_BASE=$mnesia_base
+    export RABBITMQ_LOG_BASE=$log_dir
+    export RABBITMQ_CONFIG_FILE=$broker_dir/rabbitmq.conf
+    # Otherwise /etc/rabbitmq/conf.d/*.conf would be merged into our config.
+    export RABBITMQ_CONFIG_FILES=$broker_dir/conf.d
+    export RABBITMQ_ADVANCED_CONFIG_FILE=$broker_dir/advanced.config
+    # An empty file of our own, so /etc/rabbitmq/rabbitmq-env.conf is not sourced.
+    export RABBITMQ_CONF_ENV_FILE=$broker_dir/rabbitmq-env.conf
+    export RABBITMQ_ENABLED_PLUGINS_FILE=$broker_dir/enabled_plugins
+    export RABBITMQ_PID_FILE=$rmq_pid_file
+    # The Erlang cookie lives in $HOME; a private HOME avoids sharing (or
+    # clobbering) the user's ~/.erlang.cookie.
+    export HOME=$broker_dir/home
+    # A private epmd: the system one (4369) belongs to the system service.
+    export ERL_EPMD_PORT=$epmd_port
+    export ERL_EPMD_ADDRESS=127.0.0.1
+    # Without this the distribution listener binds to 0.0.0.0.
+    export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    # The CLI tools also open a distribution listener (ports 35672-35682).
+    export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+}
+
+ctl() {
+    "$RMQ_BIN/rabbitmqctl" -n "$node" "$@"
+}
+
+diag() {
+    "$RMQ_BIN/rabbitmq-diagnostics" -n "$node" "$@"
+}
+
+# ---------------------------------------------------------------------------
+# Process helpers
+# ---------------------------------------------------------------------------
+read_pid() {
+    local pid=""
+    if [[ -f "$pid_file" ]]; then read -r pid <"$pid_file" || true; fi
+    is_uint "${pid:-x}" && echo "$pid"
+    return 0
+}
+
+pid_alive() {
+    [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null
+}
+
+is_beam() {
+    [[ "$(ps -o comm= -p "$1" 2>/dev/null)" == beam.smp ]]
+}
+
+# The launcher is a sh wrapper (rabbitmq-server) that runs erl in the
+# background; the process that matters for signals and pid checks is beam.smp.
+find_beam_pid() {
+    local launcher=$1 pid
+    if [[ -f "$rmq_pid_file" ]]; then
+        read -r pid <"$rmq_pid_file" || true
+        if is_uint "${pid:-x}" && is_beam "$pid"; then
+            echo "$pid"
+            return 0
+        fi
+    fi
+    if is_beam "$launcher"; then
+        echo "$launcher"
+        return 0
+    fi
+    for pid in $(ps -o pid= --ppid "$launcher" 2>/dev/null); do
+        if is_beam "$pid"; then
+            echo "$pid"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# True if the recorded node process exists and the rabbit app answers.
+node_running() {
+    local pid
+    pid=$(read_pid)
+    pid_alive "$pid" || return 1
+    diag -q check_running >/dev/null 2>&1
+}
+
+port_in_use() {
+    # bash's /dev/tcp avoids depending on ss/netstat being installed.
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+mask_url() {
+    sed -E 's#(amqp://[^:]*:)[^@]*@#\1****@#' <<<"$1"
+}
+
+show_logs() {
+    local f
+    for f in "$startup_log" "$log_dir/$node.log"; do
+        if [[ -s "$f" ]]; then
+            echo "---- last 20 lines of $f ----" >&2
+            tail -n 20 "$f" >&2
+            # The banner's last line has no newline; keep the next header separate.
+            echo >&2
+        fi
+    done
+}
+
+stop_epmd() {
+    # Only our private epmd (on our port) is addressed; failure just means it
+    # was not running.
+    epmd -port "$epmd_port" -kill >/dev/null 2>&1 || true
+}
+
+# ---------------------------------------------------------------------------
+# Files of the node
+# ---------------------------------------------------------------------------
+load_or_create_credentials() {
+    if [[ ! -s "$cred_file" ]]; then
+        # The DB already holds a user whose password we no longer know:
+        # start over rather than run with unusable credentials.
+        if [[ -d "$mnesia_base" ]] && [[ -n "$(ls -A "$mnesia_base" 2>/dev/null)" ]]; then
+            echo "broker: credentials file missing, wiping $mnesia_base and regenerating credentials"
+            rm -rf "$mnesia_base"
+        fi
+        local pw
+        # tr on a bounded input avoids SIGPIPE failures under pipefail.
+        pw=$(head -c 4096 /dev/urandom | LC_ALL=C tr -dc 'A-Za-z0-9')
+        pw=${pw:0:24}
+        ((${#pw} == 24)) || die "could not generate a password from /dev/urandom"
+        (
+            umask 077
+            printf 'user=%s\npassword=%s\n' mqrpc "$pw" >"$cred_file.tmp"
+        )
+        mv -f "$cred_file.tmp" "$cred_file"
+    fi
+    chmod 600 "$cred_file"
+    broker_user=$(sed -n 's/^user=//p' "$cred_file")
+    broker_pass=$(sed -n 's/^password=//p' "$cred_file")
+    [[ -n "$broker_user" && -n "$broker_pass" ]] || die "malformed $cred_file (delete it to regenerate)"
+}
+
+write_config() {
+    mkdir -p "$broker_dir" "$HOME" "$log_dir" "$mnesia_base" "$RABBITMQ_CONFIG_FILES"
+    chmod 700 "$broker_dir" "$HOME"
+    : >"$RABBITMQ_CONF_ENV_FILE"
+    [[ -f "$RABBITMQ_ADVANCED_CONFIG_FILE" ]] || echo '[].' >"$RABBITMQ_ADVANCED_CONFIG_FILE"
+
+    load_or_create_credentials
+
+    # Regenerated on every start so changes to ports/management take effect.
+    # default_user/default_pass only apply when the DB is created, which is
+    # why the credentials file must stay in sync with mnesia.
+    (
+        umask 077
+        {
+            echo "# Generated by scripts/broker.sh; edits are overwritten on start."
+            echo "listeners.tcp.1 = 127.0.0.1:$amqp_port"
+            echo "default_user = $broker_user"
+            echo "default_pass = $broker_pass"
+            echo "default_user_tags.administrator = true"
+            echo "default_permissions.configure = .*"
+            echo "default_permissions.read = .*"
+            echo "default_permissions.write = .*"
+            echo "log.console = false"
+            echo "log.file.level = info"
+            if ((management)); then
+                echo "management.tcp.ip = 127.0.0.1"
+                echo "management.tcp.port = $mgmt_port"
+            fi
+        } >"$RABBITMQ_CONFIG_FILE"
+    )
+    if ((management)); then
+        echo '[rabbitmq_management].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+    else
+        echo '[].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# Subcommands
+# ---------------------------------------------------------------------------
+print_ready() {
+    local pid=$1 url
+    url=$(<"$url_file")
+    echo "broker $node ready on $(mask_url "$url") (pid $pid)"
+    if ((management)) && [[ -f "$mgmt_url_file" ]]; then
+        echo "management UI: $(<"$mgmt_url_file") user $broker_user password $broker_pass"
+    fi
+    echo "URL written to $url_file"
+}
+
+write_urls() {
+    (
+        umask 077
+        echo "amqp://$broker_user:$broker_pass@127.0.0.1:$amqp_port/" >"$url_file.tmp"
+    )
+    mv -f "$url_file.tmp" "$url_file"
+    chmod 600 "$url_file"
+    if ((management)); then
+        echo "http://127.0.0.1:$mgmt_port/" >"$mgmt_url_file"
+    else
+        rm -f "$mgmt_url_file"
+    fi
+}
+
+cmd_start() {
+    local pid
+    pid=$(read_pid)
+    if pid_alive "$pid" && diag -q check_running >/dev/null 2>&1; then
+        load_or_create_credentials
+        [[ -f "$url_file" ]] || write_urls
+        echo "broker $node already running (pid $pid)"
+        print_ready "$pid"
+        return 0
+    fi
+    if [[ -n "$pid" ]]; then
+        if pid_alive "$pid" && is_beam "$pid"; then
+            # Our node exists but is not answering: do not start a second one
+            # on top of it.
+            die "node process $pid exists but $node does not answer; run '${0##*/} stop' first"
+        fi
+        echo "broker: removing stale pid file $pid_file (pid $pid)"
+    fi
+    rm -f "$pid_file" "$url_file" "$mgmt_url_file" "$rmq_pid_file"
+
+    local p ports=("$amqp_port" "$dist_port")
+    ((management)) && ports+=("$mgmt_port")
+    for p in "${ports[@]}"; do
+        port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (another broker? set MQRPC_BROKER_PORT)"
+    done
+
+    write_config
+
+    local t0 launcher beam="" deadline now
+    t0=$(date +%s.%N)
+    # setsid: own session so the node survives the calling shell/terminal;
+    # nohup + </dev/null: no stdin and no SIGHUP in CI.
+    setsid nohup "$RMQ_BIN/rabbitmq-server" </dev/null >"$startup_log" 2>&1 &
+    launcher=$!
+    # Record something killable at once, refined to beam.smp below.
+    echo "$launcher" >"$pid_file"
+
+    deadline=$(($(date +%s) + start_timeout))
+    while :; do
+        now=$(date +%s)
+        if ! pid_alive "$launcher" && { [[ -z "$beam" ]] || ! pid_alive "$beam"; }; then
+            echo "broker: $node exited during startup" >&2
+            show_logs
+            rm -f "$pid_file"
+            stop_epmd
+            exit 1
+        fi
+        if [[ -z "$beam" ]] && beam=$(find_beam_pid "$launcher"); then
+            echo "$beam" >"$pid_file"
+        fi
+        if [[ -n "$beam" ]] && ctl -q await_startup --timeout "$((deadline - now > 1 ? deadline - now : 1))" >/dev/null 2>&1; then
+            break
+        fi
+        if ((now >= deadline)); then
+            echo "broker: $node not ready after ${start_timeout}s" >&2
+            show_logs
+            kill_recorded "${beam:-$launcher}"
+            rm -f "$pid_file"
+            stop_epmd
+            exit 1
+        fi
+        sleep 0.5
+    done
+
+    write_urls
+    local elapsed
+    elapsed=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    echo "broker $node started in ${elapsed}s"
+    print_ready "$beam"
+}
+
+# TERM then KILL one PID we recorded; never matches by name.
+kill_recorded() {
+    local pid=$1 i
+    pid_alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 20; i++)); do
+        pid_alive "$pid" || return 0
+        sleep 0.5
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+cmd_stop() {
+    local pid
+    pid=$(read_pid)
+    if ! pid_alive "$pid"; then
+        rm -f "$pid_file" "$url_file" "$mgmt_url_file"
+        stop_epmd
+        echo "broker $node not running"
+        return 0
+    fi
+    # rabbitmqctl stop with a pid file waits until that process has exited.
+    if ! timeout 30 "$RMQ_BIN/rabbitmqctl" -n "$node" -q stop "$pid_file" >/dev/null 2>&1; then
+        echo "broker: graceful stop of $node failed or timed out, signalling pid $pid" >&2
+        kill_recorded "$pid"
+    fi
+    # The sh launcher exits on its own once beam is gone; give it a moment.
+    local i
+    for ((i = 0; i < 20; i++)); do
+        pid_alive "$pid" || break
+        sleep 0.25
+    done
+    pid_alive "$pid" && die "pid $pid still alive after stop"
+    stop_epmd
+    rm -f "$pid_file" "$url_file" "$mgmt_url_file" "$rmq_pid_file"
+    echo "broker $node stopped"
+}
+
+cmd_status() {
+    if node_running; then
+        local extra=""
+        # The file, not the env, tells whether this node was started with management.
+        [[ -s "$mgmt_url_file" ]] && extra=" management $(<"$mgmt_url_file")"
+        echo "running $node pid $(read_pid) amqp 127.0.0.1:$amqp_port$extra"
+        return 0
+    fi
+    echo "broker $node not running"
+    return "$EXIT_NOT_RUNNING"
+}
+
+cmd_url() {
+    if node_running && [[ -s "$url_file" ]]; then
+        cat "$url_file"
+        return 0
+    fi
+    echo "broker: $node not running" >&2
+    return "$EXIT_NOT_RUNNING"
+}
+
+main() {
+    if (($# != 1)); then
+        usage >&2
+        exit 2
+    fi
+    case "$1" in
+    -h | --help | help)
+        usage
+        exit 0
+        ;;
+    start | stop | status | url | restart) ;;
+    *)
+        usage >&2
+        exit 2
+        ;;
+    esac
+    [[ -x "$RMQ_BIN/rabbitmq-server" ]] || die "$RMQ_BIN/rabbitmq-server not found (run scripts/deps.sh)"
+    setup_env
+    case "$1" in
+    start) cmd_start ;;
+    stop) cmd_stop ;;
+    status) cmd_status ;;
+    url) cmd_url ;;
+    restart)
+        cmd_stop
+        cmd_start
+        ;;
+    esac
+}
+
+main "$@"

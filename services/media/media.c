@@ -1,0 +1,70 @@
+#include "media.h"
+
+#include <math.h>
+
+static const char *type_name(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT:
+        return "object";
+    case JSON_ARRAY:
+        return "array";
+    case JSON_STRING:
+        return "string";
+    case JSON_INTEGER:
+        return "integer";
+    case JSON_REAL:
+        return "real";
+    case JSON_TRUE:
+    case JSON_FALSE:
+        return "boolean";
+    case JSON_NULL:
+        return "null";
+    }
+    return "unknown";
+}
+
+json_t *media_handle(json_t *request, mqrpc_fault *fault, void *arg)
+{
+    json_t *numeros = json_object_get(request, "numeros");
+    json_t *v, *result;
+    long double sum = 0;
+    double mean;
+    size_t i, n;
+
+    (void)arg;
+    if (numeros == NULL)
+        return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
+                               "field \"numeros\" is missing");
+    if (!json_is_array(numeros))
+        return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
+                               "field \"numeros\" must be an array, got %s",
+                               type_name(numeros));
+    n = json_array_size(numeros);
+    if (n == 0)
+        return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
+                               "numeros must not be empty");
+
+    /*
+     * long double keeps integers up to 2^63 exact and, where it is wider
+     * than double, lets the sum of large reals exceed DBL_MAX without
+     * becoming infinite before the division brings it back.
+     */
+    json_array_foreach(numeros, i, v) {
+        if (json_is_integer(v))
+            sum += (long double)json_integer_value(v);
+        else if (json_is_real(v))
+            sum += (long double)json_real_value(v);
+        else
+            return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
+                                   "numeros[%zu] must be a number, got %s", i,
+                                   type_name(v));
+    }
+    mean = (double)(sum / (long double)n);
+    if (!isfinite(mean))
+        return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
+                               "the mean of numeros is too large");
+    if ((result = json_real(mean)) == NULL)
+        return mqrpc_fault_set(fault, MQRPC_INTERNAL, "out of memory");
+    return result;
+}

@@ -1,0 +1,604 @@
+/*
+ * The AMQP connection: the only file that includes rabbitmq-c. It turns
+ * rabbitmq-c's two error channels (int status codes and amqp_rpc_reply_t)
+ * into mqrpc_err plus one line of text, in check_status and check_reply.
+ */
+#include "internal.h"
+
+#include <amqp.h>
+#include <amqp_tcp_socket.h>
+
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#define CH_MAIN 1
+#define CH_SIDE 2
+#define FRAME_MAX 131072
+
+struct mqr_conn {
+    amqp_connection_state_t state;
+    bool open;      /* the socket is usable */
+    bool side_open; /* CH_SIDE is open */
+    bool have_msg;  /* msg must be destroyed before the next read */
+    amqp_message_t msg;
+    int heartbeat;
+    char where[300]; /* "host:port", for messages */
+    char err[512];
+};
+
+static void set_err(mqr_conn *c, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static void set_err(mqr_conn *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(c->err, sizeof c->err, fmt, ap);
+    va_end(ap);
+}
+
+static amqp_bytes_t bytes_of(mqr_str s)
+{
+    amqp_bytes_t b = {s.len, (void *)s.ptr};
+    return b;
+}
+
+static mqr_str str_of(amqp_bytes_t b)
+{
+    mqr_str s = {b.bytes, b.len};
+    return s;
+}
+
+static struct timeval tv_of_ms(int ms)
+{
+    struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+    return tv;
+}
+
+mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err,
+                        size_t errlen)
+{
+    struct amqp_connection_info info;
+    char *copy;
+
+    memset(out, 0, sizeof *out);
+    if (!url || !*url) {
+        snprintf(err, errlen, "empty broker URL");
+        return MQRPC_EURL;
+    }
+    /* amqp_parse_url writes into its argument, and the fields point there. */
+    copy = strdup(url);
+    if (!copy)
+        return MQRPC_ENOMEM;
+    amqp_default_connection_info(&info);
+    if (amqp_parse_url(copy, &info) != AMQP_STATUS_OK) {
+        char shown[512];
+        mqrpc_url_redact(url, shown, sizeof shown);
+        snprintf(err, errlen,
+                 "malformed broker URL \"%s\" (expected "
+                 "amqp://USER:PASSWORD@HOST:PORT/VHOST)",
+                 shown);
+        free(copy);
+        return MQRPC_EURL;
+    }
+    out->buf_ = copy;
+    out->host = info.host;
+    out->port = info.port;
+    out->user = info.user;
+    out->password = info.password;
+    /* "amqp://host:5672/" has an empty path, which the AMQP URI spec reads
+     * as vhost "". Nobody means that (no broker has such a vhost by default)
+     * and pika reads it as "/": so do we. */
+    out->vhost = *info.vhost ? info.vhost : "/";
+    out->tls = info.ssl != 0;
+    return MQRPC_OK;
+}
+
+void mqr_url_clear(mqr_url *u)
+{
+    free(u->buf_);
+    memset(u, 0, sizeof *u);
+}
+
+static mqrpc_err from_status(int status)
+{
+    switch (status) {
+    case AMQP_STATUS_OK: return MQRPC_OK;
+    case AMQP_STATUS_NO_MEMORY: return MQRPC_ENOMEM;
+    case AMQP_STATUS_TIMEOUT: return MQRPC_ETIMEOUT;
+    case AMQP_STATUS_INVALID_PARAMETER: return MQRPC_EINVAL;
+    case AMQP_STATUS_CONNECTION_CLOSED:
+    case AMQP_STATUS_SOCKET_ERROR:
+    case AMQP_STATUS_SOCKET_CLOSED:
+    case AMQP_STATUS_HEARTBEAT_TIMEOUT: return MQRPC_ECLOSED;
+    default: return MQRPC_EPROTO;
+    }
+}
+
+/* A failed socket operation leaves rabbitmq-c's connection unusable. */
+static mqrpc_err check_status(mqr_conn *c, int status, const char *what)
+{
+    mqrpc_err e = from_status(status);
+
+    if (e == MQRPC_OK)
+        return e;
+    set_err(c, "%s on %s: %s", what, c->where, amqp_error_string2(status));
+    if (e != MQRPC_EINVAL && e != MQRPC_ENOMEM)
+        c->open = false;
+    return e == MQRPC_ETIMEOUT ? MQRPC_ECLOSED : e;
+}
+
+/* The broker closed a channel or the connection: acknowledge it as the
+ * protocol requires and describe why. */
+static mqrpc_err server_close(mqr_conn *c, amqp_channel_t ch,
+                              const amqp_method_t *m, const char *what)
+{
+    if (m->id == AMQP_CONNECTION_CLOSE_METHOD) {
+        const amqp_connection_close_t *cc = m->decoded;
+        amqp_connection_close_ok_t ok;
+        amqp_send_method(c->state, 0, AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+        set_err(c, "%s: the broker closed the connection: %u %.*s", what,
+                cc->reply_code, (int)cc->reply_text.len,
+                (const char *)cc->reply_text.bytes);
+        c->open = false;
+        return cc->reply_code == 403 ? MQRPC_EACCESS : MQRPC_ECLOSED;
+    }
+    if (m->id == AMQP_CHANNEL_CLOSE_METHOD) {
+        const amqp_channel_close_t *cc = m->decoded;
+        amqp_channel_close_ok_t ok;
+        mqrpc_err e;
+        amqp_send_method(c->state, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
+        set_err(c, "%s: %u %.*s", what, cc->reply_code,
+                (int)cc->reply_text.len, (const char *)cc->reply_text.bytes);
+        switch (cc->reply_code) {
+        case 404: e = MQRPC_ENOROUTE; break;
+        case 403: e = MQRPC_EACCESS; break;
+        case 406: e = MQRPC_EINVAL; break;
+        default: e = MQRPC_EPROTO; break;
+        }
+        if (ch == CH_SIDE) {
+            c->side_open = false;
+        } else {
+            /* Everything we do runs on the main channel: without it the
+             * connection is of no use, so give it up entirely. */
+            amqp_connection_close(c->state, AMQP_REPLY_SUCCESS);
+            c->open = false;
+        }
+        return e;
+    }
+    set_err(c, "%s: unexpected method 0x%08x from the broker", what,
+            (unsigned)m->id);
+    return MQRPC_EPROTO;
+}
+
+static mqrpc_err check_reply(mqr_conn *c, amqp_channel_t ch,
+                             amqp_rpc_reply_t r, const char *what)
+{
+    switch (r.reply_type) {
+    case AMQP_RESPONSE_NORMAL: return MQRPC_OK;
+    case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+        return check_status(c, r.library_error, what);
+    case AMQP_RESPONSE_SERVER_EXCEPTION:
+        return server_close(c, ch, &r.reply, what);
+    case AMQP_RESPONSE_NONE:
+    default: set_err(c, "%s: no reply from the broker", what); return MQRPC_EPROTO;
+    }
+}
+
+/* rabbitmq-c reports every failed connect as AMQP_STATUS_SOCKET_ERROR and
+ * loses errno on the way; connect once more ourselves to learn why
+ * ("connection refused"), since that is what the user must act on. */
+static int connect_errno(const char *host, int port, int timeout_ms)
+{
+    struct addrinfo hints, *res = NULL, *ai;
+    char portstr[16];
+    int last = 0;
+
+    memset(&hints, 0, sizeof hints);
+    hints.ai_socktype = SOCK_STREAM;
+    snprintf(portstr, sizeof portstr, "%d", port);
+    if (getaddrinfo(host, portstr, &hints, &res) != 0)
+        return 0;
+    for (ai = res; ai; ai = ai->ai_next) {
+        int fd = socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        int soerr = 0;
+        socklen_t sl = sizeof soerr;
+        struct pollfd pfd;
+        if (fd < 0) {
+            last = errno;
+            continue;
+        }
+        fcntl(fd, F_SETFL, O_NONBLOCK);
+        if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+            close(fd);
+            last = 0;
+            break;
+        }
+        if (errno != EINPROGRESS) {
+            last = errno;
+            close(fd);
+            continue;
+        }
+        pfd.fd = fd;
+        pfd.events = POLLOUT;
+        if (poll(&pfd, 1, timeout_ms) <= 0) {
+            last = ETIMEDOUT;
+        } else {
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &sl);
+            last = soerr;
+        }
+        close(fd);
+        if (last == 0)
+            break;
+    }
+    freeaddrinfo(res);
+    return last;
+}
+
+static void lower_first(char *s)
+{
+    if (s[0] && isupper((unsigned char)s[0]) && !isupper((unsigned char)s[1]))
+        s[0] = (char)tolower((unsigned char)s[0]);
+}
+
+mqrpc_err mqr_conn_open(const char *url, int heartbeat_s,
+                        int connect_timeout_ms, mqr_conn **out, char *err,
+                        size_t errlen)
+{
+    mqr_url u;
+    mqr_conn *c = NULL;
+    amqp_socket_t *sock;
+    struct timeval tv;
+    amqp_rpc_reply_t r;
+    mqrpc_err e;
+    int st;
+
+    *out = NULL;
+    e = mqr_url_parse(url, &u, err, errlen);
+    if (e != MQRPC_OK)
+        return e;
+    if (u.tls) {
+        snprintf(err, errlen, "amqps:// (TLS) URLs are not supported yet");
+        e = MQRPC_EURL;
+        goto fail;
+    }
+    if (connect_timeout_ms <= 0)
+        connect_timeout_ms = 5000;
+    tv = tv_of_ms(connect_timeout_ms);
+    if (heartbeat_s == 0)
+        heartbeat_s = MQRPC_DEFAULT_HEARTBEAT;
+    else if (heartbeat_s < 0)
+        heartbeat_s = 0;
+
+    c = calloc(1, sizeof *c);
+    if (!c) {
+        e = MQRPC_ENOMEM;
+        goto fail;
+    }
+    snprintf(c->where, sizeof c->where, strchr(u.host, ':') ? "[%s]:%d" : "%s:%d",
+             u.host, u.port);
+    c->state = amqp_new_connection();
+    sock = c->state ? amqp_tcp_socket_new(c->state) : NULL;
+    if (!sock) {
+        e = MQRPC_ENOMEM;
+        goto fail;
+    }
+    st = amqp_socket_open_noblock(sock, u.host, u.port, &tv);
+    if (st != AMQP_STATUS_OK) {
+        char why[128];
+        if (st == AMQP_STATUS_HOSTNAME_RESOLUTION_FAILED) {
+            snprintf(why, sizeof why, "cannot resolve host name");
+        } else if (st == AMQP_STATUS_TIMEOUT) {
+            snprintf(why, sizeof why, "no answer within %d ms",
+                     connect_timeout_ms);
+        } else {
+            int en = connect_errno(u.host, u.port, connect_timeout_ms);
+            snprintf(why, sizeof why, "%s",
+                     en ? strerror(en) : amqp_error_string2(st));
+            lower_first(why);
+        }
+        snprintf(err, errlen, "cannot connect to %s: %s", c->where, why);
+        e = MQRPC_ECONNECT;
+        goto fail;
+    }
+    c->open = true;
+    amqp_set_handshake_timeout(c->state, &tv);
+    amqp_set_rpc_timeout(c->state, &tv);
+
+    r = amqp_login(c->state, u.vhost, 0, FRAME_MAX, heartbeat_s,
+                   AMQP_SASL_METHOD_PLAIN, u.user, u.password);
+    if (r.reply_type != AMQP_RESPONSE_NORMAL) {
+        unsigned code = r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
+                                r.reply.id == AMQP_CONNECTION_CLOSE_METHOD
+                            ? ((amqp_connection_close_t *)r.reply.decoded)
+                                  ->reply_code
+                            : 0;
+        check_reply(c, 0, r, "login");
+        if (code == 403) {
+            snprintf(err, errlen,
+                     "login refused by %s for user \"%s\" (check the user "
+                     "and password in the URL)",
+                     c->where, u.user);
+            e = MQRPC_EAUTH;
+        } else {
+            snprintf(err, errlen, "cannot log in to %s (vhost \"%s\"): %s",
+                     c->where, u.vhost, c->err);
+            e = code ? MQRPC_EACCESS : MQRPC_ECONNECT;
+        }
+        goto fail;
+    }
+    amqp_channel_open(c->state, CH_MAIN);
+    e = check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state), "channel.open");
+    if (e != MQRPC_OK) {
+        snprintf(err, errlen, "%s", c->err);
+        goto fail;
+    }
+    c->heartbeat = amqp_get_heartbeat(c->state);
+    mqr_url_clear(&u);
+    *out = c;
+    return MQRPC_OK;
+
+fail:
+    mqr_url_clear(&u);
+    mqr_conn_free(c);
+    return e;
+}
+
+void mqr_conn_free(mqr_conn *c)
+{
+    if (!c)
+        return;
+    if (c->have_msg)
+        amqp_destroy_message(&c->msg);
+    if (c->state) {
+        if (c->open) {
+            /* Closing the channel returns its unacknowledged deliveries to
+             * the queue at once; connection.close alone does it too, but
+             * the broker may log it as an abrupt close. */
+            amqp_channel_close(c->state, CH_MAIN, AMQP_REPLY_SUCCESS);
+            amqp_connection_close(c->state, AMQP_REPLY_SUCCESS);
+        }
+        amqp_destroy_connection(c->state);
+    }
+    free(c);
+}
+
+const char *mqr_conn_errmsg(const mqr_conn *c) { return c->err; }
+
+int mqr_conn_fd(const mqr_conn *c)
+{
+    return c && c->open ? amqp_get_sockfd(c->state) : -1;
+}
+
+bool mqr_conn_buffered(const mqr_conn *c)
+{
+    return c->open &&
+           (amqp_frames_enqueued(c->state) || amqp_data_in_buffer(c->state));
+}
+
+int mqr_conn_heartbeat_s(const mqr_conn *c) { return c->heartbeat; }
+
+mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
+                                 bool exclusive, char *name_out)
+{
+    amqp_queue_declare_ok_t *ok;
+    mqrpc_err e;
+
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    /* The seed declares service queues with pika's defaults: not durable,
+     * not exclusive, not auto-delete. Declaring them with any other flag
+     * would fail with PRECONDITION_FAILED against a seed-declared queue. */
+    ok = amqp_queue_declare(c->state, CH_MAIN, amqp_cstring_bytes(queue), 0, 0,
+                            exclusive, exclusive, amqp_empty_table);
+    e = check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state), "queue.declare");
+    if (e != MQRPC_OK)
+        return e;
+    if (name_out) {
+        size_t n = ok->queue.len < 255 ? ok->queue.len : 255;
+        memcpy(name_out, ok->queue.bytes, n);
+        name_out[n] = '\0';
+    }
+    return MQRPC_OK;
+}
+
+mqrpc_err mqr_conn_qos(mqr_conn *c, unsigned prefetch)
+{
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    amqp_basic_qos(c->state, CH_MAIN, 0, (uint16_t)prefetch, 0);
+    return check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state), "basic.qos");
+}
+
+mqrpc_err mqr_conn_consume(mqr_conn *c, const char *queue, bool no_ack)
+{
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    amqp_basic_consume(c->state, CH_MAIN, amqp_cstring_bytes(queue),
+                       amqp_empty_bytes, 0, no_ack, 0, amqp_empty_table);
+    return check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state),
+                       "basic.consume");
+}
+
+mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
+                           const mqr_props *p, const void *body, size_t len,
+                           bool mandatory)
+{
+    amqp_basic_properties_t props;
+    amqp_bytes_t b = {len, (void *)body};
+
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG;
+    props.content_type = amqp_cstring_bytes("application/json");
+#define SET_PROP(field, flag)                                                  \
+    if (p->field.len) {                                                        \
+        props._flags |= flag;                                                  \
+        props.field = bytes_of(p->field);                                      \
+    }
+    SET_PROP(correlation_id, AMQP_BASIC_CORRELATION_ID_FLAG)
+    SET_PROP(reply_to, AMQP_BASIC_REPLY_TO_FLAG)
+    SET_PROP(type, AMQP_BASIC_TYPE_FLAG)
+    SET_PROP(app_id, AMQP_BASIC_APP_ID_FLAG)
+    SET_PROP(expiration, AMQP_BASIC_EXPIRATION_FLAG)
+#undef SET_PROP
+    return check_status(c,
+                        amqp_basic_publish(c->state, CH_MAIN, amqp_empty_bytes,
+                                           bytes_of(routing_key), mandatory, 0,
+                                           &props, b),
+                        "publish");
+}
+
+mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag)
+{
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    return check_status(c, amqp_basic_ack(c->state, CH_MAIN, delivery_tag, 0),
+                        "basic.ack");
+}
+
+/* Reads the header and body that follow a deliver or return method and
+ * fills the message's properties. */
+static mqrpc_err read_content(mqr_conn *c, amqp_channel_t ch, mqr_msg *m)
+{
+    amqp_basic_properties_t *p;
+    mqrpc_err e;
+
+    e = check_reply(c, ch, amqp_read_message(c->state, ch, &c->msg, 0),
+                    "reading a message");
+    if (e != MQRPC_OK) {
+        /* Whatever the cause, a half-read message leaves the frame stream
+         * out of step: the connection cannot be trusted any more. */
+        c->open = false;
+        return MQRPC_ECLOSED;
+    }
+    c->have_msg = true;
+    p = &c->msg.properties;
+    m->body = str_of(c->msg.body);
+#define GET_PROP(field, flag)                                                  \
+    if (p->_flags & flag)                                                      \
+        m->field = str_of(p->field);
+    GET_PROP(correlation_id, AMQP_BASIC_CORRELATION_ID_FLAG)
+    GET_PROP(reply_to, AMQP_BASIC_REPLY_TO_FLAG)
+    GET_PROP(type, AMQP_BASIC_TYPE_FLAG)
+    GET_PROP(app_id, AMQP_BASIC_APP_ID_FLAG)
+#undef GET_PROP
+    return MQRPC_OK;
+}
+
+mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
+{
+    int64_t deadline = timeout_ms < 0 ? 0 : mqr_now_us() + timeout_ms * 1000LL;
+
+    if (!c->open) {
+        if (!c->err[0])
+            set_err(c, "connection to %s is closed", c->where);
+        return MQRPC_ECLOSED;
+    }
+    if (c->have_msg) {
+        amqp_destroy_message(&c->msg);
+        c->have_msg = false;
+    }
+    /* The previous message's frames live in rabbitmq-c's pools until here. */
+    amqp_maybe_release_buffers(c->state);
+    memset(m, 0, sizeof *m);
+
+    for (;;) {
+        struct timeval tv, *tvp = NULL;
+        amqp_frame_t f;
+        int st;
+
+        if (timeout_ms >= 0) {
+            int64_t left = deadline - mqr_now_us();
+            if (left < 0)
+                left = 0;
+            tv.tv_sec = (time_t)(left / 1000000);
+            tv.tv_usec = (suseconds_t)(left % 1000000);
+            tvp = &tv;
+        }
+        st = amqp_simple_wait_frame_noblock(c->state, &f, tvp);
+        if (st == AMQP_STATUS_TIMEOUT)
+            return MQRPC_ETIMEOUT;
+        if (st != AMQP_STATUS_OK) {
+            set_err(c, "connection to %s lost: %s", c->where,
+                    amqp_error_string2(st));
+            c->open = false;
+            return MQRPC_ECLOSED;
+        }
+        if (f.frame_type != AMQP_FRAME_METHOD)
+            continue; /* content without a method: nothing to attach it to */
+
+        switch (f.payload.method.id) {
+        case AMQP_BASIC_DELIVER_METHOD: {
+            const amqp_basic_deliver_t *d = f.payload.method.decoded;
+            m->kind = MQR_DELIVERY;
+            m->delivery_tag = d->delivery_tag;
+            m->routing_key = str_of(d->routing_key);
+            return read_content(c, f.channel, m);
+        }
+        case AMQP_BASIC_RETURN_METHOD: {
+            const amqp_basic_return_t *r = f.payload.method.decoded;
+            m->kind = MQR_RETURN;
+            m->reply_code = r->reply_code;
+            m->reply_text = str_of(r->reply_text);
+            m->routing_key = str_of(r->routing_key);
+            return read_content(c, f.channel, m);
+        }
+        case AMQP_CHANNEL_CLOSE_METHOD:
+        case AMQP_CONNECTION_CLOSE_METHOD: {
+            mqrpc_err e = server_close(c, f.channel, &f.payload.method,
+                                       "closed by the broker");
+            if (c->open)
+                continue; /* only the side channel went */
+            return e == MQRPC_OK ? MQRPC_ECLOSED : e;
+        }
+        case AMQP_BASIC_CANCEL_METHOD:
+            /* The broker cancels a consumer when its queue is deleted. */
+            set_err(c, "the broker cancelled the consumer (queue deleted?)");
+            amqp_connection_close(c->state, AMQP_REPLY_SUCCESS);
+            c->open = false;
+            return MQRPC_ECLOSED;
+        default:
+            continue;
+        }
+    }
+}
+
+mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
+                              uint32_t *messages, uint32_t *consumers)
+{
+    amqp_queue_declare_ok_t *ok;
+    mqrpc_err e;
+
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    if (!c->side_open) {
+        amqp_channel_open(c->state, CH_SIDE);
+        e = check_reply(c, CH_SIDE, amqp_get_rpc_reply(c->state),
+                        "channel.open");
+        if (e != MQRPC_OK)
+            return e;
+        c->side_open = true;
+    }
+    ok = amqp_queue_declare(c->state, CH_SIDE, amqp_cstring_bytes(queue), 1, 0,
+                            0, 0, amqp_empty_table);
+    e = check_reply(c, CH_SIDE, amqp_get_rpc_reply(c->state),
+                    "queue.declare (passive)");
+    if (e != MQRPC_OK)
+        return e;
+    if (messages)
+        *messages = ok->message_count;
+    if (consumers)
+        *consumers = ok->consumer_count;
+    return MQRPC_OK;
+}

@@ -1,0 +1,159 @@
+/*
+ * Private interfaces of the library (prefix mqr_). Nothing here is installed;
+ * tests link the static library to reach it.
+ */
+#ifndef MQRPC_INTERNAL_H
+#define MQRPC_INTERNAL_H
+
+#include "mqrpc/mqrpc.h"
+
+#include <stdbool.h>
+#include <stdint.h>
+
+/* A byte string that is not NUL-terminated (AMQP short strings are not). */
+typedef struct mqr_str {
+    const char *ptr;
+    size_t len;
+} mqr_str;
+
+/* mqr_cstr: view of a NUL-terminated string. */
+mqr_str mqr_cstr(const char *s);
+
+/* mqr_str_eq: s holds exactly the NUL-terminated lit. */
+bool mqr_str_eq(mqr_str s, const char *lit);
+
+/* mqr_now_us: monotonic clock in microseconds. */
+int64_t mqr_now_us(void);
+
+/* ------------------------------------------------------------------ url */
+
+/* A parsed broker URL; strings point into an internal copy. */
+typedef struct mqr_url {
+    char *host;
+    int port;
+    char *user;
+    char *password;
+    char *vhost;
+    bool tls;
+    char *buf_; /* owned copy the fields point into */
+} mqr_url;
+
+/* mqr_url_parse parses an amqp:// or amqps:// URL (rabbitmq-c's rules:
+ * defaults guest/guest, localhost, 5672, vhost "/"). On failure returns
+ * MQRPC_EURL and writes one line into err. Free with mqr_url_clear. */
+mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err,
+                        size_t errlen);
+void mqr_url_clear(mqr_url *u);
+
+/* ---------------------------------------------------------------- codec */
+/* The message codec is pure: bytes in, JSON out, no AMQP. */
+
+/* mqr_decode_request parses a request body: at most max_body bytes, valid
+ * JSON, an object. On success *out is a new reference. Otherwise fills fault
+ * (bad_request) and returns MQRPC_EINVAL. */
+mqrpc_err mqr_decode_request(const char *body, size_t len, size_t max_body,
+                             json_t **out, mqrpc_fault *fault);
+
+/* mqr_encode_result returns the wire form of a result (malloc'd, caller
+ * frees) or NULL if it cannot be encoded. */
+char *mqr_encode_result(const json_t *result, size_t *len);
+
+/* mqr_encode_fault returns the body of an error reply, malloc'd. */
+char *mqr_encode_fault(const mqrpc_fault *fault, size_t *len);
+
+/* mqr_decode_reply interprets a reply: is_error when the AMQP type property
+ * was "error". Returns MQRPC_OK with *result (new reference), MQRPC_EREMOTE
+ * with fault filled from the body, or MQRPC_EBADREPLY with fault->message
+ * saying what was wrong. */
+mqrpc_err mqr_decode_reply(bool is_error, const char *body, size_t len,
+                           json_t **result, mqrpc_fault *fault);
+
+/* ----------------------------------------------------------------- conn */
+/* The AMQP connection: the only code that speaks rabbitmq-c. One channel
+ * (1) carries all traffic; channel 2 is a side channel for passive queue
+ * queries, which the broker closes when the queue does not exist. */
+
+typedef struct mqr_conn mqr_conn;
+
+enum mqr_msg_kind { MQR_DELIVERY = 1, MQR_RETURN };
+
+/* A message received: borrowed from the connection, valid until the next
+ * mqr_conn_wait or mqr_conn_free. */
+typedef struct mqr_msg {
+    enum mqr_msg_kind kind;
+    uint64_t delivery_tag; /* MQR_DELIVERY */
+    int reply_code;        /* MQR_RETURN: 312 NO_ROUTE, ... */
+    mqr_str reply_text;    /* MQR_RETURN */
+    mqr_str routing_key;
+    mqr_str body;
+    mqr_str correlation_id;
+    mqr_str reply_to;
+    mqr_str type;
+    mqr_str app_id;
+} mqr_msg;
+
+/* Properties of a message to publish; empty fields are not sent. */
+typedef struct mqr_props {
+    mqr_str correlation_id;
+    mqr_str reply_to;
+    mqr_str type;
+    mqr_str app_id;
+    mqr_str expiration; /* milliseconds, as decimal text */
+} mqr_props;
+
+/* mqr_conn_open connects and logs in, then opens channel 1. Blocks up to
+ * connect_timeout_ms for the TCP connect and for the handshake. On failure
+ * *out is NULL and err holds one line ("cannot connect to H:P: ..."). */
+mqrpc_err mqr_conn_open(const char *url, int heartbeat_s,
+                        int connect_timeout_ms, mqr_conn **out, char *err,
+                        size_t errlen);
+
+/* mqr_conn_free closes politely if still open, then frees. Accepts NULL. */
+void mqr_conn_free(mqr_conn *c);
+
+/* mqr_conn_errmsg: the last failure, one line, owned by c. */
+const char *mqr_conn_errmsg(const mqr_conn *c);
+
+/* mqr_conn_fd: the socket, or -1 when closed. */
+int mqr_conn_fd(const mqr_conn *c);
+
+/* mqr_conn_buffered: frames or bytes already read and not yet returned, so
+ * an event loop must not sleep on the fd. */
+bool mqr_conn_buffered(const mqr_conn *c);
+
+/* mqr_conn_heartbeat_s: the negotiated heartbeat interval (0: none). */
+int mqr_conn_heartbeat_s(const mqr_conn *c);
+
+/* mqr_conn_declare_queue declares queue on channel 1. exclusive with an
+ * empty name asks the broker for a server-named, exclusive, auto-delete
+ * queue; its name is written into name_out (256 bytes). */
+mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
+                                 bool exclusive, char *name_out);
+
+/* mqr_conn_qos sets basic.qos prefetch_count on channel 1. */
+mqrpc_err mqr_conn_qos(mqr_conn *c, unsigned prefetch);
+
+/* mqr_conn_consume starts a consumer on channel 1. */
+mqrpc_err mqr_conn_consume(mqr_conn *c, const char *queue, bool no_ack);
+
+/* mqr_conn_publish publishes on the default exchange with routing key
+ * routing_key, content_type application/json. Does not wait. */
+mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
+                           const mqr_props *props, const void *body,
+                           size_t len, bool mandatory);
+
+/* mqr_conn_ack acknowledges one delivery on channel 1. */
+mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag);
+
+/* mqr_conn_wait returns the next delivery or basic.return, waiting up to
+ * timeout_ms (<0: forever) while keeping heartbeats going. MQRPC_ETIMEOUT
+ * if none came in time; any other failure means the connection is gone
+ * (mqr_conn_errmsg says why) and every later call fails with MQRPC_ECLOSED. */
+mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *msg);
+
+/* mqr_conn_queue_info: passive declare on the side channel.
+ * MQRPC_ENOROUTE if the queue does not exist. */
+mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
+                              uint32_t *messages, uint32_t *consumers);
+
+#endif /* MQRPC_INTERNAL_H */

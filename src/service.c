@@ -1,0 +1,247 @@
+/*
+ * The service runtime: consume a queue, run the handler on each request,
+ * publish the reply, then acknowledge. Replying before acknowledging means
+ * a crash in between makes the broker redeliver the request (at-least-once)
+ * rather than lose it.
+ */
+#include "internal.h"
+
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* How often run() looks at the stop flag while idle. rabbitmq-c restarts
+ * poll() on EINTR, so a signal alone does not wake it. */
+#define STOP_CHECK_MS 200
+
+struct mqrpc_service {
+    mqrpc_service_opts opts;
+    char *url;
+    char *queue;
+    char instance[300];
+    mqrpc_handler_fn handler;
+    void *arg;
+    mqr_conn *conn;
+    atomic_int stop;
+    uint64_t served;
+    char err[512];
+};
+
+void mqrpc_instance_id(const char *queue, char *buf, size_t len)
+{
+    char host[256];
+
+    if (gethostname(host, sizeof host) != 0)
+        snprintf(host, sizeof host, "unknown");
+    host[sizeof host - 1] = '\0';
+    snprintf(buf, len, "%s@%s:%ld", queue, host, (long)getpid());
+}
+
+static void logf_(const mqrpc_service *s, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* One line per event on stderr, prefixed with UTC time and the instance, so
+ * interleaved logs of several instances stay readable. */
+static void logf_(const mqrpc_service *s, const char *fmt, ...)
+{
+    char line[1024], stamp[32];
+    time_t now = time(NULL);
+    struct tm tm;
+    va_list ap;
+
+    gmtime_r(&now, &tm);
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "%s %s %s\n", stamp, s->instance, line);
+}
+
+mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
+                                 mqrpc_handler_fn handler, void *arg)
+{
+    mqrpc_service *s;
+
+    if (!opts || !opts->queue || !*opts->queue || strlen(opts->queue) > 255 ||
+        !handler)
+        return NULL;
+    s = calloc(1, sizeof *s);
+    if (!s)
+        return NULL;
+    s->opts = *opts;
+    s->queue = strdup(opts->queue);
+    s->url = opts->url ? strdup(opts->url) : NULL;
+    if (!s->queue || (opts->url && !s->url)) {
+        mqrpc_service_free(s);
+        return NULL;
+    }
+    s->opts.queue = s->queue;
+    s->opts.url = NULL;
+    s->opts.instance_id = NULL;
+    if (s->opts.prefetch == 0)
+        s->opts.prefetch = 1;
+    if (s->opts.prefetch > 65535)
+        s->opts.prefetch = 65535;
+    if (s->opts.max_body == 0)
+        s->opts.max_body = MQRPC_DEFAULT_MAX_BODY;
+    if (opts->instance_id && *opts->instance_id)
+        snprintf(s->instance, sizeof s->instance, "%s", opts->instance_id);
+    else
+        mqrpc_instance_id(s->queue, s->instance, sizeof s->instance);
+    s->handler = handler;
+    s->arg = arg;
+    atomic_init(&s->stop, 0);
+    snprintf(s->err, sizeof s->err, "not connected");
+    return s;
+}
+
+mqrpc_err mqrpc_service_connect(mqrpc_service *s)
+{
+    char url[2048];
+    mqrpc_err e;
+
+    if (s->conn)
+        return MQRPC_ESTATE;
+    e = mqrpc_default_url(s->url, url, sizeof url, NULL);
+    if (e != MQRPC_OK) {
+        snprintf(s->err, sizeof s->err,
+                 "cannot read the broker URL (too long, or unreadable "
+                 "amqp_url file in the state directory)");
+        return e;
+    }
+    e = mqr_conn_open(url, s->opts.heartbeat_s, s->opts.connect_timeout_ms,
+                      &s->conn, s->err, sizeof s->err);
+    if (e != MQRPC_OK)
+        return e;
+    e = mqr_conn_declare_queue(s->conn, s->queue, false, NULL);
+    if (e == MQRPC_OK)
+        e = mqr_conn_qos(s->conn, s->opts.prefetch);
+    if (e == MQRPC_OK)
+        e = mqr_conn_consume(s->conn, s->queue, false);
+    if (e != MQRPC_OK) {
+        snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
+        mqr_conn_free(s->conn);
+        s->conn = NULL;
+        return e;
+    }
+    s->err[0] = '\0';
+    return MQRPC_OK;
+}
+
+/* Runs the handler; returns the reply body (malloc'd) and whether it is an
+ * error reply. Never fails: an encoding problem becomes an internal error. */
+static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
+                    bool *is_error)
+{
+    mqrpc_fault fault = {{0}, {0}};
+    json_t *request = NULL, *result = NULL;
+    char *out = NULL;
+
+    if (mqr_decode_request(m->body.ptr, m->body.len, s->opts.max_body,
+                           &request, &fault) == MQRPC_OK) {
+        result = s->handler(request, &fault, s->arg);
+        json_decref(request);
+        if (result) {
+            out = mqr_encode_result(result, len);
+            json_decref(result);
+            if (!out)
+                mqrpc_fault_set(&fault, MQRPC_INTERNAL,
+                                "the result could not be encoded as JSON");
+        } else if (!fault.code[0]) {
+            mqrpc_fault_set(&fault, MQRPC_INTERNAL,
+                            "the handler failed without saying why");
+        }
+    }
+    *is_error = out == NULL;
+    if (!out)
+        out = mqr_encode_fault(&fault, len);
+    if (*is_error && s->opts.verbose)
+        logf_(s, "error reply %s: %s", fault.code, fault.message);
+    return out;
+}
+
+static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
+{
+    mqr_props props = {0};
+    size_t len = 0;
+    bool is_error;
+    char *body;
+    mqrpc_err e;
+
+    if (m->reply_to.len == 0) {
+        /* Nobody to answer: acknowledge so it does not come back forever. */
+        logf_(s, "request without reply_to (correlation_id \"%.*s\"): "
+                 "acknowledged and dropped",
+              (int)(m->correlation_id.len > 64 ? 64 : m->correlation_id.len),
+              m->correlation_id.ptr ? m->correlation_id.ptr : "");
+        return mqr_conn_ack(s->conn, m->delivery_tag);
+    }
+    body = answer(s, m, &len, &is_error);
+    if (!body)
+        return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
+    props.correlation_id = m->correlation_id;
+    props.app_id = mqr_cstr(s->instance);
+    if (is_error)
+        props.type = mqr_cstr("error");
+    e = mqr_conn_publish(s->conn, m->reply_to, &props, body, len, false);
+    free(body);
+    if (e == MQRPC_OK)
+        e = mqr_conn_ack(s->conn, m->delivery_tag);
+    if (e == MQRPC_OK) {
+        s->served++;
+        if (s->opts.verbose)
+            logf_(s, "answered %.*s", (int)m->correlation_id.len,
+                  m->correlation_id.ptr ? m->correlation_id.ptr : "");
+    }
+    return e;
+}
+
+mqrpc_err mqrpc_service_run(mqrpc_service *s)
+{
+    mqr_msg m;
+    mqrpc_err e;
+
+    if (!s->conn)
+        return MQRPC_ESTATE;
+    while (!atomic_load(&s->stop)) {
+        e = mqr_conn_wait(s->conn, STOP_CHECK_MS, &m);
+        if (e == MQRPC_ETIMEOUT)
+            continue;
+        if (e == MQRPC_OK && m.kind == MQR_DELIVERY)
+            e = serve_one(s, &m);
+        if (e != MQRPC_OK) {
+            snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
+            return e;
+        }
+    }
+    /* Closing the channel now hands back deliveries prefetched but not
+     * started, so other instances take them without waiting for us. */
+    mqr_conn_free(s->conn);
+    s->conn = NULL;
+    return MQRPC_OK;
+}
+
+void mqrpc_service_stop(mqrpc_service *s) { atomic_store(&s->stop, 1); }
+
+const char *mqrpc_service_instance(const mqrpc_service *s)
+{
+    return s->instance;
+}
+
+uint64_t mqrpc_service_served(const mqrpc_service *s) { return s->served; }
+
+const char *mqrpc_service_errmsg(const mqrpc_service *s) { return s->err; }
+
+void mqrpc_service_free(mqrpc_service *s)
+{
+    if (!s)
+        return;
+    mqr_conn_free(s->conn);
+    free(s->queue);
+    free(s->url);
+    free(s);
+}
