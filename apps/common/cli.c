@@ -147,6 +147,7 @@ int cli_parse(struct cli *c, int argc, char **argv)
     /* "+": stop at the first operand, so JSON like -1 after "call Q" and
      * negative numbers after "soma" are operands, not options. */
     opterr = 0;
+    optind = 0; /* glibc: a full reset, so parsing can run more than once */
     while ((ch = getopt_long(argc, argv, "+vh", opts, NULL)) != -1) {
         switch (ch) {
         case OPT_URL: c->url = optarg; break;
