@@ -229,7 +229,8 @@ static int cmd_call(struct session *s, const char *queue, const char *arg)
     if (strcmp(arg, "-") == 0) {
         body = read_all(stdin, &len);
         if (!body) {
-            cli_error(s->cli, "cannot read the body from stdin (over %u bytes?)",
+            cli_error(s->cli,
+                      "cannot read the body from stdin (over %u bytes?)",
                       MAX_STDIN_BODY);
             return CLI_EXIT_USAGE;
         }
@@ -273,8 +274,8 @@ static int run_command(struct session *s, int argc, char **argv)
             return usage_error(s, "not a number: \"%s\"",
                                !a ? argv[1] : argv[2]);
         }
-        return call_json(s, "service_soma", json_pack("{s:o,s:o}", "a", a, "b", b),
-                         "");
+        return call_json(s, "service_soma",
+                         json_pack("{s:o,s:o}", "a", a, "b", b), "");
     }
     if (strcmp(cmd, "media") == 0) {
         json_t *list;
@@ -283,8 +284,8 @@ static int run_command(struct session *s, int argc, char **argv)
         list = parse_list(argv + 1, argc - 1, bad, sizeof bad);
         if (!list)
             return usage_error(s, "not a number: \"%s\"", bad);
-        return call_json(s, "service_media", json_pack("{s:o}", "numeros", list),
-                         "");
+        return call_json(s, "service_media",
+                         json_pack("{s:o}", "numeros", list), "");
     }
     if (strcmp(cmd, "busca") == 0) {
         json_t *req;
@@ -292,7 +293,8 @@ static int run_command(struct session *s, int argc, char **argv)
             return usage_error(s, "busca takes one name: busca NOME");
         req = json_pack("{s:s}", "nome", argv[1]);
         if (!req)
-            return usage_error(s, "the name is not valid UTF-8: \"%s\"", argv[1]);
+            return usage_error(s, "the name is not valid UTF-8: \"%s\"",
+                               argv[1]);
         return call_json(s, "service_busca", req, "");
     }
     if (strcmp(cmd, "info") == 0) {
@@ -360,7 +362,8 @@ static char *read_line(struct line_reader *lr, struct session *s)
             mqrpc_client_process(s->client, 0);
         }
         if (p[0].revents) {
-            ssize_t got = read(lr->fd, lr->buf + lr->len, sizeof lr->buf - lr->len);
+            ssize_t got =
+                read(lr->fd, lr->buf + lr->len, sizeof lr->buf - lr->len);
             if (got < 0 && errno == EINTR)
                 continue;
             if (got <= 0)
@@ -389,7 +392,8 @@ static int menu(struct session *s)
         return CLI_EXIT_BROKER;
     for (;;) {
         fputs("\n=== Cliente RPC ===\n1 - Soma\n2 - Média\n3 - Busca\n"
-              "4 - Info do Servidor\n\n", stdout);
+              "4 - Info do Servidor\n\n",
+              stdout);
         line = prompt(&lr, s, "Escolha o serviço: ");
         if (!line)
             break;

@@ -65,8 +65,7 @@ static struct timeval tv_of_ms(int ms)
     return tv;
 }
 
-mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err,
-                        size_t errlen)
+mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err, size_t errlen)
 {
     struct amqp_connection_info info;
     char *copy;
@@ -158,8 +157,8 @@ static mqrpc_err server_close(mqr_conn *c, amqp_channel_t ch,
         amqp_channel_close_ok_t ok;
         mqrpc_err e;
         amqp_send_method(c->state, ch, AMQP_CHANNEL_CLOSE_OK_METHOD, &ok);
-        set_err(c, "%s: %u %.*s", what, cc->reply_code,
-                (int)cc->reply_text.len, (const char *)cc->reply_text.bytes);
+        set_err(c, "%s: %u %.*s", what, cc->reply_code, (int)cc->reply_text.len,
+                (const char *)cc->reply_text.bytes);
         switch (cc->reply_code) {
         case 404: e = MQRPC_ENOROUTE; break;
         case 403: e = MQRPC_EACCESS; break;
@@ -181,8 +180,8 @@ static mqrpc_err server_close(mqr_conn *c, amqp_channel_t ch,
     return MQRPC_EPROTO;
 }
 
-static mqrpc_err check_reply(mqr_conn *c, amqp_channel_t ch,
-                             amqp_rpc_reply_t r, const char *what)
+static mqrpc_err check_reply(mqr_conn *c, amqp_channel_t ch, amqp_rpc_reply_t r,
+                             const char *what)
 {
     switch (r.reply_type) {
     case AMQP_RESPONSE_NORMAL: return MQRPC_OK;
@@ -191,7 +190,9 @@ static mqrpc_err check_reply(mqr_conn *c, amqp_channel_t ch,
     case AMQP_RESPONSE_SERVER_EXCEPTION:
         return server_close(c, ch, &r.reply, what);
     case AMQP_RESPONSE_NONE:
-    default: set_err(c, "%s: no reply from the broker", what); return MQRPC_EPROTO;
+    default:
+        set_err(c, "%s: no reply from the broker", what);
+        return MQRPC_EPROTO;
     }
 }
 
@@ -285,8 +286,8 @@ mqrpc_err mqr_conn_open(const char *url, int heartbeat_s,
         e = MQRPC_ENOMEM;
         goto fail;
     }
-    snprintf(c->where, sizeof c->where, strchr(u.host, ':') ? "[%s]:%d" : "%s:%d",
-             u.host, u.port);
+    snprintf(c->where, sizeof c->where,
+             strchr(u.host, ':') ? "[%s]:%d" : "%s:%d", u.host, u.port);
     c->state = amqp_new_connection();
     sock = c->state ? amqp_tcp_socket_new(c->state) : NULL;
     if (!sock) {
@@ -318,11 +319,11 @@ mqrpc_err mqr_conn_open(const char *url, int heartbeat_s,
     r = amqp_login(c->state, u.vhost, 0, FRAME_MAX, heartbeat_s,
                    AMQP_SASL_METHOD_PLAIN, u.user, u.password);
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
-        unsigned code = r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
-                                r.reply.id == AMQP_CONNECTION_CLOSE_METHOD
-                            ? ((amqp_connection_close_t *)r.reply.decoded)
-                                  ->reply_code
-                            : 0;
+        unsigned code =
+            r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&
+                    r.reply.id == AMQP_CONNECTION_CLOSE_METHOD
+                ? ((amqp_connection_close_t *)r.reply.decoded)->reply_code
+                : 0;
         check_reply(c, 0, r, "login");
         if (code == 403) {
             snprintf(err, errlen,
@@ -373,7 +374,10 @@ void mqr_conn_free(mqr_conn *c)
     free(c);
 }
 
-const char *mqr_conn_errmsg(const mqr_conn *c) { return c->err; }
+const char *mqr_conn_errmsg(const mqr_conn *c)
+{
+    return c->err;
+}
 
 int mqr_conn_fd(const mqr_conn *c)
 {
@@ -386,10 +390,13 @@ bool mqr_conn_buffered(const mqr_conn *c)
            (amqp_frames_enqueued(c->state) || amqp_data_in_buffer(c->state));
 }
 
-int mqr_conn_heartbeat_s(const mqr_conn *c) { return c->heartbeat; }
+int mqr_conn_heartbeat_s(const mqr_conn *c)
+{
+    return c->heartbeat;
+}
 
-mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
-                                 bool exclusive, char *name_out)
+mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue, bool exclusive,
+                                 char *name_out)
 {
     amqp_queue_declare_ok_t *ok;
     mqrpc_err e;
@@ -430,9 +437,8 @@ mqrpc_err mqr_conn_consume(mqr_conn *c, const char *queue, bool no_ack)
                        "basic.consume");
 }
 
-mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
-                           const mqr_props *p, const void *body, size_t len,
-                           bool mandatory)
+mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
+                           const void *body, size_t len, bool mandatory)
 {
     amqp_basic_properties_t props;
     amqp_bytes_t b = {len, (void *)body};
@@ -441,10 +447,10 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
         return MQRPC_ECLOSED;
     props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG;
     props.content_type = amqp_cstring_bytes("application/json");
-#define SET_PROP(field, flag)                                                  \
-    if (p->field.len) {                                                        \
-        props._flags |= flag;                                                  \
-        props.field = bytes_of(p->field);                                      \
+#define SET_PROP(field, flag)             \
+    if (p->field.len) {                   \
+        props._flags |= flag;             \
+        props.field = bytes_of(p->field); \
     }
     SET_PROP(correlation_id, AMQP_BASIC_CORRELATION_ID_FLAG)
     SET_PROP(reply_to, AMQP_BASIC_REPLY_TO_FLAG)
@@ -485,8 +491,8 @@ static mqrpc_err read_content(mqr_conn *c, amqp_channel_t ch, mqr_msg *m)
     c->have_msg = true;
     p = &c->msg.properties;
     m->body = str_of(c->msg.body);
-#define GET_PROP(field, flag)                                                  \
-    if (p->_flags & flag)                                                      \
+#define GET_PROP(field, flag) \
+    if (p->_flags & flag)     \
         m->field = str_of(p->field);
     GET_PROP(correlation_id, AMQP_BASIC_CORRELATION_ID_FLAG)
     GET_PROP(reply_to, AMQP_BASIC_REPLY_TO_FLAG)
@@ -568,8 +574,7 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
             amqp_connection_close(c->state, AMQP_REPLY_SUCCESS);
             c->open = false;
             return MQRPC_ECLOSED;
-        default:
-            continue;
+        default: continue;
         }
     }
 }

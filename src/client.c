@@ -24,7 +24,7 @@ struct call {
     int timeout_ms;
     mqrpc_done_fn done;
     void *arg;
-    struct call *hnext;      /* id map chain */
+    struct call *hnext;       /* id map chain */
     struct call *prev, *next; /* deadline order */
     char queue[];
 };
@@ -136,13 +136,25 @@ mqrpc_err mqrpc_client_connect(mqrpc_client *c)
     return MQRPC_OK;
 }
 
-const char *mqrpc_client_errmsg(const mqrpc_client *c) { return c->err; }
+const char *mqrpc_client_errmsg(const mqrpc_client *c)
+{
+    return c->err;
+}
 
-int mqrpc_client_fd(const mqrpc_client *c) { return mqr_conn_fd(c->conn); }
+int mqrpc_client_fd(const mqrpc_client *c)
+{
+    return mqr_conn_fd(c->conn);
+}
 
-size_t mqrpc_client_pending(const mqrpc_client *c) { return c->pending; }
+size_t mqrpc_client_pending(const mqrpc_client *c)
+{
+    return c->pending;
+}
 
-uint64_t mqrpc_client_dropped(const mqrpc_client *c) { return c->dropped; }
+uint64_t mqrpc_client_dropped(const mqrpc_client *c)
+{
+    return c->dropped;
+}
 
 int mqrpc_client_next_timeout_ms(const mqrpc_client *c)
 {
@@ -379,9 +391,9 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
     return any ? MQRPC_OK : MQRPC_ETIMEOUT;
 }
 
-mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue,
-                           const void *body, size_t len, int timeout_ms,
-                           mqrpc_done_fn done, void *arg)
+mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
+                           size_t len, int timeout_ms, mqrpc_done_fn done,
+                           void *arg)
 {
     char corr[CORR_MAX], expiration[16];
     size_t qlen;
@@ -449,7 +461,10 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue,
 
 /* ------------------------------------------------------- blocking call */
 
-static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+static char *dup_or_null(const char *s)
+{
+    return s ? strdup(s) : NULL;
+}
 
 static mqrpc_reply *reply_copy(const mqrpc_reply *r)
 {
@@ -503,8 +518,10 @@ mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
     e = mqrpc_call_async(c, queue, body, len, timeout_ms, sync_done, &s);
     if (e != MQRPC_OK) {
         if (out) {
-            mqrpc_reply r = {.status = e, .error_message = c->err,
-                             .error_code = mqrpc_errname(e), .queue = queue};
+            mqrpc_reply r = {.status = e,
+                             .error_message = c->err,
+                             .error_code = mqrpc_errname(e),
+                             .queue = queue};
             *out = reply_copy(&r);
         }
         return e;
@@ -548,9 +565,15 @@ void mqrpc_client_free(mqrpc_client *c)
 
 /* -------------------------------------------------------------- replies */
 
-mqrpc_err mqrpc_reply_status(const mqrpc_reply *r) { return r->status; }
+mqrpc_err mqrpc_reply_status(const mqrpc_reply *r)
+{
+    return r->status;
+}
 
-json_t *mqrpc_reply_result(const mqrpc_reply *r) { return r->result; }
+json_t *mqrpc_reply_result(const mqrpc_reply *r)
+{
+    return r->result;
+}
 
 const char *mqrpc_reply_body(const mqrpc_reply *r, size_t *len)
 {
@@ -569,9 +592,15 @@ const char *mqrpc_reply_error_message(const mqrpc_reply *r)
     return r->status == MQRPC_OK ? NULL : r->error_message;
 }
 
-const char *mqrpc_reply_app_id(const mqrpc_reply *r) { return r->app_id; }
+const char *mqrpc_reply_app_id(const mqrpc_reply *r)
+{
+    return r->app_id;
+}
 
-const char *mqrpc_reply_queue(const mqrpc_reply *r) { return r->queue; }
+const char *mqrpc_reply_queue(const mqrpc_reply *r)
+{
+    return r->queue;
+}
 
 void mqrpc_reply_free(mqrpc_reply *r)
 {

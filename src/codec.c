@@ -32,8 +32,8 @@ mqrpc_err mqr_decode_request(const char *body, size_t len, size_t max_body,
         max_body = MQRPC_DEFAULT_MAX_BODY;
     if (len > max_body) {
         mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
-                        "request body is %zu bytes, over the limit of %zu",
-                        len, max_body);
+                        "request body is %zu bytes, over the limit of %zu", len,
+                        max_body);
         return MQRPC_EINVAL;
     }
     /* JSON_DECODE_ANY so that a bare number gets the clearer "must be an

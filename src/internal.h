@@ -127,8 +127,8 @@ int mqr_conn_heartbeat_s(const mqr_conn *c);
 /* mqr_conn_declare_queue declares queue on channel 1. exclusive with an
  * empty name asks the broker for a server-named, exclusive, auto-delete
  * queue; its name is written into name_out (256 bytes). */
-mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
-                                 bool exclusive, char *name_out);
+mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue, bool exclusive,
+                                 char *name_out);
 
 /* mqr_conn_qos sets basic.qos prefetch_count on channel 1. */
 mqrpc_err mqr_conn_qos(mqr_conn *c, unsigned prefetch);
@@ -139,8 +139,8 @@ mqrpc_err mqr_conn_consume(mqr_conn *c, const char *queue, bool no_ack);
 /* mqr_conn_publish publishes on the default exchange with routing key
  * routing_key, content_type application/json. Does not wait. */
 mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
-                           const mqr_props *props, const void *body,
-                           size_t len, bool mandatory);
+                           const mqr_props *props, const void *body, size_t len,
+                           bool mandatory);
 
 /* mqr_conn_ack acknowledges one delivery on channel 1. */
 mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag);

@@ -141,8 +141,8 @@ static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
     json_t *request = NULL, *result = NULL;
     char *out = NULL;
 
-    if (mqr_decode_request(m->body.ptr, m->body.len, s->opts.max_body,
-                           &request, &fault) == MQRPC_OK) {
+    if (mqr_decode_request(m->body.ptr, m->body.len, s->opts.max_body, &request,
+                           &fault) == MQRPC_OK) {
         result = s->handler(request, &fault, s->arg);
         json_decref(request);
         if (result) {
@@ -174,8 +174,9 @@ static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
 
     if (m->reply_to.len == 0) {
         /* Nobody to answer: acknowledge so it does not come back forever. */
-        logf_(s, "request without reply_to (correlation_id \"%.*s\"): "
-                 "acknowledged and dropped",
+        logf_(s,
+              "request without reply_to (correlation_id \"%.*s\"): "
+              "acknowledged and dropped",
               (int)(m->correlation_id.len > 64 ? 64 : m->correlation_id.len),
               m->correlation_id.ptr ? m->correlation_id.ptr : "");
         return mqr_conn_ack(s->conn, m->delivery_tag);
@@ -225,16 +226,25 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
     return MQRPC_OK;
 }
 
-void mqrpc_service_stop(mqrpc_service *s) { atomic_store(&s->stop, 1); }
+void mqrpc_service_stop(mqrpc_service *s)
+{
+    atomic_store(&s->stop, 1);
+}
 
 const char *mqrpc_service_instance(const mqrpc_service *s)
 {
     return s->instance;
 }
 
-uint64_t mqrpc_service_served(const mqrpc_service *s) { return s->served; }
+uint64_t mqrpc_service_served(const mqrpc_service *s)
+{
+    return s->served;
+}
 
-const char *mqrpc_service_errmsg(const mqrpc_service *s) { return s->err; }
+const char *mqrpc_service_errmsg(const mqrpc_service *s)
+{
+    return s->err;
+}
 
 void mqrpc_service_free(mqrpc_service *s)
 {

@@ -109,8 +109,8 @@ void mqrpc_url_redact(const char *url, char *buf, size_t len)
     }
     scheme_end = strstr(url, "://");
     at = scheme_end ? strchr(scheme_end + 3, '@') : NULL;
-    colon = at ? memchr(scheme_end + 3, ':', (size_t)(at - scheme_end - 3))
-               : NULL;
+    colon =
+        at ? memchr(scheme_end + 3, ':', (size_t)(at - scheme_end - 3)) : NULL;
     if (!colon) {
         snprintf(buf, len, "%s", url);
         return;

@@ -73,20 +73,23 @@ static void usage(const struct cli *c, FILE *f)
 {
     fprintf(f, "Usage: %s %s\n\n%s\n\nOptions:\n", c->prog, c->usage,
             c->summary);
-    fprintf(f, "  --url URL          broker URL (else $AMQP_URL, else the "
-               "private broker's,\n"
-               "                     else amqp://guest:guest@localhost:5672/)\n");
+    fprintf(f,
+            "  --url URL          broker URL (else $AMQP_URL, else the "
+            "private broker's,\n"
+            "                     else amqp://guest:guest@localhost:5672/)\n");
     if (c->flags & CLI_CALLER)
-        fprintf(f, "  --timeout MS       wait at most MS for each reply "
-                   "(default %d)\n",
+        fprintf(f,
+                "  --timeout MS       wait at most MS for each reply "
+                "(default %d)\n",
                 MQRPC_DEFAULT_TIMEOUT_MS);
     if (c->flags & CLI_SERVICE) {
         fprintf(f, "  --queue NAME       queue to consume (default %s)\n",
                 c->queue);
         fprintf(f, "  --prefetch N       unacknowledged requests at once "
                    "(default 1: fair round-robin)\n");
-        fprintf(f, "  --max-body BYTES   larger requests get bad_request "
-                   "(default %u)\n",
+        fprintf(f,
+                "  --max-body BYTES   larger requests get bad_request "
+                "(default %u)\n",
                 MQRPC_DEFAULT_MAX_BODY);
     }
     for (const struct cli_extra *x = c->extra; x && x->name; x++)
@@ -94,14 +97,16 @@ static void usage(const struct cli *c, FILE *f)
                 (int)(16 - strlen(x->name)), x->arg, x->help,
                 x->value ? " (default " : "", x->value ? x->value : "",
                 x->value ? ")" : "");
-    fprintf(f, "  --heartbeat S      AMQP heartbeat in seconds, 0 to disable "
-               "(default %d)\n",
+    fprintf(f,
+            "  --heartbeat S      AMQP heartbeat in seconds, 0 to disable "
+            "(default %d)\n",
             MQRPC_DEFAULT_HEARTBEAT);
     if (c->flags & CLI_CALLER)
         fprintf(f, "  --raw              send the body of 'call' unchecked\n");
     fprintf(f, "  -v, --verbose      %s\n",
-            c->flags & CLI_SERVICE ? "log every request"
-                                   : "say which instance answered, and how fast");
+            c->flags & CLI_SERVICE
+                ? "log every request"
+                : "say which instance answered, and how fast");
     fprintf(f, "  -h, --help         show this help\n"
                "  --version          show the version\n\n"
                "Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker "
@@ -129,7 +134,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
         opts[n++] = (struct option){"raw", no_argument, NULL, OPT_RAW};
     }
     if (c->flags & CLI_SERVICE) {
-        opts[n++] = (struct option){"queue", required_argument, NULL, OPT_QUEUE};
+        opts[n++] =
+            (struct option){"queue", required_argument, NULL, OPT_QUEUE};
         opts[n++] =
             (struct option){"prefetch", required_argument, NULL, OPT_PREFETCH};
         opts[n++] =
@@ -153,16 +159,20 @@ int cli_parse(struct cli *c, int argc, char **argv)
         case OPT_URL: c->url = optarg; break;
         case OPT_TIMEOUT:
             if (!cli_parse_long(optarg, 1, 24L * 3600 * 1000, &v)) {
-                cli_error(c, "--timeout takes milliseconds from 1 to 86400000, "
-                             "got \"%s\"", optarg);
+                cli_error(c,
+                          "--timeout takes milliseconds from 1 to 86400000, "
+                          "got \"%s\"",
+                          optarg);
                 return CLI_EXIT_USAGE;
             }
             c->timeout_ms = (int)v;
             break;
         case OPT_HEARTBEAT:
             if (!cli_parse_long(optarg, 0, 65535, &v)) {
-                cli_error(c, "--heartbeat takes seconds from 0 to 65535, got "
-                             "\"%s\"", optarg);
+                cli_error(c,
+                          "--heartbeat takes seconds from 0 to 65535, got "
+                          "\"%s\"",
+                          optarg);
                 return CLI_EXIT_USAGE;
             }
             c->heartbeat_s = v == 0 ? -1 : (int)v;
@@ -176,16 +186,20 @@ int cli_parse(struct cli *c, int argc, char **argv)
             break;
         case OPT_PREFETCH:
             if (!cli_parse_long(optarg, 1, 65535, &v)) {
-                cli_error(c, "--prefetch takes a number from 1 to 65535, got "
-                             "\"%s\"", optarg);
+                cli_error(c,
+                          "--prefetch takes a number from 1 to 65535, got "
+                          "\"%s\"",
+                          optarg);
                 return CLI_EXIT_USAGE;
             }
             c->prefetch = (unsigned)v;
             break;
         case OPT_MAX_BODY:
             if (!cli_parse_long(optarg, 2, 128L * 1024 * 1024, &v)) {
-                cli_error(c, "--max-body takes bytes from 2 to 134217728, got "
-                             "\"%s\"", optarg);
+                cli_error(c,
+                          "--max-body takes bytes from 2 to 134217728, got "
+                          "\"%s\"",
+                          optarg);
                 return CLI_EXIT_USAGE;
             }
             c->max_body = (size_t)v;
@@ -193,7 +207,9 @@ int cli_parse(struct cli *c, int argc, char **argv)
         case OPT_RAW: c->raw = true; break;
         case 'v': c->verbose = true; break;
         case 'h': usage(c, stdout); return CLI_EXIT_OK;
-        case OPT_VERSION: printf("%s (mqrpc) %s\n", c->prog, MQRPC_VERSION); return CLI_EXIT_OK;
+        case OPT_VERSION:
+            printf("%s (mqrpc) %s\n", c->prog, MQRPC_VERSION);
+            return CLI_EXIT_OK;
         case '?':
         default:
             if (ch >= OPT_EXTRA) {

@@ -34,7 +34,8 @@ int service_main(int argc, char **argv, const struct service_program *p)
     if (rc >= 0)
         return rc;
     if (c.optind < argc) {
-        cli_error(&c, "unexpected argument \"%s\" (try --help)", argv[c.optind]);
+        cli_error(&c, "unexpected argument \"%s\" (try --help)",
+                  argv[c.optind]);
         return CLI_EXIT_USAGE;
     }
     mqrpc_instance_id(c.queue, instance, sizeof instance);
@@ -83,8 +84,8 @@ int service_main(int argc, char **argv, const struct service_program *p)
         cli_error(&c, "%s", mqrpc_service_errmsg(svc));
         rc = cli_exit_code(e);
     } else {
-        fprintf(stderr, "%s: stopped after answering %llu requests\n",
-                instance, (unsigned long long)mqrpc_service_served(svc));
+        fprintf(stderr, "%s: stopped after answering %llu requests\n", instance,
+                (unsigned long long)mqrpc_service_served(svc));
         rc = CLI_EXIT_OK;
     }
 out:

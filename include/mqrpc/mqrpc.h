@@ -34,22 +34,22 @@ extern "C" {
  * an error the remote handler chose to send is MQRPC_EREMOTE, and its code
  * and message are in the reply.
  */
-#define MQRPC_ERRORS(X)                                                        \
-    X(OK, "ok", "success")                                                     \
-    X(ENOMEM, "nomem", "out of memory")                                        \
-    X(EINVAL, "invalid", "invalid argument")                                   \
-    X(EURL, "bad_url", "malformed broker URL")                                 \
-    X(ECONNECT, "connect", "cannot connect to the broker")                     \
-    X(EAUTH, "auth", "the broker refused the login")                           \
-    X(EACCESS, "access", "the broker refused access")                          \
-    X(ECLOSED, "closed", "connection to the broker lost")                      \
-    X(ETIMEOUT, "timeout", "timed out")                                        \
-    X(ENOROUTE, "no_route", "no service on that queue")                        \
-    X(EREMOTE, "remote", "the service replied with an error")                  \
-    X(EBADREPLY, "bad_reply", "malformed reply")                               \
-    X(ETOOBIG, "too_big", "message too large")                                 \
-    X(EPROTO, "protocol", "AMQP protocol error")                               \
-    X(ECANCELED, "canceled", "call canceled")                                  \
+#define MQRPC_ERRORS(X)                                       \
+    X(OK, "ok", "success")                                    \
+    X(ENOMEM, "nomem", "out of memory")                       \
+    X(EINVAL, "invalid", "invalid argument")                  \
+    X(EURL, "bad_url", "malformed broker URL")                \
+    X(ECONNECT, "connect", "cannot connect to the broker")    \
+    X(EAUTH, "auth", "the broker refused the login")          \
+    X(EACCESS, "access", "the broker refused access")         \
+    X(ECLOSED, "closed", "connection to the broker lost")     \
+    X(ETIMEOUT, "timeout", "timed out")                       \
+    X(ENOROUTE, "no_route", "no service on that queue")       \
+    X(EREMOTE, "remote", "the service replied with an error") \
+    X(EBADREPLY, "bad_reply", "malformed reply")              \
+    X(ETOOBIG, "too_big", "message too large")                \
+    X(EPROTO, "protocol", "AMQP protocol error")              \
+    X(ECANCELED, "canceled", "call canceled")                 \
     X(ESTATE, "state", "operation not valid in this state")
 
 /* mqrpc_err: the status every fallible call returns. */
@@ -149,9 +149,9 @@ void mqrpc_client_free(mqrpc_client *c);
  * mqrpc_client_process, unless this function returns an error, in which
  * case it is never called.
  */
-mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue,
-                           const void *body, size_t len, int timeout_ms,
-                           mqrpc_done_fn done, void *arg);
+mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
+                           size_t len, int timeout_ms, mqrpc_done_fn done,
+                           void *arg);
 
 /*
  * mqrpc_client_process reads and dispatches whatever the broker sent,

@@ -299,7 +299,7 @@ static int import_people(sqlite3 *db, const char *db_path,
         set_err(err, errlen, "database %s: %s", db_path, sqlite3_errmsg(db));
         goto out;
     }
-    json_array_foreach(people, i, person) {
+    json_array_foreach (people, i, person) {
         const char *nome, *cidade;
         json_error_t jerr;
         json_int_t idade;
@@ -450,21 +450,14 @@ void busca_close(busca_db *b)
 static const char *type_name(const json_t *v)
 {
     switch (json_typeof(v)) {
-    case JSON_OBJECT:
-        return "object";
-    case JSON_ARRAY:
-        return "array";
-    case JSON_STRING:
-        return "string";
-    case JSON_INTEGER:
-        return "integer";
-    case JSON_REAL:
-        return "real";
+    case JSON_OBJECT: return "object";
+    case JSON_ARRAY: return "array";
+    case JSON_STRING: return "string";
+    case JSON_INTEGER: return "integer";
+    case JSON_REAL: return "real";
     case JSON_TRUE:
-    case JSON_FALSE:
-        return "boolean";
-    case JSON_NULL:
-        return "null";
+    case JSON_FALSE: return "boolean";
+    case JSON_NULL: return "null";
     }
     return "unknown";
 }

@@ -11,7 +11,10 @@ static void *open_busca(struct cli_extra *extra, const char *instance,
     return busca_open(extra[0].value, extra[1].value, err, errlen);
 }
 
-static void close_busca(void *db) { busca_close(db); }
+static void close_busca(void *db)
+{
+    busca_close(db);
+}
 
 int main(int argc, char **argv)
 {

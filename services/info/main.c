@@ -5,8 +5,8 @@
 #include <string.h>
 
 /* The handler reports the instance id it answers as. */
-static void *open_info(struct cli_extra *extra, const char *instance,
-                       char *err, size_t errlen)
+static void *open_info(struct cli_extra *extra, const char *instance, char *err,
+                       size_t errlen)
 {
     (void)extra;
     (void)err;

@@ -5,21 +5,14 @@
 static const char *type_name(const json_t *v)
 {
     switch (json_typeof(v)) {
-    case JSON_OBJECT:
-        return "object";
-    case JSON_ARRAY:
-        return "array";
-    case JSON_STRING:
-        return "string";
-    case JSON_INTEGER:
-        return "integer";
-    case JSON_REAL:
-        return "real";
+    case JSON_OBJECT: return "object";
+    case JSON_ARRAY: return "array";
+    case JSON_STRING: return "string";
+    case JSON_INTEGER: return "integer";
+    case JSON_REAL: return "real";
     case JSON_TRUE:
-    case JSON_FALSE:
-        return "boolean";
-    case JSON_NULL:
-        return "null";
+    case JSON_FALSE: return "boolean";
+    case JSON_NULL: return "null";
     }
     return "unknown";
 }
@@ -50,7 +43,7 @@ json_t *media_handle(json_t *request, mqrpc_fault *fault, void *arg)
      * than double, lets the sum of large reals exceed DBL_MAX without
      * becoming infinite before the division brings it back.
      */
-    json_array_foreach(numeros, i, v) {
+    json_array_foreach (numeros, i, v) {
         if (json_is_integer(v))
             sum += (long double)json_integer_value(v);
         else if (json_is_real(v))

@@ -140,7 +140,7 @@ static mqrpc_client *connect_client(void)
 /* ------------------------------------------------------------ helpers */
 
 struct result {
-    int calls;       /* times the callback ran */
+    int calls; /* times the callback ran */
     mqrpc_err status;
     json_int_t value; /* integer result, if any */
     char app_id[128];
@@ -181,9 +181,9 @@ static void send_soma(mqrpc_client *c, const char *queue, int i,
 {
     char body[64];
     int n = snprintf(body, sizeof body, "{\"a\": %d, \"b\": %d}", i, 1000);
-    assert_int_equal(mqrpc_call_async(c, queue, body, (size_t)n, 10000, record,
-                                      res),
-                     MQRPC_OK);
+    assert_int_equal(
+        mqrpc_call_async(c, queue, body, (size_t)n, 10000, record, res),
+        MQRPC_OK);
 }
 
 /* -------------------------------------------------------------- tests */
@@ -421,8 +421,9 @@ static void queue_info_missing_queue(void **state)
     unique_queue(queue, sizeof queue, "info");
     start_service("service_soma", "--queue", queue, NULL);
     c = connect_client();
-    assert_int_equal(mqrpc_client_queue_info(c, "t_no_such_queue", &msgs, &cons),
-                     MQRPC_ENOROUTE);
+    assert_int_equal(
+        mqrpc_client_queue_info(c, "t_no_such_queue", &msgs, &cons),
+        MQRPC_ENOROUTE);
     assert_int_equal(mqrpc_client_queue_info(c, queue, &msgs, &cons), MQRPC_OK);
     assert_int_equal(cons, 1);
     assert_int_equal(msgs, 0);

@@ -146,9 +146,9 @@ static void decode_reply_cases(void **state)
     assert_non_null(strstr(f.message, "reply is not valid JSON"));
     assert_int_equal(mqr_decode_reply(true, "{}", 2, &res, &f),
                      MQRPC_EBADREPLY);
-    assert_int_equal(mqr_decode_reply(true, "{\"error\": {\"code\": \"x\"}}", 24,
-                                      &res, &f),
-                     MQRPC_EREMOTE);
+    assert_int_equal(
+        mqr_decode_reply(true, "{\"error\": {\"code\": \"x\"}}", 24, &res, &f),
+        MQRPC_EREMOTE);
     assert_string_equal(f.code, "x");
     assert_string_equal(f.message, "(no message)");
 }
@@ -167,9 +167,9 @@ static void url_parse_defaults_and_vhost(void **state)
     assert_string_equal(u.vhost, "/");
     mqr_url_clear(&u);
     /* A trailing slash means the default vhost, as pika reads it. */
-    assert_int_equal(mqr_url_parse("amqp://u:p@127.0.0.1:5682/", &u, err,
-                                   sizeof err),
-                     MQRPC_OK);
+    assert_int_equal(
+        mqr_url_parse("amqp://u:p@127.0.0.1:5682/", &u, err, sizeof err),
+        MQRPC_OK);
     assert_string_equal(u.vhost, "/");
     assert_int_equal(u.port, 5682);
     assert_string_equal(u.password, "p");
@@ -254,9 +254,10 @@ static int parse(struct cli *c, int argc, char **argv)
 
 static void cli_caller_options(void **state)
 {
-    char *ok[] = {"rpc_client", "--timeout", "250", "--url", "amqp://h/", "-v",
-                  "soma", "-1", "2", NULL};
-    struct cli c = {.prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    char *ok[] = {"rpc_client", "--timeout", "250", "--url", "amqp://h/",
+                  "-v",         "soma",      "-1",  "2",     NULL};
+    struct cli c = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     (void)state;
     assert_int_equal(parse(&c, 9, ok), -1);
     assert_int_equal(c.timeout_ms, 250);
@@ -267,17 +268,21 @@ static void cli_caller_options(void **state)
     assert_int_equal(c.optind, 6);
 
     char *zero[] = {"rpc_client", "--timeout", "0", NULL};
-    struct cli c2 = {.prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    struct cli c2 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     assert_int_equal(parse(&c2, 3, zero), CLI_EXIT_USAGE);
     char *bogus[] = {"rpc_client", "--bogus", NULL};
-    struct cli c3 = {.prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    struct cli c3 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     assert_int_equal(parse(&c3, 2, bogus), CLI_EXIT_USAGE);
     char *noval[] = {"rpc_client", "--url", NULL};
-    struct cli c4 = {.prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    struct cli c4 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     assert_int_equal(parse(&c4, 2, noval), CLI_EXIT_USAGE);
     /* Service options are not caller options. */
     char *svc[] = {"rpc_client", "--prefetch", "4", NULL};
-    struct cli c5 = {.prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    struct cli c5 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     assert_int_equal(parse(&c5, 3, svc), CLI_EXIT_USAGE);
 }
 
@@ -285,10 +290,14 @@ static void cli_service_options(void **state)
 {
     struct cli_extra extra[] = {{"db", "PATH", "db", "default.db"},
                                 {NULL, NULL, NULL, NULL}};
-    char *ok[] = {"svc", "--queue", "q1", "--prefetch", "8", "--max-body", "100",
-                  "--db", "x.db", "--heartbeat", "0", NULL};
-    struct cli c = {.prog = "t", .usage = "", .summary = "",
-                    .flags = CLI_SERVICE, .extra = extra, .queue = "dflt"};
+    char *ok[] = {"svc", "--queue", "q1",   "--prefetch",  "8", "--max-body",
+                  "100", "--db",    "x.db", "--heartbeat", "0", NULL};
+    struct cli c = {.prog = "t",
+                    .usage = "",
+                    .summary = "",
+                    .flags = CLI_SERVICE,
+                    .extra = extra,
+                    .queue = "dflt"};
     (void)state;
     assert_int_equal(parse(&c, 11, ok), -1);
     assert_string_equal(c.queue, "q1");
@@ -298,13 +307,18 @@ static void cli_service_options(void **state)
     assert_int_equal(c.heartbeat_s, -1); /* 0 on the command line: disabled */
 
     char *bad[] = {"svc", "--prefetch", "0", NULL};
-    struct cli c2 = {.prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    struct cli c2 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
     assert_int_equal(parse(&c2, 3, bad), CLI_EXIT_USAGE);
     char *bad2[] = {"svc", "--prefetch", "70000", NULL};
-    struct cli c3 = {.prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    struct cli c3 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
     assert_int_equal(parse(&c3, 3, bad2), CLI_EXIT_USAGE);
     char *help[] = {"svc", "--help", NULL};
-    struct cli c4 = {.prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE,
+    struct cli c4 = {.prog = "t",
+                     .usage = "",
+                     .summary = "",
+                     .flags = CLI_SERVICE,
                      .queue = "q"};
     assert_int_equal(parse(&c4, 2, help), CLI_EXIT_OK);
 }

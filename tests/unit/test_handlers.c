@@ -267,7 +267,7 @@ static void check_info(json_t *r, const char *instancia)
     assert_true(json_is_object(r));
     assert_int_equal(json_object_size(r), 5);
     /* Clients print the object as is, so the order is part of the answer. */
-    json_object_foreach(r, key, value) {
+    json_object_foreach (r, key, value) {
         assert_string_equal(key, keys[i]);
         i++;
     }
@@ -761,10 +761,10 @@ int main(int argc, char **argv)
     const char *only = argc > 1 ? argv[1] : NULL;
     int ran = 0, failed = 0;
 
-#define RUN_GROUP(name, tests)                                                 \
-    if (only == NULL || strcmp(only, name) == 0) {                             \
-        failed += cmocka_run_group_tests_name(name, tests, NULL, NULL);        \
-        ran++;                                                                 \
+#define RUN_GROUP(name, tests)                                          \
+    if (only == NULL || strcmp(only, name) == 0) {                      \
+        failed += cmocka_run_group_tests_name(name, tests, NULL, NULL); \
+        ran++;                                                          \
     }
     RUN_GROUP("soma", soma_tests)
     RUN_GROUP("media", media_tests)
