@@ -6,21 +6,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *type_name(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "an object";
-    case JSON_ARRAY: return "an array";
-    case JSON_STRING: return "a string";
-    case JSON_INTEGER: return "an integer";
-    case JSON_REAL: return "a real";
-    case JSON_TRUE:
-    case JSON_FALSE: return "a boolean";
-    case JSON_NULL: return "null";
-    }
-    return "unknown";
-}
-
 mqrpc_err mqr_decode_request(const char *body, size_t len, size_t max_body,
                              json_t **out, mqrpc_fault *fault)
 {
@@ -49,7 +34,7 @@ mqrpc_err mqr_decode_request(const char *body, size_t len, size_t max_body,
     if (!json_is_object(v)) {
         mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                         "request body must be a JSON object, got %s",
-                        type_name(v));
+                        mqrpc_json_typename(v));
         json_decref(v);
         return MQRPC_EINVAL;
     }
@@ -60,6 +45,21 @@ mqrpc_err mqr_decode_request(const char *body, size_t len, size_t max_body,
 /* Non-compact output ("a": 1, "b": 2) is what the seed's Python services
  * send (json.dumps), so people reading raw bodies see the same thing. */
 #define WIRE_FLAGS (JSON_ENCODE_ANY)
+
+const char *mqrpc_json_typename(const json_t *v)
+{
+    switch (json_typeof(v)) {
+    case JSON_OBJECT: return "object";
+    case JSON_ARRAY: return "array";
+    case JSON_STRING: return "string";
+    case JSON_INTEGER: return "integer";
+    case JSON_REAL: return "real";
+    case JSON_TRUE:
+    case JSON_FALSE: return "boolean";
+    case JSON_NULL: return "null";
+    }
+    return "unknown";
+}
 
 char *mqr_encode_result(const json_t *result, size_t *len)
 {

@@ -265,6 +265,10 @@ json_t *mqrpc_fault_set(mqrpc_fault *fault, const char *code, const char *fmt,
 #endif
     ;
 
+/* mqrpc_json_typename names v's JSON type for messages to users
+ * ("integer", "boolean", ...); static, never NULL. */
+const char *mqrpc_json_typename(const json_t *v);
+
 typedef struct mqrpc_service mqrpc_service;
 
 /* Service options; zero means default except for queue. */

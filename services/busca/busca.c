@@ -447,21 +447,6 @@ void busca_close(busca_db *b)
     free(b);
 }
 
-static const char *type_name(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "object";
-    case JSON_ARRAY: return "array";
-    case JSON_STRING: return "string";
-    case JSON_INTEGER: return "integer";
-    case JSON_REAL: return "real";
-    case JSON_TRUE:
-    case JSON_FALSE: return "boolean";
-    case JSON_NULL: return "null";
-    }
-    return "unknown";
-}
-
 json_t *busca_handle(json_t *request, mqrpc_fault *fault, void *arg)
 {
     busca_db *b = arg;
@@ -480,7 +465,7 @@ json_t *busca_handle(json_t *request, mqrpc_fault *fault, void *arg)
     if (!json_is_string(v))
         return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                                "field \"nome\" must be a string, got %s",
-                               type_name(v));
+                               mqrpc_json_typename(v));
     nome = json_string_value(v);
     /* Only a decoder built with JSON_ALLOW_NUL lets "\u0000" through; a
      * name cut at the NUL would match someone else. */

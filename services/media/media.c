@@ -2,21 +2,6 @@
 
 #include <math.h>
 
-static const char *type_name(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "object";
-    case JSON_ARRAY: return "array";
-    case JSON_STRING: return "string";
-    case JSON_INTEGER: return "integer";
-    case JSON_REAL: return "real";
-    case JSON_TRUE:
-    case JSON_FALSE: return "boolean";
-    case JSON_NULL: return "null";
-    }
-    return "unknown";
-}
-
 json_t *media_handle(json_t *request, mqrpc_fault *fault, void *arg)
 {
     json_t *numeros = json_object_get(request, "numeros");
@@ -32,7 +17,7 @@ json_t *media_handle(json_t *request, mqrpc_fault *fault, void *arg)
     if (!json_is_array(numeros))
         return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                                "field \"numeros\" must be an array, got %s",
-                               type_name(numeros));
+                               mqrpc_json_typename(numeros));
     n = json_array_size(numeros);
     if (n == 0)
         return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
@@ -51,7 +36,7 @@ json_t *media_handle(json_t *request, mqrpc_fault *fault, void *arg)
         else
             return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                                    "numeros[%zu] must be a number, got %s", i,
-                                   type_name(v));
+                                   mqrpc_json_typename(v));
     }
     mean = (double)(sum / (long double)n);
     if (!isfinite(mean))

@@ -2,21 +2,6 @@
 
 #include <math.h>
 
-static const char *type_name(const json_t *v)
-{
-    switch (json_typeof(v)) {
-    case JSON_OBJECT: return "object";
-    case JSON_ARRAY: return "array";
-    case JSON_STRING: return "string";
-    case JSON_INTEGER: return "integer";
-    case JSON_REAL: return "real";
-    case JSON_TRUE:
-    case JSON_FALSE: return "boolean";
-    case JSON_NULL: return "null";
-    }
-    return "unknown";
-}
-
 /* operand fetches request[name] as a number, or fills fault. */
 static json_t *operand(json_t *request, const char *name, mqrpc_fault *fault)
 {
@@ -28,7 +13,7 @@ static json_t *operand(json_t *request, const char *name, mqrpc_fault *fault)
     if (!json_is_number(v))
         return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                                "field \"%s\" must be a number, got %s", name,
-                               type_name(v));
+                               mqrpc_json_typename(v));
     return v;
 }
 

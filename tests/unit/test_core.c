@@ -73,9 +73,9 @@ static void decode_request_rejects_bad_bodies(void **state)
     (void)state;
     expect_bad_request("nope", 4, 0, "not valid JSON");
     expect_bad_request("", 0, 0, "not valid JSON");
-    expect_bad_request("[1, 2]", 6, 0, "must be a JSON object, got an array");
-    expect_bad_request("15", 2, 0, "got an integer");
-    expect_bad_request("\"x\"", 3, 0, "got a string");
+    expect_bad_request("[1, 2]", 6, 0, "must be a JSON object, got array");
+    expect_bad_request("15", 2, 0, "got integer");
+    expect_bad_request("\"x\"", 3, 0, "got string");
     expect_bad_request("{\"a\": \"\xff\"}", 10, 0, "not valid JSON");
     expect_bad_request("{\"a\": 1}", 8, 4, "is 8 bytes, over the limit of 4");
     /* Deep nesting is refused by the parser's depth limit, not the stack. */
