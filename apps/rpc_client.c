@@ -42,8 +42,11 @@ static json_t *parse_number(const char *s)
         return NULL;
     errno = 0;
     i = strtoll(s, &end, 10);
-    if (!errno && end != s && *end == '\0')
-        return json_integer(i);
+    if (end != s && *end == '\0') {
+        /* An integer that does not fit in 64 bits is refused rather than
+         * silently rounded to a real. */
+        return errno ? NULL : json_integer(i);
+    }
     errno = 0;
     d = strtod(s, &end);
     if (errno || end == s || *end != '\0' || !isfinite(d))
@@ -271,8 +274,9 @@ static int run_command(struct session *s, int argc, char **argv)
         if (!a || !b) {
             json_decref(a);
             json_decref(b);
-            return usage_error(s, "not a number: \"%s\"",
-                               !a ? argv[1] : argv[2]);
+            return usage_error(
+                s, "not a number, or an integer beyond 64 bits: \"%s\"",
+                !a ? argv[1] : argv[2]);
         }
         return call_json(s, "service_soma",
                          json_pack("{s:o,s:o}", "a", a, "b", b), "");
@@ -283,7 +287,8 @@ static int run_command(struct session *s, int argc, char **argv)
             return usage_error(s, "media takes at least one number");
         list = parse_list(argv + 1, argc - 1, bad, sizeof bad);
         if (!list)
-            return usage_error(s, "not a number: \"%s\"", bad);
+            return usage_error(
+                s, "not a number, or an integer beyond 64 bits: \"%s\"", bad);
         return call_json(s, "service_media",
                          json_pack("{s:o}", "numeros", list), "");
     }

@@ -1,0 +1,10 @@
+# Broker-tier scripted tests, included by tests/broker/CMakeLists.txt.
+# Each runs with the broker fixture and the test environment (MQRPC_BIN,
+# MQRPC_STATE_DIR, ...) set up by mqrpc_broker_test().
+
+# rpc_client and the services as a user runs them: answers, every error and
+# its exit code, the menu, heartbeats, stopping a busy service.
+mqrpc_broker_test(cli bash ${CMAKE_CURRENT_SOURCE_DIR}/cli_test.sh)
+
+# Wire compatibility with the seed's Python (pika) client and service.
+mqrpc_broker_test(interop bash ${CMAKE_CURRENT_SOURCE_DIR}/interop_test.sh)
