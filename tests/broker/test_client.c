@@ -408,6 +408,50 @@ static void late_reply_is_dropped_and_counted(void **state)
     mqrpc_client_free(c);
 }
 
+/* A request that waited in the queue past its caller's timeout is dropped
+ * by the broker (expiration = timeout), not executed late: the request
+ * behind it is answered at once, and no late reply ever arrives. */
+static void expired_request_is_never_executed(void **state)
+{
+    static struct result first, expired, next;
+    char queue[128];
+    mqrpc_client *c;
+    int64_t t0;
+
+    (void)state;
+    memset(&first, 0, sizeof first);
+    memset(&expired, 0, sizeof expired);
+    memset(&next, 0, sizeof next);
+    unique_queue(queue, sizeof queue, "exp");
+    start_service("test_service_sleep", "--queue", queue, NULL);
+    c = connect_client();
+    /* The only instance is busy for 800 ms ... */
+    assert_int_equal(
+        mqrpc_call_async(c, queue, "{\"ms\": 800}", 11, 5000, record, &first),
+        MQRPC_OK);
+    /* ... so this one waits in the queue longer than its 200 ms. */
+    assert_int_equal(
+        mqrpc_call_async(c, queue, "{\"ms\": 1500}", 12, 200, record, &expired),
+        MQRPC_OK);
+    drain(c, 5000);
+    assert_int_equal(first.status, MQRPC_OK);
+    assert_int_equal(expired.status, MQRPC_ETIMEOUT);
+    t0 = now_ms();
+    assert_int_equal(
+        mqrpc_call_async(c, queue, "{\"ms\": 0}", 9, 5000, record, &next),
+        MQRPC_OK);
+    drain(c, 5000);
+    assert_int_equal(next.status, MQRPC_OK);
+    print_message("next request answered after %lld ms\n",
+                  (long long)(next.at_ms - t0));
+    /* Had the expired request run, this one would wait behind its 1500 ms. */
+    assert_true(next.at_ms - t0 < 1000);
+    for (int64_t until = now_ms() + 300; now_ms() < until;)
+        mqrpc_client_process(c, 50);
+    assert_int_equal(mqrpc_client_dropped(c), 0);
+    mqrpc_client_free(c);
+}
+
 /* queue_info on a missing queue fails cleanly without disturbing calls on
  * the same connection (the broker closes only the side channel). */
 static void queue_info_missing_queue(void **state)
@@ -498,6 +542,8 @@ int main(void)
         cmocka_unit_test_teardown(every_call_completes_exactly_once,
                                   teardown_procs),
         cmocka_unit_test_teardown(late_reply_is_dropped_and_counted,
+                                  teardown_procs),
+        cmocka_unit_test_teardown(expired_request_is_never_executed,
                                   teardown_procs),
         cmocka_unit_test_teardown(queue_info_missing_queue, teardown_procs),
         cmocka_unit_test_teardown(driven_by_an_external_poll_loop,
