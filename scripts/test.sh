@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The test command: install missing packages, build with sanitizers in build/,
+# run every CTest test. Extra arguments go to ctest, e.g. `scripts/test.sh -L unit`.
+#
+# Unit tests need no broker. Broker tests start a private RabbitMQ node of
+# their own through a CTest fixture (port 5692, state in build/test-var) and
+# stop it at the end; the demo broker (5682) and the system rabbitmq-server
+# are left alone. Exits with ctest's status.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+build=$repo/build
+
+"$repo/scripts/deps.sh"
+
+cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DMQRPC_SANITIZE=ON
+cmake --build "$build" -j"$(nproc)"
+
+cd "$build"
+status=0
+ctest --output-on-failure -j2 "$@" </dev/null || status=$?
+exit "$status"
