@@ -15,7 +15,7 @@
 set -euo pipefail
 
 packages=(
-    gcc make cmake pkg-config
+    gcc libc6-dev make cmake pkg-config
     librabbitmq-dev libjansson-dev libsqlite3-dev libcmocka-dev
     rabbitmq-server
     python3 python3-pika
