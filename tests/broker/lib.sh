@@ -248,21 +248,9 @@ start_service() {
 # stop_pid PID [SECONDS]: SIGTERM, then waits (bounded) for the exit and
 # sets STOP_RC to its exit status (or 124 if it had to be killed).
 stop_pid() {
-    local pid=$1 secs=${2:-10} i
-    kill -TERM "$pid" 2>/dev/null
-    for ((i = 0; i < secs * 20; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.05
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-        STOP_RC=124
-    else
-        wait "$pid"
-        STOP_RC=$?
-    fi
-    forget "$pid"
+    kill -TERM "$1" 2>/dev/null
+    wait_pid "$1" "${2:-10}"
+    STOP_RC=$WAIT_RC
 }
 
 # wait_pid PID SECONDS: waits for a background process to exit by itself;
