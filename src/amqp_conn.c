@@ -252,10 +252,11 @@ static void lower_first(char *s)
         s[0] = (char)tolower((unsigned char)s[0]);
 }
 
-mqrpc_err mqr_conn_open(const char *url, int heartbeat_s,
+mqrpc_err mqr_conn_open(const char *explicit_url, int heartbeat_s,
                         int connect_timeout_ms, mqr_conn **out, char *err,
                         size_t errlen)
 {
+    char url[2048];
     mqr_url u;
     mqr_conn *c = NULL;
     amqp_socket_t *sock;
@@ -265,6 +266,13 @@ mqrpc_err mqr_conn_open(const char *url, int heartbeat_s,
     int st;
 
     *out = NULL;
+    if (mqrpc_default_url(explicit_url, url, sizeof url, NULL) != MQRPC_OK) {
+        snprintf(err, errlen,
+                 "cannot read the broker URL (too long, or "
+                 "unreadable amqp_url file in the state "
+                 "directory)");
+        return MQRPC_EINVAL;
+    }
     e = mqr_url_parse(url, &u, err, errlen);
     if (e != MQRPC_OK)
         return e;
@@ -549,7 +557,6 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
             const amqp_basic_deliver_t *d = f.payload.method.decoded;
             m->kind = MQR_DELIVERY;
             m->delivery_tag = d->delivery_tag;
-            m->routing_key = str_of(d->routing_key);
             return read_content(c, f.channel, m);
         }
         case AMQP_BASIC_RETURN_METHOD: {
@@ -557,7 +564,6 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
             m->kind = MQR_RETURN;
             m->reply_code = r->reply_code;
             m->reply_text = str_of(r->reply_text);
-            m->routing_key = str_of(r->routing_key);
             return read_content(c, f.channel, m);
         }
         case AMQP_CHANNEL_CLOSE_METHOD:

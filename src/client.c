@@ -105,19 +105,11 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
 
 mqrpc_err mqrpc_client_connect(mqrpc_client *c)
 {
-    char url[2048];
     mqrpc_err e;
 
     if (c->conn)
         return MQRPC_ESTATE;
-    e = mqrpc_default_url(c->url, url, sizeof url, NULL);
-    if (e != MQRPC_OK) {
-        snprintf(c->err, sizeof c->err,
-                 "cannot read the broker URL (too long, or unreadable "
-                 "amqp_url file in the state directory)");
-        return e;
-    }
-    e = mqr_conn_open(url, c->opts.heartbeat_s, c->opts.connect_timeout_ms,
+    e = mqr_conn_open(c->url, c->opts.heartbeat_s, c->opts.connect_timeout_ms,
                       &c->conn, c->err, sizeof c->err);
     if (e != MQRPC_OK)
         return e;

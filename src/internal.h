@@ -84,7 +84,6 @@ typedef struct mqr_msg {
     uint64_t delivery_tag; /* MQR_DELIVERY */
     int reply_code;        /* MQR_RETURN: 312 NO_ROUTE, ... */
     mqr_str reply_text;    /* MQR_RETURN */
-    mqr_str routing_key;
     mqr_str body;
     mqr_str correlation_id;
     mqr_str reply_to;
@@ -101,10 +100,11 @@ typedef struct mqr_props {
     mqr_str expiration; /* milliseconds, as decimal text */
 } mqr_props;
 
-/* mqr_conn_open connects and logs in, then opens channel 1. Blocks up to
+/* mqr_conn_open resolves the broker URL (mqrpc_default_url(explicit_url)),
+ * connects and logs in, then opens channel 1. Blocks up to
  * connect_timeout_ms for the TCP connect and for the handshake. On failure
  * *out is NULL and err holds one line ("cannot connect to H:P: ..."). */
-mqrpc_err mqr_conn_open(const char *url, int heartbeat_s,
+mqrpc_err mqr_conn_open(const char *explicit_url, int heartbeat_s,
                         int connect_timeout_ms, mqr_conn **out, char *err,
                         size_t errlen);
 

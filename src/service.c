@@ -101,19 +101,11 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
 
 mqrpc_err mqrpc_service_connect(mqrpc_service *s)
 {
-    char url[2048];
     mqrpc_err e;
 
     if (s->conn)
         return MQRPC_ESTATE;
-    e = mqrpc_default_url(s->url, url, sizeof url, NULL);
-    if (e != MQRPC_OK) {
-        snprintf(s->err, sizeof s->err,
-                 "cannot read the broker URL (too long, or unreadable "
-                 "amqp_url file in the state directory)");
-        return e;
-    }
-    e = mqr_conn_open(url, s->opts.heartbeat_s, s->opts.connect_timeout_ms,
+    e = mqr_conn_open(s->url, s->opts.heartbeat_s, s->opts.connect_timeout_ms,
                       &s->conn, s->err, sizeof s->err);
     if (e != MQRPC_OK)
         return e;

@@ -6,32 +6,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #ifndef MQRPC_STATE_DIR_DEFAULT
 #define MQRPC_STATE_DIR_DEFAULT "var"
 #endif
 
 #define FALLBACK_URL "amqp://guest:guest@localhost:5672/"
-
-mqr_str mqr_cstr(const char *s)
-{
-    mqr_str r = {s, s ? strlen(s) : 0};
-    return r;
-}
-
-bool mqr_str_eq(mqr_str s, const char *lit)
-{
-    size_t n = strlen(lit);
-    return s.len == n && (n == 0 || memcmp(s.ptr, lit, n) == 0);
-}
-
-int64_t mqr_now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
 static mqrpc_err copy_out(const char *url, char *buf, size_t len)
 {

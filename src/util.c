@@ -1,0 +1,24 @@
+/* Small helpers shared by the library's files. */
+#include "internal.h"
+
+#include <string.h>
+#include <time.h>
+
+mqr_str mqr_cstr(const char *s)
+{
+    mqr_str r = {s, s ? strlen(s) : 0};
+    return r;
+}
+
+bool mqr_str_eq(mqr_str s, const char *lit)
+{
+    size_t n = strlen(lit);
+    return s.len == n && (n == 0 || memcmp(s.ptr, lit, n) == 0);
+}
+
+int64_t mqr_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
