@@ -3,6 +3,8 @@
  * rabbitmq-c's two error channels (int status codes and amqp_rpc_reply_t)
  * into mqrpc_err plus one line of text, in check_status and check_reply.
  */
+/* TCP_CORK is Linux's, outside POSIX. */
+#define _DEFAULT_SOURCE
 #include "internal.h"
 
 #include <amqp.h>
@@ -12,6 +14,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -473,12 +477,27 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
                         "publish");
 }
 
-mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag)
+mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag, bool multiple)
 {
     if (!c->open)
         return MQRPC_ECLOSED;
-    return check_status(c, amqp_basic_ack(c->state, CH_MAIN, delivery_tag, 0),
-                        "basic.ack");
+    return check_status(
+        c, amqp_basic_ack(c->state, CH_MAIN, delivery_tag, multiple),
+        "basic.ack");
+}
+
+void mqr_conn_cork(mqr_conn *c, bool on)
+{
+#ifdef TCP_CORK
+    int v = on;
+    /* Best effort: without it the frames still go, only in more packets. */
+    if (c->open)
+        (void)setsockopt(amqp_get_sockfd(c->state), IPPROTO_TCP, TCP_CORK, &v,
+                         sizeof v);
+#else
+    (void)c;
+    (void)on;
+#endif
 }
 
 /* Reads the header and body that follow a deliver or return method and

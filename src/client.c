@@ -113,9 +113,17 @@ mqrpc_err mqrpc_client_connect(mqrpc_client *c)
                       &c->conn, c->err, sizeof c->err);
     if (e != MQRPC_OK)
         return e;
-    /* A server-named exclusive queue, as the seed's client uses: it lives
-     * exactly as long as this connection. */
-    e = mqr_conn_declare_queue(c->conn, "", true, c->reply_queue);
+    if (c->opts.direct_reply_to) {
+        /* The pseudo-queue needs no declaration; consuming it (no-ack, on
+         * the channel that publishes) is what enables it. */
+        snprintf(c->reply_queue, sizeof c->reply_queue,
+                 "amq.rabbitmq.reply-to");
+        e = MQRPC_OK;
+    } else {
+        /* A server-named exclusive queue, as the seed's client uses: it
+         * lives exactly as long as this connection. */
+        e = mqr_conn_declare_queue(c->conn, "", true, c->reply_queue);
+    }
     if (e == MQRPC_OK)
         e = mqr_conn_consume(c->conn, c->reply_queue, true);
     if (e != MQRPC_OK) {
@@ -349,7 +357,7 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
 {
     mqr_msg m;
     mqrpc_err e;
-    bool any = false;
+    bool any = false, corked = false;
     int wait;
 
     if (!c->conn)
@@ -370,6 +378,12 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
         if (e != MQRPC_OK)
             return lost(c, e);
         any = true;
+        /* More replies are already here: calls that their callbacks start
+         * leave together, in one packet, once they are all handled. */
+        if (!corked && mqr_conn_buffered(c->conn)) {
+            mqr_conn_cork(c->conn, true);
+            corked = true;
+        }
         if (m.kind == MQR_DELIVERY)
             on_reply(c, &m);
         else
@@ -379,6 +393,8 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
             break;
         wait = 0;
     }
+    if (corked)
+        mqr_conn_cork(c->conn, false);
     expire_due(c);
     return any ? MQRPC_OK : MQRPC_ETIMEOUT;
 }

@@ -142,8 +142,14 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
                            const mqr_props *props, const void *body, size_t len,
                            bool mandatory);
 
-/* mqr_conn_ack acknowledges one delivery on channel 1. */
-mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag);
+/* mqr_conn_ack acknowledges delivery_tag on channel 1, and with multiple
+ * every earlier unacknowledged delivery too. */
+mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag, bool multiple);
+
+/* mqr_conn_cork holds outgoing frames in the kernel (TCP_CORK) until it is
+ * called again with on false, so a batch of frames leaves in as few packets
+ * as possible and the broker reads it at once. */
+void mqr_conn_cork(mqr_conn *c, bool on);
 
 /* mqr_conn_wait returns the next delivery or basic.return, waiting up to
  * timeout_ms (<0: forever) while keeping heartbeats going. MQRPC_ETIMEOUT

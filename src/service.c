@@ -18,6 +18,9 @@
  * poll() on EINTR, so a signal alone does not wake it. */
 #define STOP_CHECK_MS 200
 
+/* The longest a batch of replies is held back (see maybe_open_batch). */
+#define BATCH_MAX_US 1000
+
 struct mqrpc_service {
     mqrpc_service_opts opts;
     char *url;
@@ -28,6 +31,9 @@ struct mqrpc_service {
     mqr_conn *conn;
     atomic_int stop;
     uint64_t served;
+    bool batch_open;        /* replies corked, acks deferred */
+    uint64_t batch_tag;     /* last delivery answered in the open batch */
+    int64_t batch_start_us; /* when the batch opened */
     char err[512];
 };
 
@@ -156,6 +162,8 @@ static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
     return out;
 }
 
+/* Answers one request. Inside a batch the acknowledgement waits for
+ * flush_batch; otherwise it goes right after the reply. */
 static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
 {
     mqr_props props = {0};
@@ -171,26 +179,63 @@ static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
               "acknowledged and dropped",
               (int)(m->correlation_id.len > 64 ? 64 : m->correlation_id.len),
               m->correlation_id.ptr ? m->correlation_id.ptr : "");
-        return mqr_conn_ack(s->conn, m->delivery_tag);
-    }
-    body = answer(s, m, &len, &is_error);
-    if (!body)
-        return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
-    props.correlation_id = m->correlation_id;
-    props.app_id = mqr_cstr(s->instance);
-    if (is_error)
-        props.type = mqr_cstr("error");
-    e = mqr_conn_publish(s->conn, m->reply_to, &props, body, len, false);
-    free(body);
-    if (e == MQRPC_OK)
-        e = mqr_conn_ack(s->conn, m->delivery_tag);
-    if (e == MQRPC_OK) {
+    } else {
+        body = answer(s, m, &len, &is_error);
+        if (!body)
+            return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
+        props.correlation_id = m->correlation_id;
+        props.app_id = mqr_cstr(s->instance);
+        if (is_error)
+            props.type = mqr_cstr("error");
+        e = mqr_conn_publish(s->conn, m->reply_to, &props, body, len, false);
+        free(body);
+        if (e != MQRPC_OK)
+            return e;
         s->served++;
         if (s->opts.verbose)
             logf_(s, "answered %.*s", (int)m->correlation_id.len,
                   m->correlation_id.ptr ? m->correlation_id.ptr : "");
     }
+    if (s->batch_open) {
+        s->batch_tag = m->delivery_tag;
+        return MQRPC_OK;
+    }
+    return mqr_conn_ack(s->conn, m->delivery_tag, false);
+}
+
+/* Deliveries arrive in order on one channel, and each was answered before
+ * the next was read: one multiple ack covers the whole batch. */
+static mqrpc_err flush_batch(mqrpc_service *s)
+{
+    mqrpc_err e = MQRPC_OK;
+
+    if (s->batch_tag)
+        e = mqr_conn_ack(s->conn, s->batch_tag, true);
+    mqr_conn_cork(s->conn, false);
+    s->batch_tag = 0;
+    s->batch_open = false;
     return e;
+}
+
+/* With prefetch above 1, requests that are already read behind the current
+ * one are answered as a batch: replies and one multiple ack leave together
+ * when nothing more is buffered (so no request waits for data that has not
+ * arrived) or after BATCH_MAX_US (so a slow handler does not hold earlier
+ * replies back). The broker then handles one ack and one read per batch
+ * instead of one per request. */
+static void maybe_open_batch(mqrpc_service *s)
+{
+    if (s->batch_open || s->opts.prefetch < 2 || !mqr_conn_buffered(s->conn))
+        return;
+    s->batch_open = true;
+    s->batch_start_us = mqr_now_us();
+    mqr_conn_cork(s->conn, true);
+}
+
+static bool batch_due(const mqrpc_service *s)
+{
+    return s->batch_open && (!mqr_conn_buffered(s->conn) ||
+                             mqr_now_us() - s->batch_start_us > BATCH_MAX_US);
 }
 
 mqrpc_err mqrpc_service_run(mqrpc_service *s)
@@ -201,16 +246,29 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
     if (!s->conn)
         return MQRPC_ESTATE;
     while (!atomic_load(&s->stop)) {
-        e = mqr_conn_wait(s->conn, STOP_CHECK_MS, &m);
-        if (e == MQRPC_ETIMEOUT)
-            continue;
-        if (e == MQRPC_OK && m.kind == MQR_DELIVERY)
+        /* An open batch must not sleep: flush it as soon as the input
+         * runs dry. */
+        e = mqr_conn_wait(s->conn, s->batch_open ? 0 : STOP_CHECK_MS, &m);
+        if (e == MQRPC_ETIMEOUT) {
+            if (!s->batch_open)
+                continue;
+            e = flush_batch(s);
+        } else if (e == MQRPC_OK && m.kind == MQR_DELIVERY) {
+            maybe_open_batch(s);
             e = serve_one(s, &m);
+            if (e == MQRPC_OK && batch_due(s))
+                e = flush_batch(s);
+        }
         if (e != MQRPC_OK) {
+            /* Acknowledge what was answered, so only the rest comes back. */
+            if (s->batch_open)
+                flush_batch(s);
             snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
             return e;
         }
     }
+    if (s->batch_open)
+        flush_batch(s);
     /* Closing the channel now hands back deliveries prefetched but not
      * started, so other instances take them without waiting for us. */
     mqr_conn_free(s->conn);

@@ -108,6 +108,10 @@ typedef struct mqrpc_client_opts {
     const char *url;        /* broker URL; NULL: mqrpc_default_url(NULL) */
     int heartbeat_s;        /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
     int connect_timeout_ms; /* TCP connect and login; 0: 5000 */
+    /* Nonzero: replies come through RabbitMQ's direct reply-to
+     * (amq.rabbitmq.reply-to) instead of an exclusive reply queue. Saves
+     * the queue, not time: measured no faster on RabbitMQ 3.10 (README). */
+    int direct_reply_to;
 } mqrpc_client_opts;
 
 /*
@@ -276,7 +280,10 @@ typedef struct mqrpc_service_opts {
     const char *url;         /* NULL: mqrpc_default_url(NULL) */
     const char *queue;       /* required: the queue this service consumes */
     const char *instance_id; /* NULL: "<queue>@<hostname>:<pid>" */
-    unsigned prefetch;       /* unacknowledged requests at once; 0: 1 */
+    /* Unacknowledged requests at once; 0: 1. Above 1, requests that
+     * arrive together are answered as a batch: their replies and one
+     * multiple ack are flushed together (within 1 ms). */
+    unsigned prefetch;
     size_t max_body;         /* larger requests get bad_request; 0: 1 MiB */
     int heartbeat_s;         /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
     int connect_timeout_ms;  /* 0: 5000 */
