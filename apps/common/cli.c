@@ -13,6 +13,7 @@ enum {
     OPT_HEARTBEAT,
     OPT_QUEUE,
     OPT_PREFETCH,
+    OPT_WORKERS,
     OPT_MAX_BODY,
     OPT_RAW,
     OPT_VERSION,
@@ -77,7 +78,7 @@ static void usage(const struct cli *c, FILE *f)
             "  --url URL          broker URL (else $AMQP_URL, else the "
             "private broker's,\n"
             "                     else amqp://guest:guest@localhost:5672/)\n");
-    if (c->flags & CLI_CALLER)
+    if (c->flags & (CLI_CALLER | CLI_TIMEOUT))
         fprintf(f,
                 "  --timeout MS       wait at most MS for each reply "
                 "(default %d)\n",
@@ -87,52 +88,74 @@ static void usage(const struct cli *c, FILE *f)
                 c->queue);
         fprintf(f, "  --prefetch N       unacknowledged requests at once "
                    "(default 1: fair round-robin)\n");
+        fprintf(f, "  --workers N        consumers in this process, each on "
+                   "its own connection\n"
+                   "                     (default 1)\n");
         fprintf(f,
                 "  --max-body BYTES   larger requests get bad_request "
                 "(default %u)\n",
                 MQRPC_DEFAULT_MAX_BODY);
     }
-    for (const struct cli_extra *x = c->extra; x && x->name; x++)
-        fprintf(f, "  --%s %-*s%s%s%s%s\n", x->name,
-                (int)(16 - strlen(x->name)), x->arg, x->help,
-                x->value ? " (default " : "", x->value ? x->value : "",
-                x->value ? ")" : "");
+    for (const struct cli_extra *x = c->extra; x && x->name; x++) {
+        char flag[64];
+        bool dflt = x->arg && x->value;
+        if (x->short_name)
+            snprintf(flag, sizeof flag, "-%c, --%s%s%s", x->short_name, x->name,
+                     x->arg ? " " : "", x->arg ? x->arg : "");
+        else
+            snprintf(flag, sizeof flag, "--%s%s%s", x->name, x->arg ? " " : "",
+                     x->arg ? x->arg : "");
+        fprintf(f, "  %-18s %s%s%s%s\n", flag, x->help,
+                dflt ? " (default " : "", dflt ? x->value : "",
+                dflt ? ")" : "");
+    }
     fprintf(f,
             "  --heartbeat S      AMQP heartbeat in seconds, 0 to disable "
             "(default %d)\n",
             MQRPC_DEFAULT_HEARTBEAT);
     if (c->flags & CLI_CALLER)
         fprintf(f, "  --raw              send the body of 'call' unchecked\n");
-    fprintf(f, "  -v, --verbose      %s\n",
-            c->flags & CLI_SERVICE
-                ? "log every request"
-                : "say which instance answered, and how fast");
+    if (!c->verbose_help || *c->verbose_help)
+        fprintf(f, "  -v, --verbose      %s\n",
+                c->verbose_help          ? c->verbose_help
+                : c->flags & CLI_SERVICE ? "log every request"
+                                         : "say which instance answered, and "
+                                           "how fast");
     fprintf(f, "  -h, --help         show this help\n"
-               "  --version          show the version\n\n"
-               "Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker "
-               "unreachable or lost,\n"
-               "            4 timeout, 5 no service on the queue, 6 other "
-               "failure.\n");
+               "  --version          show the version\n\n");
+    fputs(c->exit_codes ? c->exit_codes
+                        : "Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker "
+                          "unreachable or lost,\n"
+                          "            4 timeout, 5 no service on the queue, "
+                          "6 other failure.\n",
+          f);
 }
 
 int cli_parse(struct cli *c, int argc, char **argv)
 {
     struct option opts[32];
-    size_t n = 0;
+    char shorts[80] = "+vh";
+    size_t n = 0, ns = 3;
+    bool verbose = !c->verbose_help || *c->verbose_help;
     long v;
     int ch;
 
     opts[n++] = (struct option){"url", required_argument, NULL, OPT_URL};
     opts[n++] =
         (struct option){"heartbeat", required_argument, NULL, OPT_HEARTBEAT};
-    opts[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
+    if (verbose) {
+        opts[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
+    } else {
+        snprintf(shorts, sizeof shorts, "+h");
+        ns = 2;
+    }
     opts[n++] = (struct option){"help", no_argument, NULL, 'h'};
     opts[n++] = (struct option){"version", no_argument, NULL, OPT_VERSION};
-    if (c->flags & CLI_CALLER) {
+    if (c->flags & (CLI_CALLER | CLI_TIMEOUT))
         opts[n++] =
             (struct option){"timeout", required_argument, NULL, OPT_TIMEOUT};
+    if (c->flags & CLI_CALLER)
         opts[n++] = (struct option){"raw", no_argument, NULL, OPT_RAW};
-    }
     if (c->flags & CLI_SERVICE) {
         opts[n++] =
             (struct option){"queue", required_argument, NULL, OPT_QUEUE};
@@ -140,21 +163,34 @@ int cli_parse(struct cli *c, int argc, char **argv)
             (struct option){"prefetch", required_argument, NULL, OPT_PREFETCH};
         opts[n++] =
             (struct option){"max-body", required_argument, NULL, OPT_MAX_BODY};
+        opts[n++] =
+            (struct option){"workers", required_argument, NULL, OPT_WORKERS};
     }
-    for (int i = 0; c->extra && c->extra[i].name && n < 31; i++)
-        opts[n++] = (struct option){c->extra[i].name, required_argument, NULL,
-                                    OPT_EXTRA + i};
+    for (int i = 0; c->extra && c->extra[i].name && n < 31; i++) {
+        const struct cli_extra *x = &c->extra[i];
+        opts[n++] =
+            (struct option){x->name, x->arg ? required_argument : no_argument,
+                            NULL, OPT_EXTRA + i};
+        if (x->short_name && ns + 3 < sizeof shorts) {
+            shorts[ns++] = x->short_name;
+            if (x->arg)
+                shorts[ns++] = ':';
+            shorts[ns] = '\0';
+        }
+    }
     opts[n] = (struct option){NULL, 0, NULL, 0};
 
     if (c->timeout_ms == 0)
         c->timeout_ms = MQRPC_DEFAULT_TIMEOUT_MS;
     if (c->heartbeat_s == 0)
         c->heartbeat_s = MQRPC_DEFAULT_HEARTBEAT;
+    if (c->workers == 0)
+        c->workers = 1;
     /* "+": stop at the first operand, so JSON like -1 after "call Q" and
      * negative numbers after "soma" are operands, not options. */
     opterr = 0;
     optind = 0; /* glibc: a full reset, so parsing can run more than once */
-    while ((ch = getopt_long(argc, argv, "+vh", opts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, shorts, opts, NULL)) != -1) {
         switch (ch) {
         case OPT_URL: c->url = optarg; break;
         case OPT_TIMEOUT:
@@ -194,6 +230,15 @@ int cli_parse(struct cli *c, int argc, char **argv)
             }
             c->prefetch = (unsigned)v;
             break;
+        case OPT_WORKERS:
+            if (!cli_parse_long(optarg, 1, CLI_MAX_WORKERS, &v)) {
+                cli_error(c,
+                          "--workers takes a number from 1 to %d, got \"%s\"",
+                          CLI_MAX_WORKERS, optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->workers = (unsigned)v;
+            break;
         case OPT_MAX_BODY:
             if (!cli_parse_long(optarg, 2, 128L * 1024 * 1024, &v)) {
                 cli_error(c,
@@ -213,14 +258,37 @@ int cli_parse(struct cli *c, int argc, char **argv)
         case '?':
         default:
             if (ch >= OPT_EXTRA) {
-                c->extra[ch - OPT_EXTRA].value = optarg;
+                c->extra[ch - OPT_EXTRA].value = optarg ? optarg : "1";
                 break;
+            }
+            for (int i = 0; c->extra && c->extra[i].name; i++) {
+                if (c->extra[i].short_name && ch == c->extra[i].short_name) {
+                    c->extra[i].value = optarg ? optarg : "1";
+                    ch = 0;
+                    break;
+                }
+            }
+            if (ch == 0)
+                break;
+            if (optopt > 0 && strchr(shorts + 1, optopt) && optopt != 'v' &&
+                optopt != 'h' && optopt != ':') {
+                cli_error(c, "option -%c needs a value (try --help)", optopt);
+                return CLI_EXIT_USAGE;
             }
             if (optopt > 0 && optopt < 256)
                 cli_error(c, "unknown option -%c (try --help)", optopt);
             else
                 cli_error(c, "unknown option or missing value: %s (try --help)",
                           argv[optind - 1]);
+            return CLI_EXIT_USAGE;
+        }
+    }
+    for (int i = 0; c->extra && c->extra[i].name; i++) {
+        const struct cli_extra *x = &c->extra[i];
+        if (x->max > x->min && x->value &&
+            !cli_parse_long(x->value, x->min, x->max, &v)) {
+            cli_error(c, "--%s takes a number from %ld to %ld, got \"%s\"",
+                      x->name, x->min, x->max, x->value);
             return CLI_EXIT_USAGE;
         }
     }

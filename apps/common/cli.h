@@ -21,16 +21,24 @@ enum cli_exit {
     CLI_EXIT_FAILURE = 6    /* anything else (bad reply, setup failure) */
 };
 
-/* Which of the common options a program takes. */
-#define CLI_CALLER 1u  /* --timeout */
-#define CLI_SERVICE 2u /* --queue, --prefetch, --max-body */
+/* Upper bound of --workers: each worker is a thread and a connection. */
+#define CLI_MAX_WORKERS 64
 
-/* A program-specific option that takes a value: "--db PATH". */
+/* Which of the common options a program takes. */
+#define CLI_CALLER 1u  /* --timeout, --raw */
+#define CLI_TIMEOUT 4u /* --timeout alone */
+#define CLI_SERVICE 2u /* --queue, --prefetch, --workers, --max-body */
+
+/* A program-specific option: "--db PATH", or a flag when arg is NULL (its
+ * value becomes "1" when given). With max > min, the value must be a whole
+ * number in [min, max]; cli_parse rejects anything else as a usage error. */
 struct cli_extra {
     const char *name;  /* long name without dashes */
-    const char *arg;   /* placeholder for --help, e.g. "PATH" */
+    const char *arg;   /* placeholder for --help, e.g. "PATH"; NULL: flag */
     const char *help;  /* one line */
     const char *value; /* default on input, parsed value on output */
+    char short_name;   /* optional one-letter alias, e.g. 'n' */
+    long min, max;     /* numeric range, when max > min */
 };
 
 struct cli {
@@ -39,12 +47,15 @@ struct cli {
     const char *usage;   /* "[OPTIONS] soma A B | ..." lines after prog */
     const char *summary; /* one paragraph */
     unsigned flags;
-    struct cli_extra *extra; /* array ended by a NULL name, or NULL */
+    struct cli_extra *extra;  /* array ended by a NULL name, or NULL */
+    const char *verbose_help; /* -v in --help; NULL: the default; "": no -v */
+    const char *exit_codes;   /* replaces the standard exit code lines */
     /* defaults on input, results on output */
     const char *url;
     int timeout_ms;
     int heartbeat_s;
     unsigned prefetch;
+    unsigned workers; /* consumers in the process, each on its own connection */
     size_t max_body;
     const char *queue;
     bool verbose;

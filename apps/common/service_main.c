@@ -1,17 +1,48 @@
 #include "service_main.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
-/* The signal handler needs the service; one service per process. */
-static mqrpc_service *running;
+/* One per --workers: its own handler argument and its own service, hence
+ * its own connection (rabbitmq-c connections are not thread-safe). */
+struct worker {
+    mqrpc_service *svc;
+    void *arg;
+    mqrpc_err status;
+    pthread_t thread;
+    bool started;
+};
+
+/* The signal handler needs the services; one service program per process. */
+static struct worker *workers;
+static unsigned nworkers;
+
+static void stop_all(void)
+{
+    for (unsigned i = 0; i < nworkers; i++)
+        if (workers[i].svc)
+            mqrpc_service_stop(workers[i].svc); /* async-signal-safe */
+}
 
 static void on_signal(int sig)
 {
     (void)sig;
-    if (running)
-        mqrpc_service_stop(running);
+    stop_all();
+}
+
+static void *run_worker(void *p)
+{
+    struct worker *w = p;
+
+    w->status = mqrpc_service_run(w->svc);
+    /* A worker that lost its connection takes the process down with it, so
+     * a supervisor sees the failure instead of a silently smaller pool. */
+    if (w->status != MQRPC_OK)
+        stop_all();
+    return NULL;
 }
 
 int service_main(int argc, char **argv, const struct service_program *p)
@@ -25,8 +56,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
     char instance[300], err[512];
     mqrpc_service_opts opts;
     struct sigaction sa;
-    mqrpc_service *svc;
-    void *arg = NULL;
+    unsigned long long served = 0;
     mqrpc_err e;
     int rc;
 
@@ -38,32 +68,52 @@ int service_main(int argc, char **argv, const struct service_program *p)
                   argv[c.optind]);
         return CLI_EXIT_USAGE;
     }
-    mqrpc_instance_id(c.queue, instance, sizeof instance);
-    if (p->open && !(arg = p->open(p->extra, instance, err, sizeof err))) {
-        cli_error(&c, "%s", err);
+    workers = calloc(c.workers, sizeof *workers);
+    if (!workers) {
+        cli_error(&c, "out of memory");
         return CLI_EXIT_FAILURE;
     }
+    nworkers = c.workers;
+    rc = CLI_EXIT_OK;
 
-    memset(&opts, 0, sizeof opts);
-    opts.url = c.url;
-    opts.queue = c.queue;
-    opts.instance_id = instance;
-    opts.prefetch = c.prefetch;
-    opts.max_body = c.max_body;
-    opts.heartbeat_s = c.heartbeat_s;
-    opts.verbose = c.verbose;
-    svc = mqrpc_service_new(&opts, p->handler, arg);
-    if (!svc) {
-        cli_error(&c, "out of memory");
-        rc = CLI_EXIT_FAILURE;
-        goto out;
+    /* Sequentially, in this thread: a handler's open (busca creating its
+     * database on first start) never races with another worker's. */
+    for (unsigned i = 0; i < nworkers && rc == CLI_EXIT_OK; i++) {
+        struct worker *w = &workers[i];
+        mqrpc_instance_id(c.queue, instance, sizeof instance);
+        if (nworkers > 1) {
+            size_t n = strlen(instance);
+            snprintf(instance + n, sizeof instance - n, "/%u", i + 1);
+        }
+        if (p->open &&
+            !(w->arg = p->open(p->extra, instance, err, sizeof err))) {
+            cli_error(&c, "%s", err);
+            rc = CLI_EXIT_FAILURE;
+            break;
+        }
+        memset(&opts, 0, sizeof opts);
+        opts.url = c.url;
+        opts.queue = c.queue;
+        opts.instance_id = instance;
+        opts.prefetch = c.prefetch;
+        opts.max_body = c.max_body;
+        opts.heartbeat_s = c.heartbeat_s;
+        opts.verbose = c.verbose;
+        w->svc = mqrpc_service_new(&opts, p->handler, w->arg);
+        if (!w->svc) {
+            cli_error(&c, "out of memory");
+            rc = CLI_EXIT_FAILURE;
+            break;
+        }
+        e = mqrpc_service_connect(w->svc);
+        if (e != MQRPC_OK) {
+            cli_error(&c, "%s%s", mqrpc_service_errmsg(w->svc),
+                      cli_connect_hint(e));
+            rc = cli_exit_code(e);
+        }
     }
-    e = mqrpc_service_connect(svc);
-    if (e != MQRPC_OK) {
-        cli_error(&c, "%s%s", mqrpc_service_errmsg(svc), cli_connect_hint(e));
-        rc = cli_exit_code(e);
+    if (rc != CLI_EXIT_OK)
         goto out;
-    }
 
     /* Installed only now: before this point the default action (exit) is
      * the right answer to Ctrl-C. No SA_RESTART needed: the runtime polls
@@ -71,7 +121,6 @@ int service_main(int argc, char **argv, const struct service_program *p)
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_signal;
     sigemptyset(&sa.sa_mask);
-    running = svc;
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
     /* A reply to a vanished peer must not kill the process. */
@@ -79,19 +128,51 @@ int service_main(int argc, char **argv, const struct service_program *p)
 
     printf("[x] Serviço %s pronto...\n", p->label);
     fflush(stdout);
-    e = mqrpc_service_run(svc);
-    if (e != MQRPC_OK) {
-        cli_error(&c, "%s", mqrpc_service_errmsg(svc));
-        rc = cli_exit_code(e);
-    } else {
-        fprintf(stderr, "%s: stopped after answering %llu requests\n", instance,
-                (unsigned long long)mqrpc_service_served(svc));
-        rc = CLI_EXIT_OK;
+    for (unsigned i = 1; i < nworkers; i++) {
+        int err_no =
+            pthread_create(&workers[i].thread, NULL, run_worker, &workers[i]);
+        if (err_no != 0) {
+            cli_error(&c, "cannot start worker %u: %s", i + 1,
+                      strerror(err_no));
+            rc = CLI_EXIT_FAILURE;
+            stop_all();
+            break;
+        }
+        workers[i].started = true;
+    }
+    run_worker(&workers[0]);
+    for (unsigned i = 1; i < nworkers; i++)
+        if (workers[i].started)
+            pthread_join(workers[i].thread, NULL);
+
+    for (unsigned i = 0; i < nworkers; i++) {
+        struct worker *w = &workers[i];
+        served += mqrpc_service_served(w->svc);
+        if ((i > 0 && !w->started) || w->status == MQRPC_OK)
+            continue;
+        cli_error(&c, "%s", mqrpc_service_errmsg(w->svc));
+        if (rc == CLI_EXIT_OK)
+            rc = cli_exit_code(w->status);
+    }
+    if (rc == CLI_EXIT_OK) {
+        mqrpc_instance_id(c.queue, instance, sizeof instance);
+        fprintf(stderr, "%s: stopped after answering %llu requests\n",
+                instance, served);
     }
 out:
-    running = NULL;
-    mqrpc_service_free(svc);
-    if (p->close)
-        p->close(arg);
+    /* The signal handler reads the workers that are about to be freed. */
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGINT);
+    sigaddset(&sa.sa_mask, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &sa.sa_mask, NULL);
+    for (unsigned i = 0; i < nworkers; i++) {
+        mqrpc_service_free(workers[i].svc);
+        workers[i].svc = NULL;
+        if (p->close && workers[i].arg)
+            p->close(workers[i].arg);
+    }
+    free(workers);
+    workers = NULL;
+    nworkers = 0;
     return rc;
 }

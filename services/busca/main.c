@@ -23,11 +23,15 @@ int main(int argc, char **argv)
     const char *state = getenv("MQRPC_STATE_DIR");
     char db_path[4096];
     struct cli_extra extra[] = {
-        {"db", "PATH", "SQLite database, created from --data on first start",
-         db_path},
-        {"data", "PATH", "people to load into a new database (JSON)",
-         BUSCA_DEFAULT_DATA},
-        {NULL, NULL, NULL, NULL},
+        {.name = "db",
+         .arg = "PATH",
+         .help = "SQLite database, created from --data on first start",
+         .value = db_path},
+        {.name = "data",
+         .arg = "PATH",
+         .help = "people to load into a new database (JSON)",
+         .value = BUSCA_DEFAULT_DATA},
+        {.name = NULL},
     };
     const struct service_program p = {
         .prog = "service_busca",

@@ -288,10 +288,12 @@ static void cli_caller_options(void **state)
 
 static void cli_service_options(void **state)
 {
-    struct cli_extra extra[] = {{"db", "PATH", "db", "default.db"},
-                                {NULL, NULL, NULL, NULL}};
+    struct cli_extra extra[] = {
+        {.name = "db", .arg = "PATH", .help = "db", .value = "default.db"},
+        {.name = NULL}};
     char *ok[] = {"svc", "--queue", "q1",   "--prefetch",  "8", "--max-body",
-                  "100", "--db",    "x.db", "--heartbeat", "0", NULL};
+                  "100", "--db",    "x.db", "--heartbeat", "0", "--workers",
+                  "3",   NULL};
     struct cli c = {.prog = "t",
                     .usage = "",
                     .summary = "",
@@ -299,9 +301,10 @@ static void cli_service_options(void **state)
                     .extra = extra,
                     .queue = "dflt"};
     (void)state;
-    assert_int_equal(parse(&c, 11, ok), -1);
+    assert_int_equal(parse(&c, 13, ok), -1);
     assert_string_equal(c.queue, "q1");
     assert_int_equal(c.prefetch, 8);
+    assert_int_equal(c.workers, 3);
     assert_int_equal(c.max_body, 100);
     assert_string_equal(extra[0].value, "x.db");
     assert_int_equal(c.heartbeat_s, -1); /* 0 on the command line: disabled */
@@ -321,6 +324,47 @@ static void cli_service_options(void **state)
                      .flags = CLI_SERVICE,
                      .queue = "q"};
     assert_int_equal(parse(&c4, 2, help), CLI_EXIT_OK);
+    /* One worker unless asked; at most CLI_MAX_WORKERS. */
+    char *none[] = {"svc", NULL};
+    struct cli c5 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c5, 1, none), -1);
+    assert_int_equal(c5.workers, 1);
+    char *many[] = {"svc", "--workers", "65", NULL};
+    struct cli c6 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c6, 3, many), CLI_EXIT_USAGE);
+}
+
+/* Program options: short aliases, and flags that take no value. */
+static void cli_extra_short_and_flags(void **state)
+{
+    struct cli_extra extra[] = {{.name = "calls",
+                                 .arg = "N",
+                                 .help = "n",
+                                 .value = "10",
+                                 .short_name = 'n'},
+                                {.name = "json", .help = "as JSON"},
+                                {.name = NULL}};
+    char *ok[] = {"b", "-n", "500", "--json", "rest", NULL};
+    struct cli c = {.prog = "t", .usage = "", .summary = "", .extra = extra};
+    (void)state;
+    assert_int_equal(parse(&c, 5, ok), -1);
+    assert_string_equal(extra[0].value, "500");
+    assert_string_equal(extra[1].value, "1");
+    assert_int_equal(c.optind, 4);
+
+    extra[0].value = "10";
+    extra[1].value = NULL;
+    char *dflt[] = {"b", NULL};
+    struct cli c2 = {.prog = "t", .usage = "", .summary = "", .extra = extra};
+    assert_int_equal(parse(&c2, 1, dflt), -1);
+    assert_string_equal(extra[0].value, "10");
+    assert_null(extra[1].value);
+
+    char *noval[] = {"b", "-n", NULL};
+    struct cli c3 = {.prog = "t", .usage = "", .summary = "", .extra = extra};
+    assert_int_equal(parse(&c3, 2, noval), CLI_EXIT_USAGE);
 }
 
 static void exit_codes_are_the_documented_ones(void **state)
@@ -353,6 +397,7 @@ int main(void)
         cmocka_unit_test(default_url_precedence),
         cmocka_unit_test(cli_caller_options),
         cmocka_unit_test(cli_service_options),
+        cmocka_unit_test(cli_extra_short_and_flags),
         cmocka_unit_test(exit_codes_are_the_documented_ones),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

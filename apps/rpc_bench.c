@@ -1,0 +1,573 @@
+/*
+ * rpc_bench: closed-loop load against any queue. Each connection (a thread
+ * with its own client: rabbitmq-c connections are not thread-safe) keeps -c
+ * calls in flight; every completed call starts the next one. Every reply is
+ * checked, latencies go into a fixed-size histogram, so memory stays flat
+ * however many calls are made.
+ */
+#include "cli.h"
+#include "latency.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define DEFAULT_QUEUE "service_soma"
+#define DEFAULT_BODY "{\"a\":1,\"b\":2}"
+#define DEFAULT_EXPECT "3"
+#define MAX_INFLIGHT 4096
+#define MAX_CONNECTIONS 64
+#define WRONG_RESULT MQRPC_ERR_COUNT_ /* errors[] slot for a wrong result */
+
+struct bench;
+
+/* One call slot: a connection keeps `inflight` of them busy. */
+struct slot {
+    struct conn *conn;
+    int64_t start_us;
+};
+
+/* One connection and everything only its thread touches. */
+struct conn {
+    struct bench *b;
+    mqrpc_client *client;
+    pthread_t thread;
+    struct slot *slots;
+    uint64_t warmup_left; /* calls still to make before measuring */
+    uint64_t quota;       /* measured calls to start (-n mode) */
+    uint64_t started;     /* measured calls started */
+    bool measuring;
+    bool stopping;      /* start no more calls */
+    unsigned active;    /* calls in flight */
+    atomic_ullong done; /* measured calls completed, for progress */
+    int64_t end_us;     /* when the last measured call completed */
+    struct latency lat;
+    uint64_t errors[WRONG_RESULT + 1];
+    char first_error[512]; /* the first error message, to show the user */
+    mqrpc_err fatal;       /* connect failure */
+};
+
+struct bench {
+    const char *queue;
+    const char *body;
+    size_t body_len;
+    json_t *expect; /* NULL: any successful reply will do */
+    int timeout_ms;
+    unsigned inflight;
+    unsigned nconn;
+    uint64_t calls;    /* -n: measured calls over all connections */
+    double duration_s; /* -d: measure for this long instead */
+    uint64_t warmup;   /* per connection */
+    mqrpc_client_opts copts;
+    pthread_barrier_t warm, go; /* all warmed up; t0 is set */
+    atomic_uint finished;       /* connections whose thread is done */
+    int64_t t0_us;              /* measurement start, set once all warmed up */
+    int64_t deadline_us;
+    struct conn *conns;
+};
+
+static volatile sig_atomic_t interrupted;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+}
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void on_done(const mqrpc_reply *r, void *arg);
+
+/* Starts a call in slot s, if the run wants one more. */
+static void start_call(struct slot *s)
+{
+    struct conn *cn = s->conn;
+    struct bench *b = cn->b;
+    mqrpc_err e;
+
+    if (cn->stopping || interrupted)
+        return;
+    if (cn->measuring) {
+        if (b->duration_s > 0 ? now_us() >= b->deadline_us
+                              : cn->started >= cn->quota)
+            return;
+        cn->started++;
+    } else if (cn->warmup_left == 0) {
+        return; /* warm-up done: wait for the rest to come back */
+    } else {
+        cn->warmup_left--;
+    }
+    s->start_us = now_us();
+    e = mqrpc_call_async(cn->client, b->queue, b->body, b->body_len,
+                         b->timeout_ms, on_done, s);
+    if (e != MQRPC_OK) {
+        /* The connection is gone (its calls have already failed): stop. */
+        if (cn->measuring)
+            cn->errors[e]++;
+        if (!cn->first_error[0])
+            snprintf(cn->first_error, sizeof cn->first_error, "%s",
+                     mqrpc_client_errmsg(cn->client));
+        cn->stopping = true;
+        return;
+    }
+    cn->active++;
+}
+
+static void on_done(const mqrpc_reply *r, void *arg)
+{
+    struct slot *s = arg;
+    struct conn *cn = s->conn;
+    struct bench *b = cn->b;
+    int64_t t = now_us();
+    mqrpc_err st = mqrpc_reply_status(r);
+    bool ok = st == MQRPC_OK;
+
+    cn->active--;
+    if (ok && b->expect && !json_equal(mqrpc_reply_result(r), b->expect)) {
+        ok = false;
+        if (!cn->first_error[0]) {
+            size_t n = 0;
+            const char *body = mqrpc_reply_body(r, &n);
+            snprintf(cn->first_error, sizeof cn->first_error,
+                     "unexpected result: %.*s", (int)(n > 200 ? 200 : n),
+                     body ? body : "");
+        }
+    } else if (!ok && !cn->first_error[0]) {
+        snprintf(cn->first_error, sizeof cn->first_error, "%s: %s",
+                 mqrpc_reply_error_code(r), mqrpc_reply_error_message(r));
+    }
+    if (cn->measuring) {
+        if (ok)
+            latency_record(&cn->lat, (uint64_t)(t - s->start_us));
+        else
+            cn->errors[st == MQRPC_OK ? WRONG_RESULT : st]++;
+        cn->end_us = t;
+        atomic_fetch_add_explicit(&cn->done, 1, memory_order_relaxed);
+    }
+    if (st == MQRPC_ECLOSED || st == MQRPC_ECANCELED)
+        cn->stopping = true;
+    start_call(s);
+}
+
+/* Runs the loop until no call is in flight. */
+static mqrpc_err drain(struct conn *cn)
+{
+    while (cn->active > 0) {
+        mqrpc_err e = mqrpc_client_process(cn->client, 200);
+        if (e != MQRPC_OK && e != MQRPC_ETIMEOUT)
+            return e; /* every call in flight has been failed */
+        if (interrupted)
+            cn->stopping = true;
+    }
+    return MQRPC_OK;
+}
+
+static void *run_conn(void *arg)
+{
+    struct conn *cn = arg;
+    struct bench *b = cn->b;
+
+    cn->client = mqrpc_client_new(&b->copts);
+    if (!cn->client) {
+        cn->fatal = MQRPC_ENOMEM;
+    } else {
+        cn->fatal = mqrpc_client_connect(cn->client);
+        if (cn->fatal != MQRPC_OK)
+            snprintf(cn->first_error, sizeof cn->first_error, "%s",
+                     mqrpc_client_errmsg(cn->client));
+    }
+    if (cn->fatal == MQRPC_OK) {
+        cn->warmup_left = b->warmup;
+        for (unsigned i = 0; i < b->inflight; i++)
+            start_call(&cn->slots[i]);
+        drain(cn);
+    }
+    /* Everyone measures from the same moment, once every connection is
+     * up and warm. */
+    pthread_barrier_wait(&b->warm);
+    pthread_barrier_wait(&b->go);
+    if (cn->fatal == MQRPC_OK && !cn->stopping) {
+        cn->measuring = true;
+        cn->end_us = b->t0_us;
+        for (unsigned i = 0; i < b->inflight; i++)
+            start_call(&cn->slots[i]);
+        drain(cn);
+    }
+    atomic_fetch_add(&b->finished, 1);
+    return NULL;
+}
+
+/* Resident memory of this process in KiB, from /proc; 0 if unknown. */
+static long rss_kib(void)
+{
+    char line[256];
+    long kib = 0;
+    FILE *f = fopen("/proc/self/status", "r");
+
+    if (!f)
+        return 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "VmRSS: %ld", &kib) == 1)
+            break;
+    fclose(f);
+    return kib;
+}
+
+static uint64_t total_done(const struct bench *b)
+{
+    uint64_t n = 0;
+    for (unsigned i = 0; i < b->nconn; i++)
+        n += atomic_load_explicit(&b->conns[i].done, memory_order_relaxed);
+    return n;
+}
+
+/* A progress bar on stderr, redrawn in place; only on a terminal. */
+static void progress(const struct bench *b, int64_t t)
+{
+    double frac, el = (double)(t - b->t0_us) / 1e6;
+    uint64_t n = total_done(b);
+    char bar[41];
+    int fill;
+
+    frac = b->duration_s > 0 ? el / b->duration_s
+                             : (double)n / (double)(b->calls ? b->calls : 1);
+    if (frac > 1)
+        frac = 1;
+    fill = (int)(frac * 40);
+    memset(bar, '#', (size_t)fill);
+    memset(bar + fill, '.', (size_t)(40 - fill));
+    bar[40] = '\0';
+    fprintf(stderr, "\r[%s] %3d%% %llu calls, %.0f calls/s ", bar,
+            (int)(frac * 100), (unsigned long long)n,
+            el > 0 ? (double)n / el : 0.0);
+}
+
+static void print_text(const struct bench *b, const struct latency *lat,
+                       const uint64_t *errors, uint64_t nerr, double secs,
+                       long rss0, long rss1, const char *first_error)
+{
+    uint64_t calls = lat->count + nerr;
+
+    printf("rpc_bench: %s, %u connection%s x %u in flight, %llu calls in "
+           "%.2f s\n",
+           b->queue, b->nconn, b->nconn == 1 ? "" : "s", b->inflight,
+           (unsigned long long)calls, secs);
+    printf("  calls/s      %.0f\n", secs > 0 ? (double)calls / secs : 0.0);
+    printf("  latency us   p50 %llu  p90 %llu  p99 %llu  p99.9 %llu  max "
+           "%llu  (mean %.0f)\n",
+           (unsigned long long)latency_percentile(lat, 0.50),
+           (unsigned long long)latency_percentile(lat, 0.90),
+           (unsigned long long)latency_percentile(lat, 0.99),
+           (unsigned long long)latency_percentile(lat, 0.999),
+           (unsigned long long)lat->max_us, latency_mean(lat));
+    printf("  errors       ");
+    if (!nerr)
+        printf("none");
+    for (int i = 0; i <= WRONG_RESULT; i++)
+        if (errors[i])
+            printf("%s %llu  ",
+                   i == WRONG_RESULT ? "wrong_result" : mqrpc_errname(i),
+                   (unsigned long long)errors[i]);
+    printf("\n  memory       %ld KiB resident after warm-up, %ld KiB at the "
+           "end\n",
+           rss0, rss1);
+    if (first_error[0])
+        printf("  first error  %s\n", first_error);
+}
+
+static void print_json(const struct bench *b, const struct latency *lat,
+                       const uint64_t *errors, uint64_t nerr, double secs,
+                       long rss0, long rss1)
+{
+    json_t *kinds = json_object();
+    json_t *o;
+    char *s;
+    uint64_t calls = lat->count + nerr;
+
+    for (int i = 0; i <= WRONG_RESULT; i++)
+        if (errors[i])
+            json_object_set_new(
+                kinds, i == WRONG_RESULT ? "wrong_result" : mqrpc_errname(i),
+                json_integer((json_int_t)errors[i]));
+    o = json_pack(
+        "{s:s, s:i, s:i, s:b, s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I, s:I, "
+        "s:f, s:I, s:o, s:i, s:i}",
+        "queue", b->queue, "connections", (int)b->nconn, "inflight",
+        (int)b->inflight, "direct_reply_to", b->copts.direct_reply_to, "calls",
+        (json_int_t)calls, "seconds", secs, "calls_per_s",
+        secs > 0 ? (double)calls / secs : 0.0, "p50_us",
+        (json_int_t)latency_percentile(lat, 0.50), "p90_us",
+        (json_int_t)latency_percentile(lat, 0.90), "p99_us",
+        (json_int_t)latency_percentile(lat, 0.99), "p999_us",
+        (json_int_t)latency_percentile(lat, 0.999), "max_us",
+        (json_int_t)lat->max_us, "min_us",
+        (json_int_t)(lat->count ? lat->min_us : 0), "mean_us",
+        latency_mean(lat), "errors", (json_int_t)nerr, "errors_by_kind", kinds,
+        "rss_kib_warm", (int)rss0, "rss_kib_end", (int)rss1);
+    s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    if (s)
+        printf("%s\n", s);
+    free(s);
+    json_decref(o);
+}
+
+int main(int argc, char **argv)
+{
+    enum {
+        X_CALLS,
+        X_DURATION,
+        X_INFLIGHT,
+        X_CONNS,
+        X_WARMUP,
+        X_EXPECT,
+        X_JSON,
+        X_HIST,
+        X_DIRECT,
+        X_END
+    };
+    struct cli_extra extra[] = {
+        [X_CALLS] = {.name = "calls",
+                     .arg = "N",
+                     .short_name = 'n',
+                     .help = "measured calls over all connections",
+                     .value = "20000",
+                     .min = 1,
+                     .max = 1000000000L},
+        [X_DURATION] = {.name = "duration",
+                        .arg = "S",
+                        .short_name = 'd',
+                        .help = "measure for S seconds instead of -n calls",
+                        .min = 1,
+                        .max = 86400},
+        [X_INFLIGHT] = {.name = "concurrency",
+                        .arg = "N",
+                        .short_name = 'c',
+                        .help = "calls in flight per connection",
+                        .value = "1",
+                        .min = 1,
+                        .max = MAX_INFLIGHT},
+        [X_CONNS] = {.name = "connections",
+                     .arg = "K",
+                     .help = "connections, one thread each",
+                     .value = "1",
+                     .min = 1,
+                     .max = MAX_CONNECTIONS},
+        [X_WARMUP] = {.name = "warmup",
+                      .arg = "N",
+                      .help = "unmeasured calls per connection first",
+                      .value = "1000",
+                      .min = 0,
+                      .max = 100000000L},
+        [X_EXPECT] = {.name = "expect",
+                      .arg = "JSON",
+                      .help = "result every reply must carry (3 for the "
+                              "default call)"},
+        [X_JSON] = {.name = "json",
+                    .help = "print one JSON object instead of text"},
+        [X_HIST] = {.name = "hist",
+                    .arg = "FILE",
+                    .help = "write the latency histogram there, for "
+                            "plotting"},
+        [X_DIRECT] = {.name = "direct-reply-to",
+                      .help = "replies via amq.rabbitmq.reply-to"},
+        [X_END] = {.name = NULL},
+    };
+    struct cli c = {
+        .prog = "rpc_bench",
+        .usage = "[OPTIONS] [QUEUE [JSON]]",
+        .summary =
+            "Closed-loop benchmark: keeps -c calls in flight on each of "
+            "--connections connections, checks every reply, and prints "
+            "calls/s, latency percentiles (microseconds) and errors by kind. "
+            "Default call: service_soma with {\"a\":1,\"b\":2}, expecting 3.",
+        .verbose_help = "",
+        .exit_codes = "Exit codes: 0 every measured call succeeded, 1 some "
+                      "failed or the run was\n"
+                      "            interrupted, 2 usage, 3 broker "
+                      "unreachable.\n",
+        .flags = CLI_TIMEOUT,
+        .extra = extra,
+    };
+    struct bench b;
+    struct latency *lat = NULL;
+    uint64_t errors[WRONG_RESULT + 1] = {0}, nerr = 0;
+    char first_error[512] = "";
+    struct sigaction sa;
+    bool tty = isatty(2), json_out;
+    long rss0, rss1;
+    double secs;
+    int rc;
+
+    memset(&b, 0, sizeof b);
+    rc = cli_parse(&c, argc, argv);
+    if (rc >= 0)
+        return rc;
+    b.queue = c.optind < argc ? argv[c.optind] : DEFAULT_QUEUE;
+    b.body = c.optind + 1 < argc ? argv[c.optind + 1] : DEFAULT_BODY;
+    if (c.optind + 2 < argc) {
+        cli_error(&c, "unexpected argument \"%s\" (try --help)",
+                  argv[c.optind + 2]);
+        return CLI_EXIT_USAGE;
+    }
+    if (!*b.queue || strlen(b.queue) > 255) {
+        cli_error(&c, "the queue name must be 1 to 255 bytes long");
+        return CLI_EXIT_USAGE;
+    }
+    b.body_len = strlen(b.body);
+    {
+        json_error_t je;
+        json_t *req = json_loadb(b.body, b.body_len, 0, &je);
+        bool obj = json_is_object(req);
+        json_decref(req);
+        if (!obj) {
+            cli_error(&c, "the request must be a JSON object, got \"%s\"",
+                      b.body);
+            return CLI_EXIT_USAGE;
+        }
+    }
+    /* Ranges were checked by cli_parse. */
+    b.calls = (uint64_t)atol(extra[X_CALLS].value);
+    b.inflight = (unsigned)atol(extra[X_INFLIGHT].value);
+    b.nconn = (unsigned)atol(extra[X_CONNS].value);
+    b.warmup = (uint64_t)atol(extra[X_WARMUP].value);
+    if (extra[X_DURATION].value)
+        b.duration_s = (double)atol(extra[X_DURATION].value);
+    if (b.calls < b.nconn && b.duration_s == 0) {
+        cli_error(&c, "-n must be at least the number of connections");
+        return CLI_EXIT_USAGE;
+    }
+    {
+        const char *ex = extra[X_EXPECT].value;
+        if (!ex && c.optind >= argc)
+            ex = DEFAULT_EXPECT; /* the default call has a known answer */
+        if (ex) {
+            json_error_t je;
+            b.expect = json_loads(ex, JSON_DECODE_ANY, &je);
+            if (!b.expect) {
+                cli_error(&c, "--expect is not JSON: %s", je.text);
+                return CLI_EXIT_USAGE;
+            }
+        }
+    }
+    json_out = extra[X_JSON].value != NULL;
+    b.timeout_ms = c.timeout_ms;
+    b.copts.url = c.url;
+    b.copts.heartbeat_s = c.heartbeat_s;
+    b.copts.direct_reply_to = extra[X_DIRECT].value != NULL;
+
+    b.conns = calloc(b.nconn, sizeof *b.conns);
+    lat = malloc(sizeof *lat);
+    if (!b.conns || !lat) {
+        cli_error(&c, "out of memory");
+        return CLI_EXIT_FAILURE;
+    }
+    latency_init(lat);
+    pthread_barrier_init(&b.warm, NULL, b.nconn + 1);
+    pthread_barrier_init(&b.go, NULL, b.nconn + 1);
+    atomic_init(&b.finished, 0);
+    for (unsigned i = 0; i < b.nconn; i++) {
+        struct conn *cn = &b.conns[i];
+        cn->b = &b;
+        cn->quota = b.calls / b.nconn + (i < b.calls % b.nconn ? 1 : 0);
+        latency_init(&cn->lat);
+        atomic_init(&cn->done, 0);
+        cn->slots = calloc(b.inflight, sizeof *cn->slots);
+        if (!cn->slots) {
+            cli_error(&c, "out of memory");
+            return CLI_EXIT_FAILURE;
+        }
+        for (unsigned k = 0; k < b.inflight; k++)
+            cn->slots[k].conn = cn;
+    }
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    for (unsigned i = 0; i < b.nconn; i++) {
+        if (pthread_create(&b.conns[i].thread, NULL, run_conn, &b.conns[i])) {
+            cli_error(&c, "cannot start a thread");
+            return CLI_EXIT_FAILURE;
+        }
+    }
+    if (tty && !json_out)
+        fprintf(stderr, "connecting and warming up...");
+    pthread_barrier_wait(&b.warm);
+    b.t0_us = now_us();
+    b.deadline_us = b.t0_us + (int64_t)(b.duration_s * 1e6);
+    pthread_barrier_wait(&b.go);
+    rss0 = rss_kib();
+    if (tty && !json_out) {
+        struct timespec ts = {0, 200 * 1000000L};
+        while (atomic_load(&b.finished) < b.nconn) {
+            progress(&b, now_us());
+            nanosleep(&ts, NULL);
+        }
+        fprintf(stderr, "\r%*s\r", 79, "");
+    }
+    for (unsigned i = 0; i < b.nconn; i++)
+        pthread_join(b.conns[i].thread, NULL);
+    rss1 = rss_kib();
+
+    {
+        int64_t end = b.t0_us;
+        for (unsigned i = 0; i < b.nconn; i++) {
+            struct conn *cn = &b.conns[i];
+            latency_merge(lat, &cn->lat);
+            for (int k = 0; k <= WRONG_RESULT; k++) {
+                errors[k] += cn->errors[k];
+                nerr += cn->errors[k];
+            }
+            if (cn->end_us > end)
+                end = cn->end_us;
+            if (!first_error[0] && cn->first_error[0])
+                snprintf(first_error, sizeof first_error, "%s",
+                         cn->first_error);
+            if (cn->fatal != MQRPC_OK && rc < 0)
+                rc = cli_exit_code(cn->fatal);
+        }
+        secs = (double)(end - b.t0_us) / 1e6;
+    }
+    if (rc >= 0) {
+        cli_error(&c, "%s%s", first_error, cli_connect_hint(b.conns[0].fatal));
+    } else {
+        if (json_out)
+            print_json(&b, lat, errors, nerr, secs, rss0, rss1);
+        else
+            print_text(&b, lat, errors, nerr, secs, rss0, rss1, first_error);
+        if (extra[X_HIST].value) {
+            FILE *f = fopen(extra[X_HIST].value, "w");
+            if (!f) {
+                cli_error(&c, "cannot write %s", extra[X_HIST].value);
+            } else {
+                latency_write(lat, f);
+                fclose(f);
+            }
+        }
+        rc = nerr || interrupted ? CLI_EXIT_REMOTE : CLI_EXIT_OK;
+    }
+
+    for (unsigned i = 0; i < b.nconn; i++) {
+        mqrpc_client_free(b.conns[i].client);
+        free(b.conns[i].slots);
+    }
+    pthread_barrier_destroy(&b.warm);
+    pthread_barrier_destroy(&b.go);
+    free(b.conns);
+    free(lat);
+    json_decref(b.expect);
+    return rc;
+}
