@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages needed to build and test mqrpc.
+# Usage: deps.sh [--bench]   (--bench adds what scripts/bench.sh uses)
 #
 # Idempotent and quiet: a machine that already has everything is left alone
 # (no apt-get update, no network), so this is cheap to run from CI or from
@@ -21,6 +22,9 @@ packages=(
     python3 python3-pika
     procps
 )
+if [[ "${1:-}" == --bench ]]; then
+    packages+=(gnuplot-nox valgrind)
+fi
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -108,7 +108,7 @@ expect_rc 5
 expect_err_line rpc_client 'no service on queue nobody_here'
 expect_faster_than 2000
 
-if start_service sleep SLEEP "$B/test_service_sleep" --queue "t_${tag}_sleep"; then
+if start_service sleep WORK "$B/service_work" --queue "t_${tag}_sleep"; then
     rpc --timeout 300 call "t_${tag}_sleep" '{"ms": 2000}'
     expect_rc 4
     expect_out_empty
@@ -268,10 +268,10 @@ fi
 # goes 300 ms after the broker shows it delivered.
 section "SIGTERM while busy: finish the request, then exit 0"
 q="t_${tag}_busy"
-if start_service idle SLEEP "$B/test_service_sleep" --queue "$q"; then
+if start_service idle WORK "$B/service_work" --queue "$q"; then
     t0=$(now_ms)
     stop_pid "$SPAWNED_PID" 5
-    LABEL="test_service_sleep stopped by SIGTERM while idle"
+    LABEL="service_work stopped by SIGTERM while idle"
     RC=$STOP_RC OUT='' ERR=$(cat "$tmpdir/idle.err")
     expect_rc 0
     expect_err_has 'stopped after answering 0 requests'
@@ -280,14 +280,14 @@ if start_service idle SLEEP "$B/test_service_sleep" --queue "$q"; then
     spawn busyclient "$B/rpc_client" --timeout 10000 call "$q" '{"ms": 1500}'
     client_pid=$SPAWNED_PID
     check "the request waits in $q (messages consumers: 1 0)" wait_queue "$q" "1 0" 10
-    if start_service busy SLEEP "$B/test_service_sleep" --queue "$q"; then
+    if start_service busy WORK "$B/service_work" --queue "$q"; then
         busy_pid=$SPAWNED_PID
         check "the request was delivered (messages consumers: 0 1)" wait_queue "$q" "0 1" 10
         sleep 0.3
         t0=$(now_ms)
         stop_pid "$busy_pid" 10
         stopped_ms=$(($(now_ms) - t0))
-        LABEL="test_service_sleep stopped by SIGTERM while busy"
+        LABEL="service_work stopped by SIGTERM while busy"
         RC=$STOP_RC OUT=$(cat "$tmpdir/busy.out") ERR=$(cat "$tmpdir/busy.err")
         expect_rc 0
         expect_err_has 'stopped after answering 1 requests'

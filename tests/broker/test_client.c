@@ -281,7 +281,7 @@ static void sigterm_while_busy_loses_nothing(void **state)
     (void)state;
     memset(res, 0, sizeof res);
     unique_queue(queue, sizeof queue, "busy");
-    a = start_service("test_service_sleep", "--queue", queue, NULL);
+    a = start_service("service_work", "--queue", queue, NULL);
     snprintf(want, sizeof want, ":%ld", (long)procs[a].pid);
     c = connect_client();
     for (int i = 0; i < N; i++)
@@ -291,7 +291,7 @@ static void sigterm_while_busy_loses_nothing(void **state)
     /* Let instance A take its first request, then start B and stop A. */
     for (int64_t until = now_ms() + 300; now_ms() < until;)
         mqrpc_client_process(c, 50);
-    start_service("test_service_sleep", "--queue", queue, NULL);
+    start_service("service_work", "--queue", queue, NULL);
     /* Catch up on replies A already sent, so that what arrives after the
      * signal is what A had in its hands. */
     for (int64_t until = now_ms() + 50; now_ms() < until;)
@@ -333,7 +333,7 @@ static void every_call_completes_exactly_once(void **state)
     unique_queue(soma, sizeof soma, "once");
     unique_queue(sleepq, sizeof sleepq, "slow");
     start_service("service_soma", "--queue", soma, NULL);
-    start_service("test_service_sleep", "--queue", sleepq, NULL);
+    start_service("service_work", "--queue", sleepq, NULL);
     c = connect_client();
     for (int i = 0; i < 50; i++)
         send_soma(c, soma, i, &ok[i]);
@@ -388,7 +388,7 @@ static void late_reply_is_dropped_and_counted(void **state)
 
     (void)state;
     unique_queue(queue, sizeof queue, "late");
-    start_service("test_service_sleep", "--queue", queue, NULL);
+    start_service("service_work", "--queue", queue, NULL);
     c = connect_client();
     e = mqrpc_call(c, queue, "{\"ms\": 400}", 11, 100, &r);
     assert_int_equal(e, MQRPC_ETIMEOUT);
@@ -423,7 +423,7 @@ static void expired_request_is_never_executed(void **state)
     memset(&expired, 0, sizeof expired);
     memset(&next, 0, sizeof next);
     unique_queue(queue, sizeof queue, "exp");
-    start_service("test_service_sleep", "--queue", queue, NULL);
+    start_service("service_work", "--queue", queue, NULL);
     c = connect_client();
     /* The only instance is busy for 800 ms ... */
     assert_int_equal(

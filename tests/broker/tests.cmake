@@ -8,3 +8,7 @@ mqrpc_broker_test(cli bash ${CMAKE_CURRENT_SOURCE_DIR}/cli_test.sh)
 
 # Wire compatibility with the seed's Python (pika) client and service.
 mqrpc_broker_test(interop bash ${CMAKE_CURRENT_SOURCE_DIR}/interop_test.sh)
+
+# Performance features as a user meets them (--workers, batched prefetch,
+# rpc_bench's accounting); correctness only, speed is scripts/bench.sh's.
+mqrpc_broker_test(perf bash ${CMAKE_CURRENT_SOURCE_DIR}/perf_test.sh)

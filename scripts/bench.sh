@@ -1,0 +1,299 @@
+#!/usr/bin/env bash
+# The benchmark: one run, one private broker, every implementation measured
+# back to back so the ratios between them mean something on a noisy machine.
+#
+#   scripts/bench.sh [--quick]
+#
+# Builds a Release tree in build-bench/ (no sanitizers), starts a private
+# broker of its own (state in var/bench, port $MQRPC_BENCH_PORT, default
+# 5702), then measures a soma call with:
+#   - rpc_bench against service_soma: 1 and 64 in flight, prefetch 1 and 64,
+#     exclusive reply queue and direct reply-to;
+#   - bench/bare_pingpong: bare rabbitmq-c, no JSON, no library (the floor);
+#   - bench/seed_rpc.py: the seed's Python/pika client and service;
+#   - scaling: service_work with 5 ms of work, 1, 2, 4 and 8 instances;
+#   - memory: a service's peak RSS under load, a client's RSS over
+#     1,000,000 calls, and valgrind on a service and on rpc_bench.
+# Implementations take turns for 3 rounds of 3 s (medians are reported),
+# and the 1-in-flight comparison is repeated with everything on one CPU.
+# Prints one table with the ratios and the targets; writes the raw JSON lines
+# to build-bench/results.jsonl and a latency plot to build-bench/latency.svg.
+# --quick: one round of 2 s, 100,000 calls for the memory run, no valgrind.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$repo"
+quick=0
+[[ "${1:-}" == --quick ]] && quick=1
+secs=3
+rounds=3
+long_calls=1000000
+if ((quick)); then
+    secs=2
+    rounds=1
+    long_calls=100000
+fi
+
+out=$repo/build-bench
+bin=$out/bin
+results=$out/results.jsonl
+export MQRPC_STATE_DIR=$repo/var/bench
+export MQRPC_BROKER_PORT=${MQRPC_BENCH_PORT:-5702}
+export MQRPC_BROKER_MANAGEMENT=0
+unset AMQP_URL
+logs=$MQRPC_STATE_DIR/log
+py=/usr/bin/python3 # Debian's, which has python3-pika
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() {
+    echo "bench: $*" >&2
+    exit 1
+}
+
+# ------------------------------------------------------- processes we own
+pids=()
+started_broker=0
+pinned=0
+
+stop_services() {
+    local pid i
+    for pid in "${pids[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        for ((i = 0; i < 100; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    pids=()
+}
+
+cleanup() {
+    trap - EXIT INT TERM
+    set +e
+    stop_services
+    if ((pinned)); then
+        taskset -a -p -c "0-$(($(nproc) - 1))" "$broker_pid" >/dev/null
+    fi
+    if ((started_broker)); then
+        "$repo/scripts/broker.sh" stop >/dev/null
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME READY_TEXT CMD...: runs CMD in the background, logs to
+# $logs/NAME.log, waits until READY_TEXT is on its stdout.
+start() {
+    local name=$1 ready=$2 i
+    shift 2
+    "$@" >"$logs/$name.log" 2>&1 &
+    pids+=($!)
+    for ((i = 0; i < 200; i++)); do
+        grep -q -- "$ready" "$logs/$name.log" 2>/dev/null && return 0
+        kill -0 "${pids[-1]}" 2>/dev/null || break
+        sleep 0.05
+    done
+    cat "$logs/$name.log" >&2
+    die "$name did not start"
+}
+
+# cpu_ticks PID...: user+system clock ticks used so far by these processes.
+cpu_ticks() {
+    local pid sum=0 t
+    for pid in "$@"; do
+        # fields 14 and 15 of /proc/PID/stat, after the ")" that ends comm
+        t=$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null |
+            awk '{print $12 + $13}') || t=0
+        sum=$((sum + ${t:-0}))
+    done
+    echo "$sum"
+}
+
+# record LABEL CMD...: runs one measurement, appends its JSON line (with
+# "label" and the CPU time per call of broker, services and client added)
+# to the results.
+record() {
+    local label=$1 line b0 s0 b1 s1 client hz
+    shift
+    say "$label"
+    hz=$(getconf CLK_TCK)
+    b0=$(cpu_ticks "$broker_pid")
+    s0=$(cpu_ticks "${pids[@]}")
+    # times: the subshell's children's user and system time, on line 2
+    line=$( ("$@" | tail -n 1 || exit 1; times) ) || die "$label failed: $line"
+    b1=$(cpu_ticks "$broker_pid")
+    s1=$(cpu_ticks "${pids[@]}")
+    client=$(tail -n 1 <<<"$line")
+    line=$(head -n 1 <<<"$line")
+    printf '%s\n' "$line" | $py -c '
+import json, re, sys
+d = json.loads(sys.stdin.read())
+label, hz, broker, service, client = sys.argv[1:6]
+secs = [int(m) * 60 + float(s) for m, s in re.findall(r"(\d+)m([\d.]+)s", client)]
+calls = d["calls"] or 1
+d["label"] = label
+d["cpu_us_per_call"] = {
+    "broker": int(broker) / int(hz) * 1e6 / calls,
+    "service": int(service) / int(hz) * 1e6 / calls,
+    "client": sum(secs) * 1e6 / calls,
+}
+print(json.dumps(d))' "$label" "$hz" $((b1 - b0)) $((s1 - s0)) "$client" \
+        >>"$results"
+}
+
+peak_rss_kib() {
+    awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
+# ------------------------------------------------------------------- setup
+"$repo/scripts/deps.sh" --bench
+say "building Release into build-bench/"
+cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Release -DMQRPC_TESTS=OFF \
+    >"$out.cmake.log" 2>&1 || {
+    cat "$out.cmake.log" >&2
+    die "cmake failed"
+}
+make -C "$out" -j2 --no-print-directory >"$out.make.log" 2>&1 || {
+    tail -n 30 "$out.make.log" >&2
+    die "build failed"
+}
+rm -f "$out.cmake.log" "$out.make.log"
+
+if ! "$repo/scripts/broker.sh" status >/dev/null 2>&1; then
+    "$repo/scripts/broker.sh" start >&2
+    started_broker=1
+fi
+url=$(<"$MQRPC_STATE_DIR/amqp_url")
+broker_pid=$(<"$MQRPC_STATE_DIR/broker.pid")
+mkdir -p "$logs"
+: >"$results"
+rb=("$bin/rpc_bench" --json -d "$secs")
+
+# The implementations take turns, round after round, and the report keeps
+# each one's median: a slow second on this shared machine then costs every
+# implementation alike instead of deciding a ratio.
+seed=($py "$repo/bench/seed_rpc.py")
+# c=1 and c=64 against services at prefetch 1; PIN: a taskset prefix
+round_p1() {
+    local r=$1 pin=("${@:2}")
+    record "mqrpc c=1 p=1$tag #$r" "${pin[@]}" "${rb[@]}" -c 1 \
+        ${hist:+--hist "$out/lat-mqrpc-c1.dat"}
+    record "bare c=1 p=1$tag #$r" "${pin[@]}" "$bin/bare_pingpong" call \
+        --url "$url" -c 1 -d "$secs"
+    record "seed c=1 p=1$tag #$r" "${pin[@]}" "${seed[@]}" call --url "$url" \
+        -c 1 -d "$secs"
+    [[ -n $tag ]] && return 0 # one CPU: the latency comparison only
+    record "mqrpc c=1 p=1 direct #$r" "${rb[@]}" -c 1 --direct-reply-to
+    record "mqrpc c=64 p=1 #$r" "${rb[@]}" -c 64
+    record "bare c=64 p=1 #$r" "$bin/bare_pingpong" call --url "$url" -c 64 \
+        -d "$secs"
+    record "seed c=64 p=1 #$r" "${seed[@]}" call --url "$url" -c 64 \
+        -d "$secs"
+    record "mqrpc c=64 p=1 direct #$r" "${rb[@]}" -c 64 --direct-reply-to
+}
+
+start_p1() {
+    local pin=("$@")
+    start soma1 "pronto" "${pin[@]}" "$bin/service_soma"
+    start bare1 "ready" "${pin[@]}" "$bin/bare_pingpong" serve --url "$url" \
+        --prefetch 1
+    start seed1 "ready" "${pin[@]}" "${seed[@]}" serve --url "$url"
+}
+
+tag='' hist=1
+start_p1
+for ((r = 1; r <= rounds; r++)); do
+    round_p1 "$r"
+    hist=''
+done
+stop_services
+
+start soma64 "pronto" "$bin/service_soma" --prefetch 64
+soma_pid=${pids[-1]}
+start bare64 "ready" "$bin/bare_pingpong" serve --url "$url" --prefetch 64
+for ((r = 1; r <= rounds; r++)); do
+    record "mqrpc c=64 p=64 #$r" "${rb[@]}" -c 64 \
+        ${hist:+--hist "$out/lat-mqrpc-c64.dat"}
+    record "bare c=64 p=64 #$r" "$bin/bare_pingpong" call --url "$url" \
+        -c 64 -d "$secs"
+    hist=1
+done
+hist=''
+record "mqrpc 4x64 p=64" "${rb[@]}" -c 64 --connections 4
+soma_rss=$(peak_rss_kib "$soma_pid")
+record "mqrpc memory" "$bin/rpc_bench" --json -n "$long_calls" -c 64 --warmup 20000
+stop_services
+
+# One request at a time is a chain of wake-ups (client, broker, service,
+# broker, client). On this 2-core VM a wake-up across cores costs several
+# times one on the same core, and that, not anyone's code, sets the pace:
+# the same comparison with everything on CPU 0 shows what each
+# implementation itself costs.
+if command -v taskset >/dev/null; then
+    taskset -a -p -c 0 "$broker_pid" >/dev/null
+    pinned=1
+    tag=' one-cpu'
+    start_p1 taskset -c 0
+    for ((r = 1; r <= rounds; r++)); do
+        round_p1 "$r" taskset -c 0
+    done
+    stop_services
+    taskset -a -p -c "0-$(($(nproc) - 1))" "$broker_pid" >/dev/null
+    pinned=0
+fi
+
+# -------------------------------------------------------------- scaling
+for n in 1 2 4 8; do
+    for ((i = 1; i <= n; i++)); do
+        start "work$n-$i" "pronto" "$bin/service_work" --work-ms 5
+    done
+    record "work5ms x$n" "${rb[@]}" -c 64 --warmup 50 \
+        --expect '{"slept": 5}' service_work '{}'
+    stop_services
+done
+
+# --------------------------------------------------------------- valgrind
+leaks="skipped (--quick)"
+if ((!quick)); then
+    say "valgrind: service_soma and rpc_bench, 2000 calls"
+    vg=(valgrind --leak-check=full --show-leak-kinds=definite,indirect
+        --errors-for-leak-kinds=definite,indirect --error-exitcode=99 -q)
+    start vg-soma "pronto" "${vg[@]}" "$bin/service_soma" --queue bench_vg
+    vg_client=0
+    "${vg[@]}" "$bin/rpc_bench" -n 2000 -c 8 --warmup 10 --expect 3 \
+        bench_vg '{"a":1,"b":2}' >"$logs/vg-client.log" 2>&1 || vg_client=$?
+    stop_services
+    vg_service=0
+    grep -q "definitely lost\|indirectly lost\|Invalid \|uninitialised" \
+        "$logs/vg-soma.log" && vg_service=1
+    if ((vg_client == 0 && vg_service == 0)); then
+        leaks="none (valgrind: 0 errors, 0 bytes definitely or indirectly lost)"
+    else
+        leaks="FOUND: see $logs/vg-soma.log and $logs/vg-client.log"
+    fi
+fi
+
+# ------------------------------------------------------------------ plot
+if command -v gnuplot >/dev/null; then
+    gnuplot <<EOF 2>/dev/null || true
+set terminal svg size 800,450 dynamic font "sans,11"
+set output "$out/latency.svg"
+set title "soma call latency, mqrpc (cumulative)"
+set xlabel "latency (microseconds, log scale)"
+set ylabel "fraction of calls at or below"
+set logscale x
+set grid
+set key bottom right
+plot "$out/lat-mqrpc-c1.dat" using 1:3 with lines lw 2 title "1 in flight, prefetch 1", \
+     "$out/lat-mqrpc-c64.dat" using 1:3 with lines lw 2 title "64 in flight, prefetch 64"
+EOF
+fi
+
+$py "$repo/bench/report.py" "$results" --service-rss "$soma_rss" \
+    --leaks "$leaks" --command "scripts/bench.sh${1:+ $1}"
+[[ -f "$out/latency.svg" ]] && echo "latency plot: $out/latency.svg"
+exit 0
