@@ -287,7 +287,7 @@ set xlabel "latency (microseconds, log scale)"
 set ylabel "fraction of calls at or below"
 set logscale x
 set grid
-set key bottom right
+set key top left
 plot "$out/lat-mqrpc-c1.dat" using 1:3 with lines lw 2 title "1 in flight, prefetch 1", \
      "$out/lat-mqrpc-c64.dat" using 1:3 with lines lw 2 title "64 in flight, prefetch 64"
 EOF
