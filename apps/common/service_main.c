@@ -156,8 +156,8 @@ int service_main(int argc, char **argv, const struct service_program *p)
     }
     if (rc == CLI_EXIT_OK) {
         mqrpc_instance_id(c.queue, instance, sizeof instance);
-        fprintf(stderr, "%s: stopped after answering %llu requests\n",
-                instance, served);
+        fprintf(stderr, "%s: stopped after answering %llu requests\n", instance,
+                served);
     }
 out:
     /* The signal handler reads the workers that are about to be freed. */

@@ -284,10 +284,10 @@ typedef struct mqrpc_service_opts {
      * arrive together are answered as a batch: their replies and one
      * multiple ack are flushed together (within 1 ms). */
     unsigned prefetch;
-    size_t max_body;         /* larger requests get bad_request; 0: 1 MiB */
-    int heartbeat_s;         /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
-    int connect_timeout_ms;  /* 0: 5000 */
-    int verbose;             /* nonzero: one log line per request */
+    size_t max_body;        /* larger requests get bad_request; 0: 1 MiB */
+    int heartbeat_s;        /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
+    int connect_timeout_ms; /* 0: 5000 */
+    int verbose;            /* nonzero: one log line per request */
 } mqrpc_service_opts;
 
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
