@@ -18,7 +18,7 @@
 # and the 1-in-flight comparison is repeated with everything on one CPU.
 # Prints one table with the ratios and the targets; writes the raw JSON lines
 # to build-bench/results.jsonl and a latency plot to build-bench/latency.svg.
-# --quick: one round of 2 s, 100,000 calls for the memory run, no valgrind.
+# --quick: two rounds of 2 s, 100,000 calls for the memory run, no valgrind.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -30,7 +30,7 @@ rounds=3
 long_calls=1000000
 if ((quick)); then
     secs=2
-    rounds=1
+    rounds=2
     long_calls=100000
 fi
 
@@ -179,21 +179,41 @@ rb=("$bin/rpc_bench" --json -d "$secs")
 seed=($py "$repo/bench/seed_rpc.py")
 # c=1 and c=64 against services at prefetch 1; PIN: a taskset prefix
 round_p1() {
-    local r=$1 pin=("${@:2}")
-    record "mqrpc c=1 p=1$tag #$r" "${pin[@]}" "${rb[@]}" -c 1 \
-        ${hist:+--hist "$out/lat-mqrpc-c1.dat"}
-    record "bare c=1 p=1$tag #$r" "${pin[@]}" "$bin/bare_pingpong" call \
-        --url "$url" -c 1 -d "$secs"
-    record "seed c=1 p=1$tag #$r" "${pin[@]}" "${seed[@]}" call --url "$url" \
-        -c 1 -d "$secs"
+    local r=$1 pin=("${@:2}") i
+    local c1=(c1_mqrpc c1_bare c1_seed)
+    # Each round starts with the next implementation, so none always runs
+    # right after another's load.
+    for ((i = 0; i < 3; i++)); do
+        "${c1[(r + i) % 3]}" "$r" "${pin[@]}"
+    done
     [[ -n $tag ]] && return 0 # one CPU: the latency comparison only
     record "mqrpc c=1 p=1 direct #$r" "${rb[@]}" -c 1 --direct-reply-to
-    record "mqrpc c=64 p=1 #$r" "${rb[@]}" -c 64
-    record "bare c=64 p=1 #$r" "$bin/bare_pingpong" call --url "$url" -c 64 \
-        -d "$secs"
-    record "seed c=64 p=1 #$r" "${seed[@]}" call --url "$url" -c 64 \
-        -d "$secs"
+    local c64=(c64_mqrpc c64_bare c64_seed)
+    for ((i = 0; i < 3; i++)); do
+        "${c64[(r + i) % 3]}" "$r"
+    done
     record "mqrpc c=64 p=1 direct #$r" "${rb[@]}" -c 64 --direct-reply-to
+}
+c1_mqrpc() {
+    record "mqrpc c=1 p=1$tag #$1" "${@:2}" "${rb[@]}" -c 1 \
+        ${hist:+--hist "$out/lat-mqrpc-c1.dat"}
+}
+c1_bare() {
+    record "bare c=1 p=1$tag #$1" "${@:2}" "$bin/bare_pingpong" call \
+        --url "$url" -c 1 -d "$secs"
+}
+c1_seed() {
+    record "seed c=1 p=1$tag #$1" "${@:2}" "${seed[@]}" call --url "$url" \
+        -c 1 -d "$secs"
+}
+c64_mqrpc() { record "mqrpc c=64 p=1 #$1" "${rb[@]}" -c 64; }
+c64_bare() {
+    record "bare c=64 p=1 #$1" "$bin/bare_pingpong" call --url "$url" \
+        -c 64 -d "$secs"
+}
+c64_seed() {
+    record "seed c=64 p=1 #$1" "${seed[@]}" call --url "$url" -c 64 \
+        -d "$secs"
 }
 
 start_p1() {
@@ -204,8 +224,18 @@ start_p1() {
     start seed1 "ready" "${pin[@]}" "${seed[@]}" serve --url "$url"
 }
 
+# warm CMD...: one unrecorded second of load, so that no implementation
+# measures the broker's warm-up (new queues and channels are slower for
+# their first few thousand messages).
+warm() {
+    "$@" -d 1 >/dev/null 2>&1 || die "warm-up failed: $*"
+}
+
 tag='' hist=1
 start_p1
+warm "$bin/rpc_bench" -c 64 --warmup 0
+warm "$bin/bare_pingpong" call --url "$url" -c 64 --warmup 0
+warm "${seed[@]}" call --url "$url" -c 64 --warmup 0
 for ((r = 1; r <= rounds; r++)); do
     round_p1 "$r"
     hist=''
@@ -215,12 +245,26 @@ stop_services
 start soma64 "pronto" "$bin/service_soma" --prefetch 64
 soma_pid=${pids[-1]}
 start bare64 "ready" "$bin/bare_pingpong" serve --url "$url" --prefetch 64
-for ((r = 1; r <= rounds; r++)); do
-    record "mqrpc c=64 p=64 #$r" "${rb[@]}" -c 64 \
+warm "$bin/rpc_bench" -c 64 --warmup 0
+warm "$bin/bare_pingpong" call --url "$url" -c 64 --warmup 0
+p64_mqrpc() {
+    record "mqrpc c=64 p=64 #$1" "${rb[@]}" -c 64 \
         ${hist:+--hist "$out/lat-mqrpc-c64.dat"}
-    record "bare c=64 p=64 #$r" "$bin/bare_pingpong" call --url "$url" \
+}
+p64_bare() {
+    record "bare c=64 p=64 #$1" "$bin/bare_pingpong" call --url "$url" \
         -c 64 -d "$secs"
-    hist=1
+}
+hist=1
+for ((r = 1; r <= rounds; r++)); do
+    if ((r % 2)); then
+        p64_mqrpc "$r"
+        hist=''
+        p64_bare "$r"
+    else
+        p64_bare "$r"
+        p64_mqrpc "$r"
+    fi
 done
 hist=''
 record "mqrpc 4x64 p=64" "${rb[@]}" -c 64 --connections 4
@@ -238,6 +282,9 @@ if command -v taskset >/dev/null; then
     pinned=1
     tag=' one-cpu'
     start_p1 taskset -c 0
+    warm taskset -c 0 "$bin/rpc_bench" --warmup 0
+    warm taskset -c 0 "$bin/bare_pingpong" call --url "$url" --warmup 0
+    warm taskset -c 0 "${seed[@]}" call --url "$url" --warmup 0
     for ((r = 1; r <= rounds; r++)); do
         round_p1 "$r" taskset -c 0
     done
