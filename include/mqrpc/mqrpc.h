@@ -309,8 +309,13 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s);
  * unstarted deliveries returned to the queue) or until the connection fails
  * (returns the status; see mqrpc_service_errmsg). For each delivery: the
  * body is checked (size, JSON object), the handler runs, the reply is
- * published to reply_to, then the delivery is acknowledged. A delivery with
- * no reply_to is logged and acknowledged. Log lines go to stderr.
+ * published to reply_to, then the delivery is acknowledged (with prefetch
+ * above 1, once for a batch; see mqrpc_service_opts.prefetch). A delivery
+ * with no reply_to is logged and acknowledged. Log lines go to stderr. The
+ * handler runs on the calling thread; to serve on several threads, give
+ * each its own mqrpc_service (and connection), as service_main's --workers
+ * does: a service handle must not be shared between threads, except for
+ * mqrpc_service_stop.
  */
 mqrpc_err mqrpc_service_run(mqrpc_service *s);
 
