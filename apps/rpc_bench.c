@@ -159,17 +159,18 @@ static void on_done(const mqrpc_reply *r, void *arg)
     start_call(s);
 }
 
-/* Runs the loop until no call is in flight. */
-static mqrpc_err drain(struct conn *cn)
+/* Runs the loop until no call is in flight. A lost connection fails every
+ * call in flight at once (their callbacks stop the connection's run), so
+ * this never waits on a dead socket. */
+static void drain(struct conn *cn)
 {
     while (cn->active > 0) {
         mqrpc_err e = mqrpc_client_process(cn->client, 200);
         if (e != MQRPC_OK && e != MQRPC_ETIMEOUT)
-            return e; /* every call in flight has been failed */
+            return;
         if (interrupted)
             cn->stopping = true;
     }
-    return MQRPC_OK;
 }
 
 static void *run_conn(void *arg)
@@ -402,7 +403,6 @@ int main(int argc, char **argv)
     struct latency *lat = NULL;
     uint64_t errors[WRONG_RESULT + 1] = {0}, nerr = 0;
     char first_error[512] = "";
-    struct sigaction sa;
     bool tty = isatty(2), json_out;
     long rss0, rss1;
     double secs;
@@ -490,12 +490,7 @@ int main(int argc, char **argv)
             cn->slots[k].conn = cn;
     }
 
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    cli_on_stop_signals(on_signal);
 
     for (unsigned i = 0; i < b.nconn; i++) {
         if (pthread_create(&b.conns[i].thread, NULL, run_conn, &b.conns[i])) {

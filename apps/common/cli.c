@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +44,18 @@ bool cli_parse_long(const char *s, long min, long max, long *out)
         return false;
     *out = v;
     return true;
+}
+
+void cli_on_stop_signals(void (*on_stop)(int))
+{
+    struct sigaction sa;
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
 }
 
 int cli_exit_code(mqrpc_err e)
@@ -134,8 +147,11 @@ static void usage(const struct cli *c, FILE *f)
 int cli_parse(struct cli *c, int argc, char **argv)
 {
     struct option opts[32];
-    char shorts[80] = "+vh";
-    size_t n = 0, ns = 3;
+    /* "+": stop at the first operand, so JSON like -1 after "call Q" and
+     * negative numbers after "soma" are operands, not options. ":": a
+     * missing value is reported as ':', not as an unknown option. */
+    char shorts[80] = "+:vh";
+    size_t n = 0, ns = 4;
     bool verbose = !c->verbose_help || *c->verbose_help;
     long v;
     int ch;
@@ -146,8 +162,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
     if (verbose) {
         opts[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
     } else {
-        snprintf(shorts, sizeof shorts, "+h");
-        ns = 2;
+        snprintf(shorts, sizeof shorts, "+:h");
+        ns = 3;
     }
     opts[n++] = (struct option){"help", no_argument, NULL, 'h'};
     opts[n++] = (struct option){"version", no_argument, NULL, OPT_VERSION};
@@ -186,8 +202,6 @@ int cli_parse(struct cli *c, int argc, char **argv)
         c->heartbeat_s = MQRPC_DEFAULT_HEARTBEAT;
     if (c->workers == 0)
         c->workers = 1;
-    /* "+": stop at the first operand, so JSON like -1 after "call Q" and
-     * negative numbers after "soma" are operands, not options. */
     opterr = 0;
     optind = 0; /* glibc: a full reset, so parsing can run more than once */
     while ((ch = getopt_long(argc, argv, shorts, opts, NULL)) != -1) {
@@ -256,6 +270,7 @@ int cli_parse(struct cli *c, int argc, char **argv)
             printf("%s (mqrpc) %s\n", c->prog, MQRPC_VERSION);
             return CLI_EXIT_OK;
         case '?':
+        case ':':
         default:
             if (ch >= OPT_EXTRA) {
                 c->extra[ch - OPT_EXTRA].value = optarg ? optarg : "1";
@@ -270,8 +285,7 @@ int cli_parse(struct cli *c, int argc, char **argv)
             }
             if (ch == 0)
                 break;
-            if (optopt > 0 && strchr(shorts + 1, optopt) && optopt != 'v' &&
-                optopt != 'h' && optopt != ':') {
+            if (ch == ':' && optopt > 0 && optopt < 256) {
                 cli_error(c, "option -%c needs a value (try --help)", optopt);
                 return CLI_EXIT_USAGE;
             }

@@ -78,6 +78,11 @@ void cli_error(const struct cli *c, const char *fmt, ...)
 /* cli_connect_hint returns advice to append to a connection failure, or "". */
 const char *cli_connect_hint(mqrpc_err e);
 
+/* cli_on_stop_signals makes SIGINT and SIGTERM call on_stop (without
+ * SA_RESTART: the programs poll a flag it sets) and ignores SIGPIPE, so a
+ * write to a vanished peer is an error return, not death. */
+void cli_on_stop_signals(void (*on_stop)(int));
+
 /* cli_parse_long parses a whole decimal integer within [min, max]. */
 bool cli_parse_long(const char *s, long min, long max, long *out);
 

@@ -55,7 +55,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
                     .queue = p->queue};
     char instance[300], err[512];
     mqrpc_service_opts opts;
-    struct sigaction sa;
+    sigset_t stop_signals;
     unsigned long long served = 0;
     mqrpc_err e;
     int rc;
@@ -116,15 +116,8 @@ int service_main(int argc, char **argv, const struct service_program *p)
         goto out;
 
     /* Installed only now: before this point the default action (exit) is
-     * the right answer to Ctrl-C. No SA_RESTART needed: the runtime polls
-     * the stop flag. */
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    /* A reply to a vanished peer must not kill the process. */
-    signal(SIGPIPE, SIG_IGN);
+     * the right answer to Ctrl-C. */
+    cli_on_stop_signals(on_signal);
 
     printf("[x] Serviço %s pronto...\n", p->label);
     fflush(stdout);
@@ -161,10 +154,10 @@ int service_main(int argc, char **argv, const struct service_program *p)
     }
 out:
     /* The signal handler reads the workers that are about to be freed. */
-    sigemptyset(&sa.sa_mask);
-    sigaddset(&sa.sa_mask, SIGINT);
-    sigaddset(&sa.sa_mask, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &sa.sa_mask, NULL);
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
     for (unsigned i = 0; i < nworkers; i++) {
         mqrpc_service_free(workers[i].svc);
         workers[i].svc = NULL;
