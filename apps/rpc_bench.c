@@ -462,6 +462,7 @@ int main(int argc, char **argv)
     json_out = extra[X_JSON].value != NULL;
     b.timeout_ms = c.timeout_ms;
     b.copts.url = c.url;
+    b.copts.tls = c.tls;
     b.copts.heartbeat_s = c.heartbeat_s;
     b.copts.direct_reply_to = extra[X_DIRECT].value != NULL;
 

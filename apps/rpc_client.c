@@ -85,7 +85,8 @@ struct session {
 static mqrpc_err ensure_connected(struct session *s)
 {
     mqrpc_client_opts o = {.url = s->cli->url,
-                           .heartbeat_s = s->cli->heartbeat_s};
+                           .heartbeat_s = s->cli->heartbeat_s,
+                           .tls = s->cli->tls};
     mqrpc_err e;
 
     if (s->client && mqrpc_client_fd(s->client) >= 0)

@@ -42,7 +42,7 @@
 #define FRAME_MAX 131072
 #define REPLY_TIMEOUT_S 10
 #define DEFAULT_URL "amqp://guest:guest@localhost:5672/"
-#define DEFAULT_QUEUE "bench_bare"
+#define DEFAULT_QUEUE "service_bare"
 #define REQUEST_BODY "{\"a\":1,\"b\":2}"
 
 static volatile sig_atomic_t stop_requested;

@@ -279,7 +279,7 @@ def positive_float(s):
 def parse_args(argv):
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=os.environ.get("AMQP_URL") or DEFAULT_URL)
-    common.add_argument("--queue", default="bench_seed")
+    common.add_argument("--queue", default="service_seed")
     p = argparse.ArgumentParser(prog="seed_rpc.py", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", parents=[common])

@@ -18,6 +18,7 @@ set -euo pipefail
 packages=(
     gcc libc6-dev make cmake pkg-config
     librabbitmq-dev libjansson-dev libsqlite3-dev libcmocka-dev
+    libssl-dev openssl
     rabbitmq-server
     python3 python3-pika
     procps

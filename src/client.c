@@ -43,7 +43,7 @@ struct mqrpc_reply {
 
 struct mqrpc_client {
     mqrpc_client_opts opts;
-    char *url;
+    mqr_conn_cfg cfg;
     mqr_conn *conn;
     char reply_queue[256];
     char prefix[PREFIX_LEN + 1];
@@ -83,16 +83,19 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
         return NULL;
     if (opts)
         c->opts = *opts;
-    c->url = c->opts.url ? strdup(c->opts.url) : NULL;
-    c->opts.url = NULL;
     c->map_size = 64;
     c->map = calloc(c->map_size, sizeof *c->map);
-    if ((opts && opts->url && !c->url) || !c->map) {
-        free(c->url);
+    if (!c->map ||
+        !mqr_conn_cfg_init(&c->cfg, c->opts.url, MQRPC_ROLE_CLIENT,
+                           c->opts.heartbeat_s, c->opts.connect_timeout_ms,
+                           &c->opts.tls)) {
         free(c->map);
         free(c);
         return NULL;
     }
+    /* The copies in cfg are the ones used; the caller's may be freed. */
+    c->opts.url = NULL;
+    memset(&c->opts.tls, 0, sizeof c->opts.tls);
     random_bytes(rnd, sizeof rnd);
     for (size_t i = 0; i < PREFIX_LEN / 2; i++)
         snprintf(c->prefix + 2 * i, 3, "%02x", rnd[i]);
@@ -109,8 +112,7 @@ mqrpc_err mqrpc_client_connect(mqrpc_client *c)
 
     if (c->conn)
         return MQRPC_ESTATE;
-    e = mqr_conn_open(c->url, c->opts.heartbeat_s, c->opts.connect_timeout_ms,
-                      &c->conn, c->err, sizeof c->err);
+    e = mqr_conn_open(&c->cfg.p, &c->conn, c->err, sizeof c->err);
     if (e != MQRPC_OK)
         return e;
     if (c->opts.direct_reply_to) {
@@ -567,7 +569,7 @@ void mqrpc_client_free(mqrpc_client *c)
     fail_all(c, MQRPC_ECANCELED, "the client was closed");
     mqr_conn_free(c->conn);
     free(c->map);
-    free(c->url);
+    mqr_conn_cfg_clear(&c->cfg);
     free(c);
 }
 

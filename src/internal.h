@@ -35,24 +35,49 @@ typedef struct mqr_url {
     char *password;
     char *vhost;
     bool tls;
-    char *buf_; /* owned copy the fields point into */
+    /* amqps:// query parameters (RabbitMQ's names); NULL when absent */
+    char *ca_file;   /* cacertfile */
+    char *cert_file; /* certfile */
+    char *key_file;  /* keyfile */
+    char *buf_;      /* owned copy the fields point into */
 } mqr_url;
 
 /* mqr_url_parse parses an amqp:// or amqps:// URL (rabbitmq-c's rules:
- * defaults guest/guest, localhost, 5672, vhost "/"). On failure returns
- * MQRPC_EURL and writes one line into err. Free with mqr_url_clear. */
+ * defaults guest/guest, localhost, 5672, vhost "/") with optional query
+ * parameters cacertfile, certfile, keyfile. On failure returns MQRPC_EURL
+ * and writes one line into err. Free with mqr_url_clear. */
 mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err,
                         size_t errlen);
 void mqr_url_clear(mqr_url *u);
 
+/* mqr_url_parse_query fills out's TLS file fields from "k=v&k=v" (decoded
+ * in place; the fields point into query). Unknown names are errors. */
+mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
+                              size_t errlen);
+
+/* mqr_resolve_url is mqrpc_default_url with the reason for a failure in
+ * err (an unreadable or too open URL file in the state directory). */
+mqrpc_err mqr_resolve_url(const char *explicit_url, mqrpc_role role, char *buf,
+                          size_t len, const char **source, char *err,
+                          size_t errlen);
+
 /* ---------------------------------------------------------------- codec */
 /* The message codec is pure: bytes in, JSON out, no AMQP. */
 
-/* mqr_decode_request parses a request body: at most max_body bytes, valid
- * JSON, an object. On success *out is a new reference. Otherwise fills fault
- * (bad_request) and returns MQRPC_EINVAL. */
-mqrpc_err mqr_decode_request(const char *body, size_t len, size_t max_body,
-                             json_t **out, mqrpc_fault *fault);
+/* Input limits of a request; 0 means the MQRPC_DEFAULT_MAX_* default. */
+typedef struct mqr_limits {
+    size_t max_body;   /* bytes of the whole body */
+    size_t max_depth;  /* nesting levels; the request object is level 1 */
+    size_t max_string; /* bytes of any string value or object key, decoded */
+} mqr_limits;
+
+/* mqr_decode_request parses a request body: within the limits lim (NULL:
+ * all defaults), valid UTF-8 JSON, an object. On success *out is a new
+ * reference. Otherwise fills fault (bad_request, one line that never quotes
+ * more than a few bytes of the input) and returns MQRPC_EINVAL. */
+mqrpc_err mqr_decode_request(const char *body, size_t len,
+                             const mqr_limits *lim, json_t **out,
+                             mqrpc_fault *fault);
 
 /* mqr_encode_result returns the wire form of a result (malloc'd, caller
  * frees) or NULL if it cannot be encoded. */
@@ -100,12 +125,34 @@ typedef struct mqr_props {
     mqr_str expiration; /* milliseconds, as decimal text */
 } mqr_props;
 
-/* mqr_conn_open resolves the broker URL (mqrpc_default_url(explicit_url)),
- * connects and logs in, then opens channel 1. Blocks up to
- * connect_timeout_ms for the TCP connect and for the handshake. On failure
- * *out is NULL and err holds one line ("cannot connect to H:P: ..."). */
-mqrpc_err mqr_conn_open(const char *explicit_url, int heartbeat_s,
-                        int connect_timeout_ms, mqr_conn **out, char *err,
+/* What a connection needs; the strings are borrowed for mqr_conn_open. */
+typedef struct mqr_conn_params {
+    const char *url; /* NULL: mqrpc_default_url(NULL, role) */
+    mqrpc_role role;
+    int heartbeat_s;
+    int connect_timeout_ms;
+    mqrpc_tls_opts tls; /* unset fields fall back to the URL's parameters */
+} mqr_conn_params;
+
+/* An owned copy of connection settings, as the handles keep them. */
+typedef struct mqr_conn_cfg {
+    mqr_conn_params p; /* strings point into owned_ */
+    char *owned_[4];
+} mqr_conn_cfg;
+
+/* mqr_conn_cfg_init copies its arguments (url may be NULL); false when out
+ * of memory. mqr_conn_cfg_clear frees the copies. */
+bool mqr_conn_cfg_init(mqr_conn_cfg *cfg, const char *url, mqrpc_role role,
+                       int heartbeat_s, int connect_timeout_ms,
+                       const mqrpc_tls_opts *tls);
+void mqr_conn_cfg_clear(mqr_conn_cfg *cfg);
+
+/* mqr_conn_open resolves the broker URL, connects (over TLS for amqps://,
+ * verifying the broker's certificate and host name unless tls.insecure),
+ * logs in, then opens channel 1. Blocks up to connect_timeout_ms for the
+ * TCP connect and for each handshake. On failure *out is NULL and err
+ * holds one line ("cannot connect to H:P: ..."). */
+mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
                         size_t errlen);
 
 /* mqr_conn_free closes politely if still open, then frees. Accepts NULL. */

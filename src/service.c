@@ -23,7 +23,7 @@
 
 struct mqrpc_service {
     mqrpc_service_opts opts;
-    char *url;
+    mqr_conn_cfg cfg;
     char *queue;
     char instance[300];
     mqrpc_handler_fn handler;
@@ -80,13 +80,15 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
         return NULL;
     s->opts = *opts;
     s->queue = strdup(opts->queue);
-    s->url = opts->url ? strdup(opts->url) : NULL;
-    if (!s->queue || (opts->url && !s->url)) {
+    if (!s->queue || !mqr_conn_cfg_init(&s->cfg, opts->url, MQRPC_ROLE_SERVICE,
+                                        opts->heartbeat_s,
+                                        opts->connect_timeout_ms, &opts->tls)) {
         mqrpc_service_free(s);
         return NULL;
     }
     s->opts.queue = s->queue;
     s->opts.url = NULL;
+    memset(&s->opts.tls, 0, sizeof s->opts.tls);
     s->opts.instance_id = NULL;
     if (s->opts.prefetch == 0)
         s->opts.prefetch = 1;
@@ -94,6 +96,10 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
         s->opts.prefetch = 65535;
     if (s->opts.max_body == 0)
         s->opts.max_body = MQRPC_DEFAULT_MAX_BODY;
+    if (s->opts.max_depth == 0)
+        s->opts.max_depth = MQRPC_DEFAULT_MAX_DEPTH;
+    if (s->opts.max_string == 0)
+        s->opts.max_string = MQRPC_DEFAULT_MAX_STRING;
     if (opts->instance_id && *opts->instance_id)
         snprintf(s->instance, sizeof s->instance, "%s", opts->instance_id);
     else
@@ -111,8 +117,7 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s)
 
     if (s->conn)
         return MQRPC_ESTATE;
-    e = mqr_conn_open(s->url, s->opts.heartbeat_s, s->opts.connect_timeout_ms,
-                      &s->conn, s->err, sizeof s->err);
+    e = mqr_conn_open(&s->cfg.p, &s->conn, s->err, sizeof s->err);
     if (e != MQRPC_OK)
         return e;
     e = mqr_conn_declare_queue(s->conn, s->queue, false, NULL);
@@ -136,11 +141,12 @@ static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
                     bool *is_error)
 {
     mqrpc_fault fault = {{0}, {0}};
+    mqr_limits lim = {s->opts.max_body, s->opts.max_depth, s->opts.max_string};
     json_t *request = NULL, *result = NULL;
     char *out = NULL;
 
-    if (mqr_decode_request(m->body.ptr, m->body.len, s->opts.max_body, &request,
-                           &fault) == MQRPC_OK) {
+    if (mqr_decode_request(m->body.ptr, m->body.len, &lim, &request, &fault) ==
+        MQRPC_OK) {
         result = s->handler(request, &fault, s->arg);
         json_decref(request);
         if (result) {
@@ -302,6 +308,6 @@ void mqrpc_service_free(mqrpc_service *s)
         return;
     mqr_conn_free(s->conn);
     free(s->queue);
-    free(s->url);
+    mqr_conn_cfg_clear(&s->cfg);
     free(s);
 }

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 enum {
     OPT_URL = 1000,
@@ -16,8 +17,15 @@ enum {
     OPT_PREFETCH,
     OPT_WORKERS,
     OPT_MAX_BODY,
+    OPT_MAX_DEPTH,
+    OPT_MAX_STRING,
     OPT_RAW,
     OPT_VERSION,
+    OPT_URL_FILE,
+    OPT_CACERT,
+    OPT_CERT,
+    OPT_KEY,
+    OPT_INSECURE,
     OPT_EXTRA /* + index of the extra option */
 };
 
@@ -58,6 +66,60 @@ void cli_on_stop_signals(void (*on_stop)(int))
     signal(SIGPIPE, SIG_IGN);
 }
 
+/* A password typed into --url is visible to every local user in ps and
+ * /proc/PID/cmdline: say so, and overwrite it in our argv (as mysql does)
+ * to shorten the window. The copy in url_buf_ is the one used. */
+static void scrub_password(struct cli *c, char *arg)
+{
+    char *scheme = strstr(arg, "://"), *at, *colon;
+
+    if (!scheme)
+        return;
+    at = strrchr(scheme + 3, '@');
+    colon = at ? memchr(scheme + 3, ':', (size_t)(at - scheme - 3)) : NULL;
+    if (!colon || colon + 1 == at)
+        return;
+    memset(colon + 1, '*', (size_t)(at - colon - 1));
+    cli_error(c, "warning: a password in --url can be seen by other users "
+                 "(ps); use AMQP_URL or --url-file");
+}
+
+/* After parsing: the URL file, and warnings about the connection's
+ * security, which go to stderr before anything connects. */
+static int check_url(struct cli *c)
+{
+    mqrpc_role role =
+        c->flags & CLI_SERVICE ? MQRPC_ROLE_SERVICE : MQRPC_ROLE_CLIENT;
+    char url[2048], err[512];
+
+    if (c->url_file) {
+        if (c->url) {
+            cli_error(c, "give --url or --url-file, not both");
+            return CLI_EXIT_USAGE;
+        }
+        if (mqrpc_url_file_read(c->url_file, c->url_buf_, sizeof c->url_buf_,
+                                err, sizeof err) != MQRPC_OK) {
+            cli_error(c, "%s", err);
+            return CLI_EXIT_USAGE;
+        }
+        c->url = c->url_buf_;
+    }
+    if (c->tls.insecure)
+        cli_error(c, "WARNING: --insecure: the broker's certificate and host "
+                     "name are NOT verified; anyone on the path can read and "
+                     "change the traffic. For tests only.");
+    if (mqrpc_default_url(c->url, role, url, sizeof url, NULL) == MQRPC_OK &&
+        mqrpc_url_plaintext_remote(url)) {
+        char shown[2048];
+        mqrpc_url_redact(url, shown, sizeof shown);
+        cli_error(c,
+                  "warning: %s is not encrypted: the password and every "
+                  "message cross the network in clear; use amqps://",
+                  shown);
+    }
+    return -1;
+}
+
 int cli_exit_code(mqrpc_err e)
 {
     switch (e) {
@@ -66,6 +128,7 @@ int cli_exit_code(mqrpc_err e)
     case MQRPC_EINVAL:
     case MQRPC_EURL: return CLI_EXIT_USAGE;
     case MQRPC_ECONNECT:
+    case MQRPC_ETLS:
     case MQRPC_EAUTH:
     case MQRPC_EACCESS:
     case MQRPC_ECLOSED: return CLI_EXIT_BROKER;
@@ -80,6 +143,10 @@ const char *cli_connect_hint(mqrpc_err e)
     if (e == MQRPC_ECONNECT)
         return " (is the broker running? start the private one with "
                "scripts/broker.sh start, or set --url / AMQP_URL)";
+    if (e == MQRPC_EACCESS)
+        return " (this account may not do that: on the private broker "
+               "services log in as \"services\" and use queues named "
+               "service_*, callers log in as \"clients\")";
     return "";
 }
 
@@ -91,6 +158,18 @@ static void usage(const struct cli *c, FILE *f)
             "  --url URL          broker URL (else $AMQP_URL, else the "
             "private broker's,\n"
             "                     else amqp://guest:guest@localhost:5672/)\n");
+    fprintf(f, "  --url-file FILE    read the URL from FILE's first line; FILE "
+               "must be readable\n"
+               "                     by its owner only (chmod 600). Keeps the "
+               "password out of ps\n"
+               "  --cacert FILE      amqps://: CAs to trust (default: the "
+               "system's)\n"
+               "  --cert FILE        amqps://: client certificate, for mutual "
+               "TLS\n"
+               "  --key FILE         amqps://: the client certificate's "
+               "private key\n"
+               "  --insecure         amqps://: do NOT verify the broker (tests "
+               "only)\n");
     if (c->flags & (CLI_CALLER | CLI_TIMEOUT))
         fprintf(f,
                 "  --timeout MS       wait at most MS for each reply "
@@ -108,6 +187,15 @@ static void usage(const struct cli *c, FILE *f)
                 "  --max-body BYTES   larger requests get bad_request "
                 "(default %u)\n",
                 MQRPC_DEFAULT_MAX_BODY);
+        fprintf(f,
+                "  --max-depth N      requests nested deeper get bad_request "
+                "(default %d)\n",
+                MQRPC_DEFAULT_MAX_DEPTH);
+        fprintf(f,
+                "  --max-string BYTES requests with a longer string or key "
+                "get bad_request\n"
+                "                     (default %u)\n",
+                MQRPC_DEFAULT_MAX_STRING);
     }
     for (const struct cli_extra *x = c->extra; x && x->name; x++) {
         char flag[64];
@@ -146,7 +234,7 @@ static void usage(const struct cli *c, FILE *f)
 
 int cli_parse(struct cli *c, int argc, char **argv)
 {
-    struct option opts[32];
+    struct option opts[40];
     /* "+": stop at the first operand, so JSON like -1 after "call Q" and
      * negative numbers after "soma" are operands, not options. ":": a
      * missing value is reported as ':', not as an unknown option. */
@@ -159,6 +247,12 @@ int cli_parse(struct cli *c, int argc, char **argv)
     opts[n++] = (struct option){"url", required_argument, NULL, OPT_URL};
     opts[n++] =
         (struct option){"heartbeat", required_argument, NULL, OPT_HEARTBEAT};
+    opts[n++] =
+        (struct option){"url-file", required_argument, NULL, OPT_URL_FILE};
+    opts[n++] = (struct option){"cacert", required_argument, NULL, OPT_CACERT};
+    opts[n++] = (struct option){"cert", required_argument, NULL, OPT_CERT};
+    opts[n++] = (struct option){"key", required_argument, NULL, OPT_KEY};
+    opts[n++] = (struct option){"insecure", no_argument, NULL, OPT_INSECURE};
     if (verbose) {
         opts[n++] = (struct option){"verbose", no_argument, NULL, 'v'};
     } else {
@@ -179,10 +273,14 @@ int cli_parse(struct cli *c, int argc, char **argv)
             (struct option){"prefetch", required_argument, NULL, OPT_PREFETCH};
         opts[n++] =
             (struct option){"max-body", required_argument, NULL, OPT_MAX_BODY};
+        opts[n++] = (struct option){"max-depth", required_argument, NULL,
+                                    OPT_MAX_DEPTH};
+        opts[n++] = (struct option){"max-string", required_argument, NULL,
+                                    OPT_MAX_STRING};
         opts[n++] =
             (struct option){"workers", required_argument, NULL, OPT_WORKERS};
     }
-    for (int i = 0; c->extra && c->extra[i].name && n < 31; i++) {
+    for (int i = 0; c->extra && c->extra[i].name && n < 39; i++) {
         const struct cli_extra *x = &c->extra[i];
         opts[n++] =
             (struct option){x->name, x->arg ? required_argument : no_argument,
@@ -206,7 +304,21 @@ int cli_parse(struct cli *c, int argc, char **argv)
     optind = 0; /* glibc: a full reset, so parsing can run more than once */
     while ((ch = getopt_long(argc, argv, shorts, opts, NULL)) != -1) {
         switch (ch) {
-        case OPT_URL: c->url = optarg; break;
+        case OPT_URL:
+            if (strlen(optarg) >= sizeof c->url_buf_) {
+                cli_error(c, "--url is longer than %zu bytes",
+                          sizeof c->url_buf_ - 1);
+                return CLI_EXIT_USAGE;
+            }
+            snprintf(c->url_buf_, sizeof c->url_buf_, "%s", optarg);
+            c->url = c->url_buf_;
+            scrub_password(c, optarg);
+            break;
+        case OPT_URL_FILE: c->url_file = optarg; break;
+        case OPT_CACERT: c->tls.ca_file = optarg; break;
+        case OPT_CERT: c->tls.cert_file = optarg; break;
+        case OPT_KEY: c->tls.key_file = optarg; break;
+        case OPT_INSECURE: c->tls.insecure = 1; break;
         case OPT_TIMEOUT:
             if (!cli_parse_long(optarg, 1, 24L * 3600 * 1000, &v)) {
                 cli_error(c,
@@ -263,6 +375,28 @@ int cli_parse(struct cli *c, int argc, char **argv)
             }
             c->max_body = (size_t)v;
             break;
+        case OPT_MAX_DEPTH:
+            /* Below jansson's own limit (2048 levels), so a deep request
+             * always gets our message, which names the option's value. */
+            if (!cli_parse_long(optarg, 1, 1024, &v)) {
+                cli_error(c,
+                          "--max-depth takes a number from 1 to 1024, got "
+                          "\"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->max_depth = (unsigned)v;
+            break;
+        case OPT_MAX_STRING:
+            if (!cli_parse_long(optarg, 1, 128L * 1024 * 1024, &v)) {
+                cli_error(c,
+                          "--max-string takes bytes from 1 to 134217728, got "
+                          "\"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->max_string = (size_t)v;
+            break;
         case OPT_RAW: c->raw = true; break;
         case 'v': c->verbose = true; break;
         case 'h': usage(c, stdout); return CLI_EXIT_OK;
@@ -291,9 +425,12 @@ int cli_parse(struct cli *c, int argc, char **argv)
             }
             if (optopt > 0 && optopt < 256)
                 cli_error(c, "unknown option -%c (try --help)", optopt);
-            else
+            else {
+                char shown[256];
+                mqrpc_url_redact(argv[optind - 1], shown, sizeof shown);
                 cli_error(c, "unknown option or missing value: %s (try --help)",
-                          argv[optind - 1]);
+                          shown);
+            }
             return CLI_EXIT_USAGE;
         }
     }
@@ -307,5 +444,5 @@ int cli_parse(struct cli *c, int argc, char **argv)
         }
     }
     c->optind = optind;
-    return -1;
+    return check_url(c);
 }

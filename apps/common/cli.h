@@ -27,7 +27,8 @@ enum cli_exit {
 /* Which of the common options a program takes. */
 #define CLI_CALLER 1u  /* --timeout, --raw */
 #define CLI_TIMEOUT 4u /* --timeout alone */
-#define CLI_SERVICE 2u /* --queue, --prefetch, --workers, --max-body */
+/* --queue, --prefetch, --workers, --max-body, --max-depth, --max-string */
+#define CLI_SERVICE 2u
 
 /* A program-specific option: "--db PATH", or a flag when arg is NULL (its
  * value becomes "1" when given). With max > min, the value must be a whole
@@ -51,16 +52,21 @@ struct cli {
     const char *verbose_help; /* -v in --help; NULL: the default; "": no -v */
     const char *exit_codes;   /* replaces the standard exit code lines */
     /* defaults on input, results on output */
-    const char *url;
+    const char *url; /* from --url or --url-file; NULL: the default */
+    const char *url_file;
+    mqrpc_tls_opts tls; /* --cacert, --cert, --key, --insecure */
     int timeout_ms;
     int heartbeat_s;
     unsigned prefetch;
     unsigned workers; /* consumers in the process, each on its own connection */
-    size_t max_body;
+    size_t max_body;  /* 0: the library's default, as for the next two */
+    unsigned max_depth;
+    size_t max_string;
     const char *queue;
     bool verbose;
     bool raw;
-    int optind; /* first operand */
+    int optind;          /* first operand */
+    char url_buf_[2048]; /* the URL read from --url or --url-file */
 };
 
 /* cli_parse parses argv. Returns -1 to go on, or an exit code to return
@@ -75,7 +81,8 @@ int cli_exit_code(mqrpc_err e);
 void cli_error(const struct cli *c, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 
-/* cli_connect_hint returns advice to append to a connection failure, or "". */
+/* cli_connect_hint returns advice to append to a connection failure or an
+ * access refusal, or "". */
 const char *cli_connect_hint(mqrpc_err e);
 
 /* cli_on_stop_signals makes SIGINT and SIGTERM call on_stop (without

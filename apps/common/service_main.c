@@ -93,10 +93,13 @@ int service_main(int argc, char **argv, const struct service_program *p)
         }
         memset(&opts, 0, sizeof opts);
         opts.url = c.url;
+        opts.tls = c.tls;
         opts.queue = c.queue;
         opts.instance_id = instance;
         opts.prefetch = c.prefetch;
         opts.max_body = c.max_body;
+        opts.max_depth = c.max_depth;
+        opts.max_string = c.max_string;
         opts.heartbeat_s = c.heartbeat_s;
         opts.verbose = c.verbose;
         w->svc = mqrpc_service_new(&opts, p->handler, w->arg);

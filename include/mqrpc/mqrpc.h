@@ -34,22 +34,23 @@ extern "C" {
  * an error the remote handler chose to send is MQRPC_EREMOTE, and its code
  * and message are in the reply.
  */
-#define MQRPC_ERRORS(X)                                       \
-    X(OK, "ok", "success")                                    \
-    X(ENOMEM, "nomem", "out of memory")                       \
-    X(EINVAL, "invalid", "invalid argument")                  \
-    X(EURL, "bad_url", "malformed broker URL")                \
-    X(ECONNECT, "connect", "cannot connect to the broker")    \
-    X(EAUTH, "auth", "the broker refused the login")          \
-    X(EACCESS, "access", "the broker refused access")         \
-    X(ECLOSED, "closed", "connection to the broker lost")     \
-    X(ETIMEOUT, "timeout", "timed out")                       \
-    X(ENOROUTE, "no_route", "no service on that queue")       \
-    X(EREMOTE, "remote", "the service replied with an error") \
-    X(EBADREPLY, "bad_reply", "malformed reply")              \
-    X(ETOOBIG, "too_big", "message too large")                \
-    X(EPROTO, "protocol", "AMQP protocol error")              \
-    X(ECANCELED, "canceled", "call canceled")                 \
+#define MQRPC_ERRORS(X)                                         \
+    X(OK, "ok", "success")                                      \
+    X(ENOMEM, "nomem", "out of memory")                         \
+    X(EINVAL, "invalid", "invalid argument")                    \
+    X(EURL, "bad_url", "malformed broker URL")                  \
+    X(ECONNECT, "connect", "cannot connect to the broker")      \
+    X(ETLS, "tls", "TLS handshake or certificate check failed") \
+    X(EAUTH, "auth", "the broker refused the login")            \
+    X(EACCESS, "access", "the broker refused access")           \
+    X(ECLOSED, "closed", "connection to the broker lost")       \
+    X(ETIMEOUT, "timeout", "timed out")                         \
+    X(ENOROUTE, "no_route", "no service on that queue")         \
+    X(EREMOTE, "remote", "the service replied with an error")   \
+    X(EBADREPLY, "bad_reply", "malformed reply")                \
+    X(ETOOBIG, "too_big", "message too large")                  \
+    X(EPROTO, "protocol", "AMQP protocol error")                \
+    X(ECANCELED, "canceled", "call canceled")                   \
     X(ESTATE, "state", "operation not valid in this state")
 
 /* mqrpc_err: the status every fallible call returns. */
@@ -74,29 +75,71 @@ const char *mqrpc_errname(mqrpc_err err);
 
 /* Default request body limit of a service, in bytes (1 MiB). */
 #define MQRPC_DEFAULT_MAX_BODY (1024u * 1024u)
+/* Default nesting limit of a request; the request object is level 1. */
+#define MQRPC_DEFAULT_MAX_DEPTH 32
+/* Default limit of any string value or object key in a request, in bytes. */
+#define MQRPC_DEFAULT_MAX_STRING 65536u
 /* Default heartbeat interval, in seconds (RabbitMQ's own default). */
 #define MQRPC_DEFAULT_HEARTBEAT 60
 /* Default call timeout of the command-line tools, in milliseconds. */
 #define MQRPC_DEFAULT_TIMEOUT_MS 5000
 
+/* Which account a program connects as. The private broker has one of each
+ * (README, Security): services may consume only service queues, clients
+ * may only publish requests and read their own reply queues. */
+typedef enum { MQRPC_ROLE_CLIENT, MQRPC_ROLE_SERVICE } mqrpc_role;
+
 /*
  * mqrpc_default_url resolves the broker URL the way every program does:
- * explicit (a --url option) if not NULL, else $AMQP_URL, else the file
- * "amqp_url" the private broker wrote in the state directory ($MQRPC_STATE_DIR,
- * else the directory compiled in), else amqp://guest:guest@localhost:5672/.
- * Writes a NUL-terminated URL into buf and, if source is not NULL, a static
- * description of where it came from ("--url", "AMQP_URL", a file path is
- * not returned: "state file", or "default"). Returns MQRPC_EINVAL if buf is
- * too small or the state file cannot be read although it exists.
+ * explicit (a --url option) if not NULL, else $AMQP_URL, else the URL file
+ * the private broker wrote for role in its state directory
+ * ($MQRPC_STATE_DIR, else the directory compiled in: clients.url or
+ * services.url, read with mqrpc_url_file_read's checks), else
+ * amqp://guest:guest@localhost:5672/. Writes a NUL-terminated URL into buf
+ * and, if source is not NULL, a static description of where it came from
+ * ("--url", "AMQP_URL", "state file", "default"). Returns MQRPC_EINVAL if
+ * buf is too small or the state file exists but cannot be used.
  */
-mqrpc_err mqrpc_default_url(const char *explicit_url, char *buf, size_t len,
-                            const char **source);
+mqrpc_err mqrpc_default_url(const char *explicit_url, mqrpc_role role,
+                            char *buf, size_t len, const char **source);
+
+/*
+ * mqrpc_url_file_read reads the first line of path (a file holding a broker
+ * URL with its password) into buf. Refuses, like ssh does for keys, a file
+ * that group or others may access or that another user owns: on failure
+ * returns MQRPC_EINVAL and writes one line into err ("URL file F is
+ * accessible by group or others (mode 0644); ...").
+ */
+mqrpc_err mqrpc_url_file_read(const char *path, char *buf, size_t len,
+                              char *err, size_t errlen);
 
 /*
  * mqrpc_url_redact copies url into buf with its password replaced by "****",
  * for log lines and error messages. Always NUL-terminates (truncating).
  */
 void mqrpc_url_redact(const char *url, char *buf, size_t len);
+
+/* mqrpc_url_plaintext_remote returns 1 if url is a plain amqp:// URL to a
+ * host that is not loopback, where the password and every message cross
+ * the network unencrypted; programs warn about it. 0 otherwise. */
+int mqrpc_url_plaintext_remote(const char *url);
+
+/*
+ * TLS settings for amqps:// URLs; zeroed means: verify the broker's
+ * certificate against the system CA store and its host name, no client
+ * certificate. Unset files fall back to the URL's query parameters
+ * cacertfile, certfile and keyfile (RabbitMQ's names), as in
+ * amqps://host/?cacertfile=/etc/mqrpc/ca.pem. Giving any of them for an
+ * amqp:// URL is an error.
+ */
+typedef struct mqrpc_tls_opts {
+    const char *ca_file;   /* PEM file of the CAs to trust */
+    const char *cert_file; /* client certificate (PEM), for mutual TLS */
+    const char *key_file;  /* its private key (PEM, unencrypted) */
+    /* Nonzero: do not verify the certificate or the host name. Anyone on
+     * the path can then read and change the traffic: for tests only. */
+    int insecure;
+} mqrpc_tls_opts;
 
 /* ---------------------------------------------------------------- client */
 
@@ -105,13 +148,15 @@ typedef struct mqrpc_reply mqrpc_reply;
 
 /* Client options; a zeroed struct means "all defaults". */
 typedef struct mqrpc_client_opts {
-    const char *url;        /* broker URL; NULL: mqrpc_default_url(NULL) */
+    /* broker URL; NULL: mqrpc_default_url(NULL, MQRPC_ROLE_CLIENT) */
+    const char *url;
     int heartbeat_s;        /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
     int connect_timeout_ms; /* TCP connect and login; 0: 5000 */
     /* Nonzero: replies come through RabbitMQ's direct reply-to
      * (amq.rabbitmq.reply-to) instead of an exclusive reply queue. Saves
      * the queue, not time: measured no faster on RabbitMQ 3.10 (README). */
     int direct_reply_to;
+    mqrpc_tls_opts tls; /* for amqps:// URLs */
 } mqrpc_client_opts;
 
 /*
@@ -277,17 +322,25 @@ typedef struct mqrpc_service mqrpc_service;
 
 /* Service options; zero means default except for queue. */
 typedef struct mqrpc_service_opts {
-    const char *url;         /* NULL: mqrpc_default_url(NULL) */
+    const char *url;         /* NULL: mqrpc_default_url(NULL, SERVICE) */
     const char *queue;       /* required: the queue this service consumes */
     const char *instance_id; /* NULL: "<queue>@<hostname>:<pid>" */
     /* Unacknowledged requests at once; 0: 1. Above 1, requests that
      * arrive together are answered as a batch: their replies and one
      * multiple ack are flushed together (within 1 ms). */
     unsigned prefetch;
-    size_t max_body;        /* larger requests get bad_request; 0: 1 MiB */
+    /* Input limits, checked before the handler runs: a request over one
+     * gets bad_request. 0 means the MQRPC_DEFAULT_MAX_* value. max_depth
+     * counts the request object as level 1 (jansson refuses about 2048
+     * levels whatever it says); max_string applies to every string value
+     * and object key, decoded, in UTF-8 bytes. */
+    size_t max_body;        /* bytes; 0: 1 MiB */
+    unsigned max_depth;     /* levels; 0: 32 */
+    size_t max_string;      /* bytes; 0: 65536 */
     int heartbeat_s;        /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
     int connect_timeout_ms; /* 0: 5000 */
     int verbose;            /* nonzero: one log line per request */
+    mqrpc_tls_opts tls;     /* for amqps:// URLs */
 } mqrpc_service_opts;
 
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
@@ -308,9 +361,10 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s);
  * MQRPC_OK after finishing and answering the request in hand, with
  * unstarted deliveries returned to the queue) or until the connection fails
  * (returns the status; see mqrpc_service_errmsg). For each delivery: the
- * body is checked (size, JSON object), the handler runs, the reply is
- * published to reply_to, then the delivery is acknowledged (with prefetch
- * above 1, once for a batch; see mqrpc_service_opts.prefetch). A delivery
+ * body is checked (the limits in mqrpc_service_opts, a JSON object), the
+ * handler runs, the reply is published to reply_to, then the delivery is
+ * acknowledged (with prefetch above 1, once for a batch; see
+ * mqrpc_service_opts.prefetch). A delivery
  * with no reply_to is logged and acknowledged. Log lines go to stderr. The
  * handler runs on the calling thread; to serve on several threads, give
  * each its own mqrpc_service (and connection), as service_main's --workers

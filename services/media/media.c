@@ -4,13 +4,14 @@
 
 json_t *media_handle(json_t *request, mqrpc_fault *fault, void *arg)
 {
+    const media_opts *opts = arg;
     json_t *numeros = json_object_get(request, "numeros");
     json_t *v, *result;
     long double sum = 0;
     double mean;
-    size_t i, n;
+    size_t i, n, max;
 
-    (void)arg;
+    max = opts && opts->max_items ? opts->max_items : MEDIA_DEFAULT_MAX_ITEMS;
     if (numeros == NULL)
         return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                                "field \"numeros\" is missing");
@@ -22,6 +23,10 @@ json_t *media_handle(json_t *request, mqrpc_fault *fault, void *arg)
     if (n == 0)
         return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                                "numeros must not be empty");
+    if (n > max)
+        return mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
+                               "numeros has %zu elements; the limit is %zu", n,
+                               max);
 
     /*
      * long double keeps integers up to 2^63 exact and, where it is wider

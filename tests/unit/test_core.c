@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -49,18 +50,18 @@ static void decode_request_accepts_objects(void **state)
     json_t *v;
     const char *body = "{\"a\": 10, \"b\": 5}";
     (void)state;
-    assert_int_equal(mqr_decode_request(body, strlen(body), 0, &v, &f),
+    assert_int_equal(mqr_decode_request(body, strlen(body), NULL, &v, &f),
                      MQRPC_OK);
     assert_int_equal(json_integer_value(json_object_get(v, "a")), 10);
     json_decref(v);
 }
 
-static void expect_bad_request(const char *body, size_t len, size_t max,
-                               const char *fragment)
+static void expect_bad_request(const char *body, size_t len,
+                               const mqr_limits *lim, const char *fragment)
 {
     mqrpc_fault f;
     json_t *v = (json_t *)1;
-    assert_int_equal(mqr_decode_request(body, len, max, &v, &f), MQRPC_EINVAL);
+    assert_int_equal(mqr_decode_request(body, len, lim, &v, &f), MQRPC_EINVAL);
     assert_null(v);
     assert_string_equal(f.code, "bad_request");
     if (!strstr(f.message, fragment))
@@ -69,22 +70,208 @@ static void expect_bad_request(const char *body, size_t len, size_t max,
 
 static void decode_request_rejects_bad_bodies(void **state)
 {
-    char *deep;
+    mqr_limits small_body = {.max_body = 4};
     (void)state;
-    expect_bad_request("nope", 4, 0, "not valid JSON");
-    expect_bad_request("", 0, 0, "not valid JSON");
-    expect_bad_request("[1, 2]", 6, 0, "must be a JSON object, got array");
-    expect_bad_request("15", 2, 0, "got integer");
-    expect_bad_request("\"x\"", 3, 0, "got string");
-    expect_bad_request("{\"a\": \"\xff\"}", 10, 0, "not valid JSON");
-    expect_bad_request("{\"a\": 1}", 8, 4, "is 8 bytes, over the limit of 4");
-    /* Deep nesting is refused by the parser's depth limit, not the stack. */
-    deep = malloc(200001);
+    expect_bad_request("nope", 4, NULL, "not valid JSON");
+    expect_bad_request("", 0, NULL, "not valid JSON");
+    expect_bad_request("[1, 2]", 6, NULL, "must be a JSON object, got array");
+    expect_bad_request("15", 2, NULL, "got integer");
+    expect_bad_request("\"x\"", 3, NULL, "got string");
+    expect_bad_request("{\"a\": \"\xff\"}", 10, NULL, "not valid JSON");
+    expect_bad_request("{\"a\": 1}", 8, &small_body,
+                       "is 8 bytes, over the limit of 4");
+}
+
+/* nested returns {"a": [[...[1]...]]} nested levels deep, counting the
+ * object as level 1 (malloc'd). */
+static char *nested(size_t levels)
+{
+    size_t inner = levels - 1, len = 8 + 2 * inner;
+    char *s = malloc(len + 1);
+
+    assert_non_null(s);
+    memcpy(s, "{\"a\": ", 6);
+    memset(s + 6, '[', inner);
+    s[6 + inner] = '1';
+    memset(s + 7 + inner, ']', inner);
+    s[len - 1] = '}';
+    s[len] = '\0';
+    return s;
+}
+
+static void expect_decodes(const char *body, size_t len, const mqr_limits *lim)
+{
+    mqrpc_fault f;
+    json_t *v = NULL;
+    if (mqr_decode_request(body, len, lim, &v, &f) != MQRPC_OK)
+        fail_msg("rejected: %s", f.message);
+    assert_true(json_is_object(v));
+    json_decref(v);
+}
+
+static void decode_request_depth_limit(void **state)
+{
+    mqr_limits three = {.max_depth = 3};
+    const char *strings = "{\"a\": \"[[[{{\\\"[[\", \"b\": [[\"]\"]]}";
+    char *s;
+    (void)state;
+    expect_decodes("{\"a\": [[1]]}", 12, &three);
+    expect_bad_request("{\"a\": [[[1]]]}", 14, &three,
+                       "request nested deeper than 3 levels");
+    expect_bad_request("{\"a\": [{\"b\": {}}]}", 18, &three,
+                       "nested deeper than 3");
+    /* Brackets in strings, after an escaped quote too, are not levels. */
+    expect_decodes(strings, strlen(strings), &three);
+    /* jansson's own limit is 2048; ours answers first when lower. */
+    s = nested(200);
+    expect_decodes(s, strlen(s), &(mqr_limits){.max_depth = 200});
+    expect_bad_request(s, strlen(s), &(mqr_limits){.max_depth = 199},
+                       "nested deeper than 199 levels");
+    free(s);
+}
+
+/* 100000 '[' would recurse 100000 times in a naive parser: refused by a
+ * scan, without parsing (ASan builds catch a deep stack). */
+static void decode_request_refuses_deep_nesting_early(void **state)
+{
+    mqr_limits big_body = {.max_body = 300000};
+    char *deep = malloc(200001);
+    (void)state;
+    assert_non_null(deep);
     memset(deep, '[', 100000);
     memset(deep + 100000, ']', 100000);
     deep[200000] = '\0';
-    expect_bad_request(deep, 200000, 300000, "not valid JSON");
+    expect_bad_request(deep, 200000, &big_body,
+                       "request nested deeper than 32 levels");
+    /* Unbalanced: only openings. */
+    expect_bad_request(deep, 100000, &big_body, "nested deeper than 32");
     free(deep);
+}
+
+/* A string of n bytes 'x' in "{"k": "..."}" or as a key; malloc'd. */
+static char *with_string(size_t n, bool as_key)
+{
+    char *s = malloc(n + 32);
+    size_t at = as_key ? 2 : 7;
+
+    assert_non_null(s);
+    memcpy(s, as_key ? "{\"" : "{\"k\": \"", at);
+    memset(s + at, 'x', n);
+    strcpy(s + at + n, as_key ? "\": 1}" : "\"}");
+    return s;
+}
+
+static void decode_request_string_limit(void **state)
+{
+    mqr_limits ten = {.max_string = 10};
+    char *s;
+    (void)state;
+    s = with_string(10, false);
+    expect_decodes(s, strlen(s), &ten);
+    free(s);
+    s = with_string(11, false);
+    expect_bad_request(s, strlen(s), &ten, "string longer than 10 bytes at .k");
+    free(s);
+    s = with_string(10, true);
+    expect_decodes(s, strlen(s), &ten);
+    free(s);
+    s = with_string(11, true);
+    expect_bad_request(s, strlen(s), &ten,
+                       "object key longer than 10 bytes at .xxxxxxxxxxx");
+    free(s);
+    /* Decoded bytes count: five "\u00e9" are 30 bytes on the wire, 10 in
+     * UTF-8; a sixth makes 12. */
+    expect_decodes("{\"k\": \"\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\"}", 39,
+                   &ten);
+    expect_bad_request(
+        "{\"k\": \"\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9\"}", 45, &ten,
+        "string longer than 10 bytes at .k");
+    /* The path leads to the string. */
+    expect_bad_request("{\"a\": [1, {\"b\": \"0123456789ab\"}]}", 33, &ten,
+                       "string longer than 10 bytes at .a[1].b");
+}
+
+/* A hostile key is quoted short, on one line and as valid UTF-8, so the
+ * error reply can still be encoded. */
+static void decode_request_quotes_keys_safely(void **state)
+{
+    mqr_limits lim = {.max_string = 30};
+    /* 7 x "\\n" then 20 x "é": the cut at 24 bytes falls inside an "é". */
+    const char *body = "{\"\\n\\n\\n\\n\\n\\n\\néééééééééééééééééééé\": 1}";
+    mqrpc_fault f;
+    json_t *v = (json_t *)1, *m;
+    (void)state;
+    assert_int_equal(mqr_decode_request(body, strlen(body), &lim, &v, &f),
+                     MQRPC_EINVAL);
+    assert_string_equal(f.code, "bad_request");
+    assert_null(strchr(f.message, '\n'));
+    assert_non_null(strstr(f.message, "at .???????éééééééé..."));
+    assert_true(strlen(f.message) < 80);
+    m = json_string(f.message); /* NULL if not valid UTF-8 */
+    assert_non_null(m);
+    json_decref(m);
+}
+
+/* A path too long for a message ends in "..." after whole components. */
+static void decode_request_cuts_long_paths(void **state)
+{
+    mqr_limits lim = {.max_string = 30};
+    char body[1024], *p = body;
+    mqrpc_fault f;
+    json_t *v;
+    size_t n;
+    (void)state;
+    for (int i = 0; i < 10; i++)
+        p += sprintf(p, "{\"level_%d_aaaaaaaaaaaaaaaa\": ", i);
+    p += sprintf(p, "\"a string of more than thirty bytes\"");
+    for (int i = 0; i < 10; i++)
+        *p++ = '}';
+    expect_bad_request(
+        body, (size_t)(p - body), &lim,
+        "string longer than 30 bytes at .level_0_aaaaaaaaaaaaaaaa"
+        ".level_1_aaaaaaaaaaaaaaaa");
+    assert_int_equal(mqr_decode_request(body, (size_t)(p - body), &lim, &v, &f),
+                     MQRPC_EINVAL);
+    n = strlen(f.message);
+    assert_true(n < 220);
+    assert_string_equal(f.message + n - 3, "...");
+}
+
+static void decode_request_rejects_invalid_utf8(void **state)
+{
+    (void)state;
+    /* jansson checks every string and key; we only make it bad_request. */
+    expect_bad_request("{\"a\": \"\xff\"}", 10, NULL, "not valid JSON");
+    expect_bad_request("{\"\xc3\": 1}", 8, NULL, "not valid JSON");
+    expect_bad_request("{\"a\": \"\xc0\xaf\"}", 11, NULL, "not valid JSON");
+    expect_bad_request("{\"a\": \"\xed\xa0\x80\"}", 12, NULL, "not valid JSON");
+}
+
+/* Zero limits, or no limits at all, mean MQRPC_DEFAULT_MAX_*. */
+static void decode_request_defaults_when_zero(void **state)
+{
+    mqr_limits zero = {0, 0, 0};
+    const mqr_limits *lims[] = {&zero, NULL};
+    char *s;
+    (void)state;
+    assert_int_equal(MQRPC_DEFAULT_MAX_DEPTH, 32);
+    assert_int_equal(MQRPC_DEFAULT_MAX_STRING, 65536);
+    for (int i = 0; i < 2; i++) {
+        s = nested(32);
+        expect_decodes(s, strlen(s), lims[i]);
+        free(s);
+        s = nested(33);
+        expect_bad_request(s, strlen(s), lims[i],
+                           "request nested deeper than 32 levels");
+        free(s);
+        s = with_string(65536, false);
+        expect_decodes(s, strlen(s), lims[i]);
+        free(s);
+        s = with_string(65537, true);
+        expect_bad_request(s, strlen(s), lims[i],
+                           "object key longer than 65536 bytes");
+        free(s);
+    }
 }
 
 static void encode_matches_what_the_seed_sends(void **state)
@@ -209,40 +396,164 @@ static void url_redact(void **state)
     assert_string_equal(buf, "amqp://host/");
     mqrpc_url_redact("amqp://user@host/", buf, sizeof buf);
     assert_string_equal(buf, "amqp://user@host/");
+    /* A raw '@' or '/' in the password is masked too; the query is kept. */
+    mqrpc_url_redact("amqps://u:p@ss/w@host/?cacertfile=/ca@x.pem", buf,
+                     sizeof buf);
+    assert_string_equal(buf, "amqps://u:****@host/?cacertfile=/ca@x.pem");
+}
+
+static void write_file(const char *path, const char *text, mode_t mode)
+{
+    FILE *f = fopen(path, "w");
+    assert_non_null(f);
+    fputs(text, f);
+    fclose(f);
+    assert_int_equal(chmod(path, mode), 0);
 }
 
 static void default_url_precedence(void **state)
 {
-    char dir[] = "/tmp/mqrpc-url-XXXXXX", path[256], buf[256];
+    char dir[] = "/tmp/mqrpc-url-XXXXXX", cpath[256], spath[256], buf[256];
     const char *src;
-    FILE *f;
     (void)state;
     assert_non_null(mkdtemp(dir));
     setenv("MQRPC_STATE_DIR", dir, 1);
     unsetenv("AMQP_URL");
-    assert_int_equal(mqrpc_default_url(NULL, buf, sizeof buf, &src), MQRPC_OK);
+    assert_int_equal(
+        mqrpc_default_url(NULL, MQRPC_ROLE_CLIENT, buf, sizeof buf, &src),
+        MQRPC_OK);
     assert_string_equal(buf, "amqp://guest:guest@localhost:5672/");
     assert_string_equal(src, "default");
-    snprintf(path, sizeof path, "%s/amqp_url", dir);
-    f = fopen(path, "w");
-    fputs("amqp://s:p@127.0.0.1:5682/\n", f);
-    fclose(f);
-    assert_int_equal(mqrpc_default_url(NULL, buf, sizeof buf, &src), MQRPC_OK);
-    assert_string_equal(buf, "amqp://s:p@127.0.0.1:5682/");
+    /* Each role reads its own account's file. */
+    snprintf(cpath, sizeof cpath, "%s/clients.url", dir);
+    snprintf(spath, sizeof spath, "%s/services.url", dir);
+    write_file(cpath, "amqp://c:p@127.0.0.1:5682/\n", 0600);
+    write_file(spath, "amqp://s:p@127.0.0.1:5682/\n", 0600);
+    assert_int_equal(
+        mqrpc_default_url(NULL, MQRPC_ROLE_CLIENT, buf, sizeof buf, &src),
+        MQRPC_OK);
+    assert_string_equal(buf, "amqp://c:p@127.0.0.1:5682/");
     assert_string_equal(src, "state file");
+    assert_int_equal(
+        mqrpc_default_url(NULL, MQRPC_ROLE_SERVICE, buf, sizeof buf, &src),
+        MQRPC_OK);
+    assert_string_equal(buf, "amqp://s:p@127.0.0.1:5682/");
+    /* A state file others can read is refused, not used. */
+    assert_int_equal(chmod(spath, 0644), 0);
+    assert_int_equal(
+        mqrpc_default_url(NULL, MQRPC_ROLE_SERVICE, buf, sizeof buf, &src),
+        MQRPC_EINVAL);
     setenv("AMQP_URL", "amqp://e@h/", 1);
-    assert_int_equal(mqrpc_default_url(NULL, buf, sizeof buf, &src), MQRPC_OK);
+    assert_int_equal(
+        mqrpc_default_url(NULL, MQRPC_ROLE_CLIENT, buf, sizeof buf, &src),
+        MQRPC_OK);
     assert_string_equal(buf, "amqp://e@h/");
     assert_string_equal(src, "AMQP_URL");
-    assert_int_equal(mqrpc_default_url("amqp://x@y/", buf, sizeof buf, &src),
+    assert_int_equal(mqrpc_default_url("amqp://x@y/", MQRPC_ROLE_CLIENT, buf,
+                                       sizeof buf, &src),
                      MQRPC_OK);
     assert_string_equal(buf, "amqp://x@y/");
     assert_string_equal(src, "--url");
-    assert_int_equal(mqrpc_default_url("amqp://x@y/", buf, 5, &src),
-                     MQRPC_EINVAL);
+    assert_int_equal(
+        mqrpc_default_url("amqp://x@y/", MQRPC_ROLE_CLIENT, buf, 5, &src),
+        MQRPC_EINVAL);
     unsetenv("AMQP_URL");
-    unlink(path);
+    unlink(cpath);
+    unlink(spath);
     rmdir(dir);
+}
+
+static void url_file_owner_only(void **state)
+{
+    char dir[] = "/tmp/mqrpc-urlf-XXXXXX", path[256], buf[64], err[256];
+    (void)state;
+    assert_non_null(mkdtemp(dir));
+    snprintf(path, sizeof path, "%s/url", dir);
+    write_file(path, "amqps://u:secret@h/\nignored\n", 0600);
+    assert_int_equal(
+        mqrpc_url_file_read(path, buf, sizeof buf, err, sizeof err), MQRPC_OK);
+    assert_string_equal(buf, "amqps://u:secret@h/");
+    write_file(path, "amqps://u:secret@h/\n", 0640);
+    assert_int_equal(
+        mqrpc_url_file_read(path, buf, sizeof buf, err, sizeof err),
+        MQRPC_EINVAL);
+    assert_non_null(strstr(err, "accessible by group or others (mode 0640)"));
+    assert_non_null(strstr(err, "chmod 600"));
+    assert_null(strstr(err, "secret"));
+    write_file(path, "amqps://u:secret@h/\n", 0604);
+    assert_int_equal(
+        mqrpc_url_file_read(path, buf, sizeof buf, err, sizeof err),
+        MQRPC_EINVAL);
+    write_file(path, "\n", 0600);
+    assert_int_equal(
+        mqrpc_url_file_read(path, buf, sizeof buf, err, sizeof err),
+        MQRPC_EINVAL);
+    assert_non_null(strstr(err, "is empty"));
+    unlink(path);
+    assert_int_equal(
+        mqrpc_url_file_read(path, buf, sizeof buf, err, sizeof err),
+        MQRPC_EINVAL);
+    assert_non_null(strstr(err, "No such file"));
+    /* A directory is not a URL file. */
+    assert_int_equal(mqrpc_url_file_read(dir, buf, sizeof buf, err, sizeof err),
+                     MQRPC_EINVAL);
+    rmdir(dir);
+}
+
+static void url_tls_parameters(void **state)
+{
+    mqr_url u;
+    char err[256];
+    (void)state;
+    assert_int_equal(
+        mqr_url_parse("amqps://u:p@broker.example:5671/v?cacertfile=/etc/"
+                      "ca%20dir/ca.pem&certfile=/c.pem&keyfile=/k.pem",
+                      &u, err, sizeof err),
+        MQRPC_OK);
+    assert_true(u.tls);
+    assert_string_equal(u.host, "broker.example");
+    assert_int_equal(u.port, 5671);
+    assert_string_equal(u.vhost, "v");
+    assert_string_equal(u.password, "p");
+    assert_string_equal(u.ca_file, "/etc/ca dir/ca.pem");
+    assert_string_equal(u.cert_file, "/c.pem");
+    assert_string_equal(u.key_file, "/k.pem");
+    mqr_url_clear(&u);
+    /* amqps:// alone: default port 5671, no files. */
+    assert_int_equal(mqr_url_parse("amqps://h", &u, err, sizeof err), MQRPC_OK);
+    assert_int_equal(u.port, 5671);
+    assert_null(u.ca_file);
+    mqr_url_clear(&u);
+    assert_int_equal(
+        mqr_url_parse("amqps://h/?verify=verify_none", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "unknown URL parameter \"verify\""));
+    assert_int_equal(
+        mqr_url_parse("amqp://h/?cacertfile=/ca.pem", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "need an amqps:// URL"));
+    assert_int_equal(
+        mqr_url_parse("amqps://h/?cacertfile", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_int_equal(
+        mqr_url_parse("amqps://h/?cacertfile=%zz", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_int_equal(
+        mqr_url_parse("amqps://h/?cacertfile=a%00b", &u, err, sizeof err),
+        MQRPC_EURL);
+}
+
+static void url_plaintext_remote(void **state)
+{
+    (void)state;
+    assert_int_equal(mqrpc_url_plaintext_remote("amqp://u:p@broker.lan/"), 1);
+    assert_int_equal(mqrpc_url_plaintext_remote("amqp://u:p@10.0.0.5:5672/"),
+                     1);
+    assert_int_equal(mqrpc_url_plaintext_remote("amqp://u:p@localhost/"), 0);
+    assert_int_equal(mqrpc_url_plaintext_remote("amqp://u:p@127.0.0.1:1/"), 0);
+    assert_int_equal(mqrpc_url_plaintext_remote("amqp://u:p@[::1]:5672/"), 0);
+    assert_int_equal(mqrpc_url_plaintext_remote("amqps://u:p@broker.lan/"), 0);
+    assert_int_equal(mqrpc_url_plaintext_remote("not a url"), 0);
 }
 
 /* ---------------------------------------------------------------- cli */
@@ -336,6 +647,41 @@ static void cli_service_options(void **state)
     assert_int_equal(parse(&c6, 3, many), CLI_EXIT_USAGE);
 }
 
+/* --max-depth and --max-string: 0 (the library's default) unless given,
+ * and range-checked like --max-body. */
+static void cli_service_limit_options(void **state)
+{
+    char *ok[] = {"svc", "--max-depth", "5", "--max-string", "100", NULL};
+    char *none[] = {"svc", NULL};
+    char *bad[][3] = {
+        {"svc", "--max-depth", "0"},          {"svc", "--max-depth", "1025"},
+        {"svc", "--max-depth", "x"},          {"svc", "--max-depth", "-1"},
+        {"svc", "--max-string", "0"},         {"svc", "--max-string", "1k"},
+        {"svc", "--max-string", "134217729"},
+    };
+    struct cli c = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    (void)state;
+    assert_int_equal(parse(&c, 5, ok), -1);
+    assert_int_equal(c.max_depth, 5);
+    assert_int_equal(c.max_string, 100);
+    struct cli c2 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c2, 1, none), -1);
+    assert_int_equal(c2.max_depth, 0);
+    assert_int_equal(c2.max_string, 0);
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        char *argv[] = {bad[i][0], bad[i][1], bad[i][2], NULL};
+        struct cli c3 = {
+            .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+        assert_int_equal(parse(&c3, 3, argv), CLI_EXIT_USAGE);
+    }
+    /* Service options only. */
+    struct cli c4 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c4, 5, ok), CLI_EXIT_USAGE);
+}
+
 /* Program options: short aliases, and flags that take no value. */
 static void cli_extra_short_and_flags(void **state)
 {
@@ -388,6 +734,13 @@ int main(void)
         cmocka_unit_test(fault_set_formats_and_returns_null),
         cmocka_unit_test(decode_request_accepts_objects),
         cmocka_unit_test(decode_request_rejects_bad_bodies),
+        cmocka_unit_test(decode_request_depth_limit),
+        cmocka_unit_test(decode_request_refuses_deep_nesting_early),
+        cmocka_unit_test(decode_request_string_limit),
+        cmocka_unit_test(decode_request_quotes_keys_safely),
+        cmocka_unit_test(decode_request_cuts_long_paths),
+        cmocka_unit_test(decode_request_rejects_invalid_utf8),
+        cmocka_unit_test(decode_request_defaults_when_zero),
         cmocka_unit_test(encode_matches_what_the_seed_sends),
         cmocka_unit_test(faults_round_trip),
         cmocka_unit_test(decode_reply_cases),
@@ -395,8 +748,12 @@ int main(void)
         cmocka_unit_test(url_parse_rejects_and_hides_the_password),
         cmocka_unit_test(url_redact),
         cmocka_unit_test(default_url_precedence),
+        cmocka_unit_test(url_file_owner_only),
+        cmocka_unit_test(url_tls_parameters),
+        cmocka_unit_test(url_plaintext_remote),
         cmocka_unit_test(cli_caller_options),
         cmocka_unit_test(cli_service_options),
+        cmocka_unit_test(cli_service_limit_options),
         cmocka_unit_test(cli_extra_short_and_flags),
         cmocka_unit_test(exit_codes_are_the_documented_ones),
     };

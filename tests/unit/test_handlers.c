@@ -251,6 +251,45 @@ static void media_bad_elements(void **state)
                  "numeros[0] must be a number, got array");
 }
 
+/* numeros_of returns {"numeros": [1, 1, ...]} with n elements (malloc'd). */
+static char *numeros_of(size_t n)
+{
+    char *s = malloc(16 + 3 * n), *p;
+
+    assert_non_null(s);
+    p = s + sprintf(s, "{\"numeros\": [");
+    for (size_t i = 0; i < n; i++)
+        p += sprintf(p, i ? ", 1" : "1");
+    strcpy(p, "]}");
+    return s;
+}
+
+static void media_item_limit(void **state)
+{
+    const media_opts three = {.max_items = 3};
+    char *s;
+
+    (void)state;
+    expect_result(media_handle, (void *)&three, "{\"numeros\": [1, 2, 3]}",
+                  JSON_REAL, "2.0");
+    expect_fault(media_handle, (void *)&three, "{\"numeros\": [1, 2, 3, 4]}",
+                 MQRPC_BAD_REQUEST, "numeros has 4 elements; the limit is 3");
+    /* Counted before the elements are looked at. */
+    expect_fault(media_handle, (void *)&three,
+                 "{\"numeros\": [1, 2, 3, \"x\"]}", MQRPC_BAD_REQUEST,
+                 "numeros has 4 elements; the limit is 3");
+    /* NULL, or 0, means MEDIA_DEFAULT_MAX_ITEMS. */
+    assert_int_equal(MEDIA_DEFAULT_MAX_ITEMS, 100000);
+    s = numeros_of(MEDIA_DEFAULT_MAX_ITEMS);
+    expect_result(media_handle, NULL, s, JSON_REAL, "1.0");
+    expect_result(media_handle, &(media_opts){0}, s, JSON_REAL, "1.0");
+    free(s);
+    s = numeros_of(MEDIA_DEFAULT_MAX_ITEMS + 1);
+    expect_fault(media_handle, NULL, s, MQRPC_BAD_REQUEST,
+                 "numeros has 100001 elements; the limit is 100000");
+    free(s);
+}
+
 /* ---------------------------------------------------------------- info */
 
 static void check_info(json_t *r, const char *instancia)
@@ -737,6 +776,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(media_large_values),
         cmocka_unit_test(media_bad_lists),
         cmocka_unit_test(media_bad_elements),
+        cmocka_unit_test(media_item_limit),
     };
     static const struct CMUnitTest info_tests[] = {
         cmocka_unit_test(info_describes_host),
