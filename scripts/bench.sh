@@ -167,7 +167,10 @@ if ! "$repo/scripts/broker.sh" status >/dev/null 2>&1; then
     "$repo/scripts/broker.sh" start >&2
     started_broker=1
 fi
-url=$(<"$MQRPC_STATE_DIR/amqp_url")
+# bare_pingpong and the seed take their URL from AMQP_URL, not the command
+# line (where ps shows passwords); our programs find the URL files by role.
+svc=(env "AMQP_URL=$(<"$MQRPC_STATE_DIR/services.url")")
+cli=(env "AMQP_URL=$(<"$MQRPC_STATE_DIR/clients.url")")
 broker_pid=$(<"$MQRPC_STATE_DIR/broker.pid")
 mkdir -p "$logs"
 : >"$results"
@@ -199,29 +202,29 @@ c1_mqrpc() {
         ${hist:+--hist "$out/lat-mqrpc-c1.dat"}
 }
 c1_bare() {
-    record "bare c=1 p=1$tag #$1" "${@:2}" "$bin/bare_pingpong" call \
-        --url "$url" -c 1 -d "$secs"
+    record "bare c=1 p=1$tag #$1" "${@:2}" "${cli[@]}" "$bin/bare_pingpong" \
+        call -c 1 -d "$secs"
 }
 c1_seed() {
-    record "seed c=1 p=1$tag #$1" "${@:2}" "${seed[@]}" call --url "$url" \
+    record "seed c=1 p=1$tag #$1" "${@:2}" "${cli[@]}" "${seed[@]}" call \
         -c 1 -d "$secs"
 }
 c64_mqrpc() { record "mqrpc c=64 p=1 #$1" "${rb[@]}" -c 64; }
 c64_bare() {
-    record "bare c=64 p=1 #$1" "$bin/bare_pingpong" call --url "$url" \
+    record "bare c=64 p=1 #$1" "${cli[@]}" "$bin/bare_pingpong" call \
         -c 64 -d "$secs"
 }
 c64_seed() {
-    record "seed c=64 p=1 #$1" "${seed[@]}" call --url "$url" -c 64 \
+    record "seed c=64 p=1 #$1" "${cli[@]}" "${seed[@]}" call -c 64 \
         -d "$secs"
 }
 
 start_p1() {
     local pin=("$@")
     start soma1 "pronto" "${pin[@]}" "$bin/service_soma"
-    start bare1 "ready" "${pin[@]}" "$bin/bare_pingpong" serve --url "$url" \
+    start bare1 "ready" "${pin[@]}" "${svc[@]}" "$bin/bare_pingpong" serve \
         --prefetch 1
-    start seed1 "ready" "${pin[@]}" "${seed[@]}" serve --url "$url"
+    start seed1 "ready" "${pin[@]}" "${svc[@]}" "${seed[@]}" serve
 }
 
 # warm CMD...: one unrecorded second of load, so that no implementation
@@ -234,8 +237,8 @@ warm() {
 tag='' hist=1
 start_p1
 warm "$bin/rpc_bench" -c 64 --warmup 0
-warm "$bin/bare_pingpong" call --url "$url" -c 64 --warmup 0
-warm "${seed[@]}" call --url "$url" -c 64 --warmup 0
+warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
+warm "${cli[@]}" "${seed[@]}" call -c 64 --warmup 0
 for ((r = 1; r <= rounds; r++)); do
     round_p1 "$r"
     hist=''
@@ -244,15 +247,15 @@ stop_services
 
 start soma64 "pronto" "$bin/service_soma" --prefetch 64
 soma_pid=${pids[-1]}
-start bare64 "ready" "$bin/bare_pingpong" serve --url "$url" --prefetch 64
+start bare64 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 64
 warm "$bin/rpc_bench" -c 64 --warmup 0
-warm "$bin/bare_pingpong" call --url "$url" -c 64 --warmup 0
+warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
 p64_mqrpc() {
     record "mqrpc c=64 p=64 #$1" "${rb[@]}" -c 64 \
         ${hist:+--hist "$out/lat-mqrpc-c64.dat"}
 }
 p64_bare() {
-    record "bare c=64 p=64 #$1" "$bin/bare_pingpong" call --url "$url" \
+    record "bare c=64 p=64 #$1" "${cli[@]}" "$bin/bare_pingpong" call \
         -c 64 -d "$secs"
 }
 hist=1
@@ -283,8 +286,8 @@ if command -v taskset >/dev/null; then
     tag=' one-cpu'
     start_p1 taskset -c 0
     warm taskset -c 0 "$bin/rpc_bench" --warmup 0
-    warm taskset -c 0 "$bin/bare_pingpong" call --url "$url" --warmup 0
-    warm taskset -c 0 "${seed[@]}" call --url "$url" --warmup 0
+    warm taskset -c 0 "${cli[@]}" "$bin/bare_pingpong" call --warmup 0
+    warm taskset -c 0 "${cli[@]}" "${seed[@]}" call --warmup 0
     for ((r = 1; r <= rounds; r++)); do
         round_p1 "$r" taskset -c 0
     done
@@ -309,7 +312,7 @@ if ((!quick)); then
     say "valgrind: service_soma and rpc_bench, 2000 calls"
     vg=(valgrind --leak-check=full --show-leak-kinds=definite,indirect
         --errors-for-leak-kinds=definite,indirect --error-exitcode=99 -q)
-    start vg-soma "pronto" "${vg[@]}" "$bin/service_soma" --queue bench_vg
+    start vg-soma "pronto" "${vg[@]}" "$bin/service_soma" --queue service_bench_vg
     vg_client=0
     "${vg[@]}" "$bin/rpc_bench" -n 2000 -c 8 --warmup 10 --expect 3 \
         bench_vg '{"a":1,"b":2}' >"$logs/vg-client.log" 2>&1 || vg_client=$?

@@ -5,7 +5,14 @@
 # run as the caller and honour RABBITMQ_* variables (the /usr/sbin wrappers
 # switch user and would touch the system installation).
 #
-# Usage: scripts/broker.sh start|stop|status|url|restart|--help
+# Usage: scripts/broker.sh start|stop|status|restart|rotate|url [clients|services]|--help
+#
+# Accounts (no guest): "services" may declare and consume only queues named
+# service_*, "clients" may publish requests and use their own server-named
+# reply queues, "admin" is for the management UI only. Passwords are random,
+# kept in <state>/broker/credentials (mode 600) and in the URL files
+# <state>/clients.url and <state>/services.url (mode 600), never printed.
+# "rotate" gives the accounts new passwords while the broker runs.
 #
 # Environment (all optional):
 #   MQRPC_STATE_DIR              state directory (default: <repo>/var)
@@ -15,6 +22,11 @@
 #   MQRPC_EPMD_PORT              private epmd port (default AMQP-1000)
 #   MQRPC_BROKER_MANAGEMENT      1 = enable management plugin (default), 0 = off
 #   MQRPC_BROKER_START_TIMEOUT   seconds to wait for readiness (default 60)
+#   MQRPC_BROKER_TLS             1 = also listen with TLS (mutual: client
+#                                certificate required) and write amqps://
+#                                URL files; CA and certificates are generated
+#                                with openssl into <state>/tls (default 0)
+#   MQRPC_BROKER_TLS_PORT        TLS port (default AMQP+1)
 #
 # Exit codes: 0 ok, 1 error, 2 usage error,
 #             3 not running (status/url; LSB convention for "program is not running").
@@ -24,7 +36,7 @@ readonly RMQ_BIN=/usr/lib/rabbitmq/bin
 readonly EXIT_NOT_RUNNING=3
 
 usage() {
-    echo "usage: ${0##*/} start|stop|status|url|restart|--help"
+    echo "usage: ${0##*/} start|stop|status|restart|rotate|url [clients|services]|--help"
 }
 
 die() {
@@ -66,15 +78,23 @@ setup_env() {
     management=${MQRPC_BROKER_MANAGEMENT:-1}
     [[ "$management" == 0 || "$management" == 1 ]] ||
         die "MQRPC_BROKER_MANAGEMENT must be 0 or 1, got '$management'"
+    tls=${MQRPC_BROKER_TLS:-0}
+    [[ "$tls" == 0 || "$tls" == 1 ]] || die "MQRPC_BROKER_TLS must be 0 or 1, got '$tls'"
+    tls_port=${MQRPC_BROKER_TLS_PORT:-$((amqp_port + 1))}
+    is_uint "$tls_port" && ((tls_port >= 1 && tls_port <= 65535)) ||
+        die "MQRPC_BROKER_TLS_PORT must be a port number, got '$tls_port'"
     start_timeout=${MQRPC_BROKER_START_TIMEOUT:-60}
     is_uint "$start_timeout" || die "MQRPC_BROKER_START_TIMEOUT must be a number of seconds"
 
     node="mqrpc${amqp_port}@localhost"
     broker_dir=$state_dir/broker
     pid_file=$state_dir/broker.pid
-    url_file=$state_dir/amqp_url
+    clients_url_file=$state_dir/clients.url
+    services_url_file=$state_dir/services.url
     mgmt_url_file=$state_dir/management_url
     cred_file=$broker_dir/credentials
+    definitions_file=$broker_dir/definitions.json
+    tls_dir=$state_dir/tls
     log_dir=$broker_dir/log
     mnesia_base=$broker_dir/mnesia
     startup_log=$log_dir/startup.log
@@ -179,7 +199,7 @@ port_in_use() {
 }
 
 mask_url() {
-    sed -E 's#(amqp://[^:]*:)[^@]*@#\1****@#' <<<"$1"
+    sed -E 's#(amqps?://[^:/]*:)[^@]*@#\1****@#' <<<"$1"
 }
 
 show_logs() {
@@ -203,29 +223,128 @@ stop_epmd() {
 # ---------------------------------------------------------------------------
 # Files of the node
 # ---------------------------------------------------------------------------
+readonly ACCOUNTS=(admin services clients)
+
+new_password() {
+    local pw
+    # tr on a bounded input avoids SIGPIPE failures under pipefail.
+    pw=$(head -c 4096 /dev/urandom | LC_ALL=C tr -dc 'A-Za-z0-9')
+    pw=${pw:0:24}
+    ((${#pw} == 24)) || die "could not generate a password from /dev/urandom"
+    echo "$pw"
+}
+
+# Writes the credentials file (one "account=password" line each), mode 600.
+write_credentials() {
+    (
+        umask 077
+        printf 'admin=%s\nservices=%s\nclients=%s\n' \
+            "$admin_pass" "$services_pass" "$clients_pass" >"$cred_file.tmp"
+    )
+    mv -f "$cred_file.tmp" "$cred_file"
+}
+
 load_or_create_credentials() {
-    if [[ ! -s "$cred_file" ]]; then
-        # The DB already holds a user whose password we no longer know:
+    if [[ ! -s "$cred_file" ]] || ! grep -q '^clients=' "$cred_file"; then
+        # The DB already holds users whose passwords we no longer know:
         # start over rather than run with unusable credentials.
         if [[ -d "$mnesia_base" ]] && [[ -n "$(ls -A "$mnesia_base" 2>/dev/null)" ]]; then
-            echo "broker: credentials file missing, wiping $mnesia_base and regenerating credentials"
+            echo "broker: no credentials for this node's accounts, wiping $mnesia_base"
             rm -rf "$mnesia_base"
         fi
-        local pw
-        # tr on a bounded input avoids SIGPIPE failures under pipefail.
-        pw=$(head -c 4096 /dev/urandom | LC_ALL=C tr -dc 'A-Za-z0-9')
-        pw=${pw:0:24}
-        ((${#pw} == 24)) || die "could not generate a password from /dev/urandom"
-        (
-            umask 077
-            printf 'user=%s\npassword=%s\n' mqrpc "$pw" >"$cred_file.tmp"
-        )
-        mv -f "$cred_file.tmp" "$cred_file"
+        admin_pass=$(new_password)
+        services_pass=$(new_password)
+        clients_pass=$(new_password)
+        write_credentials
     fi
     chmod 600 "$cred_file"
-    broker_user=$(sed -n 's/^user=//p' "$cred_file")
-    broker_pass=$(sed -n 's/^password=//p' "$cred_file")
-    [[ -n "$broker_user" && -n "$broker_pass" ]] || die "malformed $cred_file (delete it to regenerate)"
+    admin_pass=$(sed -n 's/^admin=//p' "$cred_file")
+    services_pass=$(sed -n 's/^services=//p' "$cred_file")
+    clients_pass=$(sed -n 's/^clients=//p' "$cred_file")
+    [[ -n "$admin_pass" && -n "$services_pass" && -n "$clients_pass" ]] ||
+        die "malformed $cred_file (delete it to regenerate)"
+}
+
+# RabbitMQ's rabbit_password_hashing_sha256: base64(salt ++ sha256(salt ++
+# password)) with a random 4-byte salt. The definitions hold hashes only.
+password_hash() {
+    local tmp
+    tmp=$(mktemp -d "${TMPDIR:-/tmp}/mqrpc-hash.XXXXXX")
+    head -c 4 /dev/urandom >"$tmp/salt"
+    { cat "$tmp/salt"; printf '%s' "$1"; } | openssl dgst -sha256 -binary >"$tmp/hash"
+    cat "$tmp/salt" "$tmp/hash" | base64 -w0
+    rm -rf "$tmp"
+}
+
+# The accounts and what each may do, loaded by the broker at boot and by
+# "rotate". Permissions are regular expressions on resource names:
+#   services: configure and read service_* queues (declare, consume), write
+#             to the default exchange (replies)
+#   clients:  configure and read server-named queues amq.gen-* (their
+#             exclusive reply queues), write to the default exchange
+#             (requests). They cannot consume, declare or delete service_*.
+write_definitions() {
+    local a h users="" sep="" pw_var tags
+    for a in "${ACCOUNTS[@]}"; do
+        pw_var=${a}_pass
+        tags='[]'
+        [[ $a == admin ]] && tags='["administrator"]'
+        h=$(password_hash "${!pw_var}")
+        users+="$sep{\"name\":\"$a\",\"password_hash\":\"$h\","
+        users+="\"hashing_algorithm\":\"rabbit_password_hashing_sha256\",\"tags\":$tags}"
+        sep=","
+    done
+    (
+        umask 077
+        cat >"$definitions_file.tmp" <<EOF
+{
+  "users": [$users],
+  "vhosts": [{"name": "/"}],
+  "permissions": [
+    {"user": "admin", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"},
+    {"user": "services", "vhost": "/", "configure": "^service_", "write": "^amq\\\\.default\$", "read": "^service_"},
+    {"user": "clients", "vhost": "/", "configure": "^amq\\\\.gen-", "write": "^amq\\\\.default\$", "read": "^amq\\\\.gen-"}
+  ]
+}
+EOF
+    )
+    mv -f "$definitions_file.tmp" "$definitions_file"
+}
+
+# A private CA, a server certificate for "localhost" and one client
+# certificate, made once per state directory. The server certificate names
+# localhost only, so a client connecting to 127.0.0.1 fails the host name
+# check (the tests rely on it to show that the check is on).
+make_certificates() {
+    [[ -s "$tls_dir/ca.pem" && -s "$tls_dir/server.pem" && -s "$tls_dir/client.pem" ]] && return 0
+    command -v openssl >/dev/null || die "openssl not found (run scripts/deps.sh)"
+    rm -rf "$tls_dir"
+    mkdir -p "$tls_dir"
+    chmod 700 "$tls_dir"
+    local log=$state_dir/openssl.log
+    (
+        umask 077
+        cd "$tls_dir"
+        set -e
+        ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+        openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.pem -days 3650 \
+            -subj "/CN=mqrpc private CA" \
+            -addext "basicConstraints=critical,CA:TRUE" \
+            -addext "keyUsage=critical,keyCertSign,cRLSign"
+        openssl req "${ec[@]}" -keyout server.key -out server.csr -subj "/CN=localhost"
+        printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out server.pem -days 825 -extfile server.ext
+        openssl req "${ec[@]}" -keyout client.key -out client.csr -subj "/CN=mqrpc client"
+        printf 'extendedKeyUsage=clientAuth\n' >client.ext
+        openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+            -out client.pem -days 825 -extfile client.ext
+        rm -f ./*.csr ./*.ext ./*.srl
+    ) >"$log" 2>&1 || {
+        tail -n 5 "$log" >&2
+        die "could not generate certificates in $tls_dir"
+    }
+    rm -f "$log"
 }
 
 write_config() {
@@ -235,23 +354,31 @@ write_config() {
     [[ -f "$RABBITMQ_ADVANCED_CONFIG_FILE" ]] || echo '[].' >"$RABBITMQ_ADVANCED_CONFIG_FILE"
 
     load_or_create_credentials
+    write_definitions
+    if ((tls)); then make_certificates; fi
 
     # Regenerated on every start so changes to ports/management take effect.
-    # default_user/default_pass only apply when the DB is created, which is
-    # why the credentials file must stay in sync with mnesia.
+    # default_user only applies when the DB is created: it replaces guest.
     (
         umask 077
         {
             echo "# Generated by scripts/broker.sh; edits are overwritten on start."
             echo "listeners.tcp.1 = 127.0.0.1:$amqp_port"
-            echo "default_user = $broker_user"
-            echo "default_pass = $broker_pass"
-            echo "default_user_tags.administrator = true"
-            echo "default_permissions.configure = .*"
-            echo "default_permissions.read = .*"
-            echo "default_permissions.write = .*"
+            echo "default_user = admin"
+            echo "default_pass = $admin_pass"
+            echo "load_definitions = $definitions_file"
             echo "log.console = false"
             echo "log.file.level = info"
+            if ((tls)); then
+                echo "listeners.ssl.1 = 127.0.0.1:$tls_port"
+                echo "ssl_options.cacertfile = $tls_dir/ca.pem"
+                echo "ssl_options.certfile = $tls_dir/server.pem"
+                echo "ssl_options.keyfile = $tls_dir/server.key"
+                echo "ssl_options.verify = verify_peer"
+                echo "ssl_options.fail_if_no_peer_cert = true"
+                echo "ssl_options.versions.1 = tlsv1.3"
+                echo "ssl_options.versions.2 = tlsv1.2"
+            fi
             if ((management)); then
                 echo "management.tcp.ip = 127.0.0.1"
                 echo "management.tcp.port = $mgmt_port"
@@ -269,22 +396,44 @@ write_config() {
 # Subcommands
 # ---------------------------------------------------------------------------
 print_ready() {
-    local pid=$1 url
-    url=$(<"$url_file")
-    echo "broker $node ready on $(mask_url "$url") (pid $pid)"
+    local pid=$1
+    echo "broker $node ready on $(mask_url "$(<"$clients_url_file")") (pid $pid)"
+    echo "URLs (with passwords) written to $clients_url_file and $services_url_file"
     if ((management)) && [[ -f "$mgmt_url_file" ]]; then
-        echo "management UI: $(<"$mgmt_url_file") user $broker_user password $broker_pass"
+        echo "management UI: $(<"$mgmt_url_file") (user admin, password in $cred_file)"
     fi
-    echo "URL written to $url_file"
+}
+
+# Percent-encodes what would end a URL query value.
+url_escape() {
+    local s=$1
+    s=${s//%/%25}
+    s=${s// /%20}
+    s=${s//&/%26}
+    s=${s//#/%23}
+    s=${s//+/%2B}
+    echo "$s"
+}
+
+# One URL file per account, mode 600: programs find them by role.
+write_url_file() {
+    local file=$1 user=$2 pass=$3 url
+    if ((tls)); then
+        url="amqps://$user:$pass@localhost:$tls_port/?cacertfile=$(url_escape "$tls_dir/ca.pem")"
+        url+="&certfile=$(url_escape "$tls_dir/client.pem")&keyfile=$(url_escape "$tls_dir/client.key")"
+    else
+        url="amqp://$user:$pass@127.0.0.1:$amqp_port/"
+    fi
+    (
+        umask 077
+        echo "$url" >"$file.tmp"
+    )
+    mv -f "$file.tmp" "$file"
 }
 
 write_urls() {
-    (
-        umask 077
-        echo "amqp://$broker_user:$broker_pass@127.0.0.1:$amqp_port/" >"$url_file.tmp"
-    )
-    mv -f "$url_file.tmp" "$url_file"
-    chmod 600 "$url_file"
+    write_url_file "$services_url_file" services "$services_pass"
+    write_url_file "$clients_url_file" clients "$clients_pass"
     if ((management)); then
         echo "http://127.0.0.1:$mgmt_port/" >"$mgmt_url_file"
     else
@@ -297,7 +446,7 @@ cmd_start() {
     pid=$(read_pid)
     if pid_alive "$pid" && diag -q check_running >/dev/null 2>&1; then
         load_or_create_credentials
-        [[ -f "$url_file" ]] || write_urls
+        [[ -f "$clients_url_file" && -f "$services_url_file" ]] || write_urls
         echo "broker $node already running (pid $pid)"
         print_ready "$pid"
         return 0
@@ -310,9 +459,10 @@ cmd_start() {
         fi
         echo "broker: removing stale pid file $pid_file (pid $pid)"
     fi
-    rm -f "$pid_file" "$url_file" "$mgmt_url_file" "$rmq_pid_file"
+    rm -f "$pid_file" "$clients_url_file" "$services_url_file" "$mgmt_url_file" "$rmq_pid_file"
 
     local p ports=("$amqp_port" "$dist_port")
+    ((tls)) && ports+=("$tls_port")
     ((management)) && ports+=("$mgmt_port")
     for p in "${ports[@]}"; do
         port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (another broker? set MQRPC_BROKER_PORT)"
@@ -379,7 +529,7 @@ cmd_stop() {
     local pid
     pid=$(read_pid)
     if ! pid_alive "$pid"; then
-        rm -f "$pid_file" "$url_file" "$mgmt_url_file"
+        rm -f "$pid_file" "$clients_url_file" "$services_url_file" "$mgmt_url_file"
         stop_epmd
         echo "broker $node not running"
         return 0
@@ -397,7 +547,7 @@ cmd_stop() {
     done
     pid_alive "$pid" && die "pid $pid still alive after stop"
     stop_epmd
-    rm -f "$pid_file" "$url_file" "$mgmt_url_file" "$rmq_pid_file"
+    rm -f "$pid_file" "$clients_url_file" "$services_url_file" "$mgmt_url_file" "$rmq_pid_file"
     echo "broker $node stopped"
 }
 
@@ -414,16 +564,38 @@ cmd_status() {
 }
 
 cmd_url() {
-    if node_running && [[ -s "$url_file" ]]; then
-        cat "$url_file"
+    local file=$clients_url_file
+    [[ "$1" == services ]] && file=$services_url_file
+    if node_running && [[ -s "$file" ]]; then
+        cat "$file"
         return 0
     fi
     echo "broker: $node not running" >&2
     return "$EXIT_NOT_RUNNING"
 }
 
+# New passwords for every account, applied to the running broker. Open
+# connections stay up (RabbitMQ checks passwords at login only); programs
+# pick the new URL files up when they next connect.
+cmd_rotate() {
+    node_running || {
+        echo "broker: $node not running" >&2
+        return "$EXIT_NOT_RUNNING"
+    }
+    load_or_create_credentials
+    admin_pass=$(new_password)
+    services_pass=$(new_password)
+    clients_pass=$(new_password)
+    write_definitions
+    ctl -q import_definitions "$definitions_file" >/dev/null ||
+        die "the broker did not take the new passwords; the old ones stay valid"
+    write_credentials
+    write_urls
+    echo "broker $node: new passwords for ${ACCOUNTS[*]}; URL files rewritten"
+}
+
 main() {
-    if (($# != 1)); then
+    if (($# < 1 || $# > 2)) || { (($# == 2)) && [[ "$1" != url || ! "$2" =~ ^(clients|services)$ ]]; }; then
         usage >&2
         exit 2
     fi
@@ -432,7 +604,7 @@ main() {
         usage
         exit 0
         ;;
-    start | stop | status | url | restart) ;;
+    start | stop | status | url | restart | rotate) ;;
     *)
         usage >&2
         exit 2
@@ -444,7 +616,8 @@ main() {
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    url) cmd_url ;;
+    url) cmd_url "${2:-clients}" ;;
+    rotate) cmd_rotate ;;
     restart)
         cmd_stop
         cmd_start

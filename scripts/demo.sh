@@ -17,7 +17,7 @@ state=${MQRPC_STATE_DIR:-$repo/var}
 log_dir=$state/log
 ready_timeout=15
 
-# The demo talks to its private broker, found through var/amqp_url; an
+# The demo talks to its private broker, found through var/*.url; an
 # AMQP_URL from the environment would send the programs elsewhere.
 unset AMQP_URL
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The test command: install missing packages, build with sanitizers in build/,
-# run every CTest test. Extra arguments go to ctest, e.g. `scripts/test.sh -L unit`.
+# run every CTest test, then the broker tests once more over TLS (the test
+# broker then also listens with TLS and its URL files are amqps://).
+# Extra arguments go to ctest, e.g. `scripts/test.sh -L unit`; with
+# arguments there is no TLS pass unless MQRPC_TEST_TLS=1.
 #
 # Unit tests need no broker. Broker tests start a private RabbitMQ node of
 # their own through a CTest fixture (port 5692, state in build/test-var) and
@@ -19,4 +22,8 @@ cmake --build "$build" -j"$(nproc)"
 cd "$build"
 status=0
 ctest --output-on-failure -j2 "$@" </dev/null || status=$?
+if [[ $# == 0 || ${MQRPC_TEST_TLS:-0} == 1 ]]; then
+    echo "== the broker tests again, over TLS =="
+    MQRPC_BROKER_TLS=1 ctest --output-on-failure -j2 -L broker "$@" </dev/null || status=$?
+fi
 exit "$status"

@@ -108,24 +108,23 @@ expect_rc 5
 expect_err_line rpc_client 'no service on queue nobody_here'
 expect_faster_than 2000
 
-if start_service sleep WORK "$B/service_work" --queue "t_${tag}_sleep"; then
-    rpc --timeout 300 call "t_${tag}_sleep" '{"ms": 2000}'
+if start_service sleep WORK "$B/service_work" --queue "service_t_${tag}_sleep"; then
+    rpc --timeout 300 call "service_t_${tag}_sleep" '{"ms": 2000}'
     expect_rc 4
     expect_out_empty
-    expect_err_line rpc_client "no reply from t_${tag}_sleep within 300 ms (1 instance consuming"
+    expect_err_line rpc_client "no reply from service_t_${tag}_sleep within 300 ms (1 instance consuming"
     expect_faster_than 2000
 fi
 
-rpc --url amqp://u:p@127.0.0.1:1/ info
+rpc --url amqp://127.0.0.1:1/ info
 expect_rc 3
 expect_err_line rpc_client 'cannot connect to 127.0.0.1:1: connection refused'
 url=$(broker_url)
-user=${url#amqp://}
-user=${user%%:*}
+user=$(sed -E 's#^amqps?://([^:]+):.*#\1#' <<<"$url")
 hostport=${url#*@}
 hostport=${hostport%%/*}
-bad_url=$(printf '%s' "$url" | sed -E 's#^(amqp://[^:]+:)[^@]*@#\1not-the-password@#')
-rpc --url "$bad_url" soma 1 2
+bad_url=$(printf '%s' "$url" | sed -E 's#^(amqps?://[^:]+:)[^@]*@#\1not-the-password@#')
+AMQP_URL=$bad_url rpc soma 1 2
 expect_rc 3
 expect_err_line rpc_client "login refused by $hostport for user \"$user\""
 rpc --url 'http://x' info
@@ -164,13 +163,13 @@ expect_rc 0
 expect_out_has 'rpc_client'
 
 section "service start-up errors"
-run "$B/service_soma" --url amqp://u:p@127.0.0.1:1/ --queue "t_${tag}_dead"
+AMQP_URL=amqp://u:p@127.0.0.1:1/ run "$B/service_soma" --queue "service_t_${tag}_dead"
 expect_rc 3
 expect_err_line service_soma 'cannot connect to 127.0.0.1:1'
-run "$B/service_soma" --prefetch 0 --queue "t_${tag}_dead"
+run "$B/service_soma" --prefetch 0 --queue "service_t_${tag}_dead"
 expect_rc 2
 expect_err_has 'prefetch'
-run "$B/service_soma" --url "$bad_url" --queue "t_${tag}_dead"
+AMQP_URL=$bad_url run "$B/service_soma" --queue "service_t_${tag}_dead"
 expect_rc 3
 expect_err_has 'login refused'
 run "$B/service_soma" extra
@@ -181,13 +180,11 @@ expect_out_has 'Usage:'
 
 # ------------------------------------------------- request without reply_to
 section "a request without reply_to is acknowledged and dropped"
-q="t_${tag}_noreply"
+q="service_t_${tag}_noreply"
 if start_service noreply SOMA "$B/service_soma" --queue "$q"; then
     "$PY" - "$q" <<'EOF'
-import json, os, sys, pika
-with open(os.path.join(os.environ["MQRPC_STATE_DIR"], "amqp_url")) as f:
-    url = f.read().strip()
-conn = pika.BlockingConnection(pika.URLParameters(url))
+import json, sys, pika, mqrpc_pika
+conn = mqrpc_pika.connect("clients")
 conn.channel().basic_publish(
     exchange='', routing_key=sys.argv[1],
     properties=pika.BasicProperties(correlation_id="no-reply-to-test"),
@@ -231,7 +228,7 @@ expect_out_has 'Lista (ex: 1 2 3): Resultado: 1.0'
 rpc </dev/null
 expect_rc 0
 # the menu connects first: a dead broker is reported before any typing
-rpc --url amqp://u:p@127.0.0.1:1/ < <(printf '4\n0\n')
+rpc --url amqp://127.0.0.1:1/ < <(printf '4\n0\n')
 expect_rc 3
 expect_err_line rpc_client 'cannot connect to 127.0.0.1:1'
 rpc < <(printf '3\nmaria\n1\n1\n1\n0\n')
@@ -267,7 +264,7 @@ fi
 # request then waits in the queue, a second instance takes it, and SIGTERM
 # goes 300 ms after the broker shows it delivered.
 section "SIGTERM while busy: finish the request, then exit 0"
-q="t_${tag}_busy"
+q="service_t_${tag}_busy"
 if start_service idle WORK "$B/service_work" --queue "$q"; then
     t0=$(now_ms)
     stop_pid "$SPAWNED_PID" 5

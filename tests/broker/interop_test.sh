@@ -49,7 +49,7 @@ fi
 
 # ------------------------------------------ rpc_client -> seed service
 section "rpc_client calls the seed's Python service"
-q="py_${tag}_soma"
+q="service_py_${tag}_soma"
 if start_service pysoma SOMA "$PY" "$TESTS_DIR/seed_service.py" "$q"; then
     py_pid=$SPAWNED_PID
     rpc() { run "$B/rpc_client" "$@"; }
@@ -76,7 +76,7 @@ fi
 
 # ------------------------------------------ mixed instances, one queue
 section "a C service and the Python service share one queue"
-q="q_${tag}"
+q="service_q_${tag}"
 ok=1
 start_service csoma SOMA "$B/service_soma" -v --queue "$q" || ok=0
 c_pid=$SPAWNED_PID

@@ -2,7 +2,7 @@
 # Shared helpers for the broker-tier shell tests. Source it from a test:
 #   . "$(dirname "$0")/lib.sh"
 # It needs the environment ctest gives broker tests (see CMakeLists.txt):
-# MQRPC_BIN, MQRPC_STATE_DIR (with the test broker's amqp_url file).
+# MQRPC_BIN, MQRPC_STATE_DIR (with the test broker's URL files).
 #
 # Conventions: run a command with `run CMD...` (bounded in time; sets OUT,
 # ERR, RC and ELAPSED_MS), then check what a user would see with expect_*.
@@ -18,6 +18,7 @@ set -u
 
 PY=/usr/bin/python3 # the system one has pika; a pyenv python3 may not
 TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+export PYTHONPATH=$TESTS_DIR # mqrpc_pika
 RUN_TIMEOUT=${RUN_TIMEOUT:-60} # seconds, for any single foreground command
 READY_TIMEOUT=10               # seconds for a service to say it is ready
 
@@ -59,7 +60,8 @@ trap 'echo "interrupted"; exit 130' INT TERM HUP
 
 now_ms() { date +%s%3N; }
 
-broker_url() { cat "$MQRPC_STATE_DIR/amqp_url"; }
+# broker_url [clients|services]: the URL (with password) of an account.
+broker_url() { cat "$MQRPC_STATE_DIR/${1:-clients}.url"; }
 
 # Forgets a PID once the test itself has reaped it.
 forget() {
@@ -276,10 +278,8 @@ wait_pid() {
 # from a passive declare, as seen by pika; fails if the queue does not exist.
 queue_info() {
     "$PY" - "$1" <<'EOF'
-import os, sys, pika
-with open(os.path.join(os.environ["MQRPC_STATE_DIR"], "amqp_url")) as f:
-    url = f.read().strip()
-conn = pika.BlockingConnection(pika.URLParameters(url))
+import sys, mqrpc_pika
+conn = mqrpc_pika.connect("clients")
 ok = conn.channel().queue_declare(queue=sys.argv[1], passive=True).method
 print(ok.message_count, ok.consumer_count)
 conn.close()
@@ -299,7 +299,7 @@ wait_queue() {
     return 1
 }
 
-if [[ ! -s $MQRPC_STATE_DIR/amqp_url ]]; then
-    echo "no $MQRPC_STATE_DIR/amqp_url: is the test broker running?" >&2
+if [[ ! -s $MQRPC_STATE_DIR/clients.url ]]; then
+    echo "no $MQRPC_STATE_DIR/clients.url: is the test broker running?" >&2
     exit 1
 fi

@@ -19,7 +19,7 @@ served() {
 
 # -------------------------------------------------------------- --workers
 section "service_soma --workers 3: one process, three consumers"
-q="t_${tag}_workers"
+q="service_t_${tag}_workers"
 if start_service workers SOMA "$B/service_soma" --workers 3 --queue "$q"; then
     workers_pid=$SPAWNED_PID
     check "the ready line is printed once" \
@@ -49,7 +49,7 @@ expect_err_line service_soma "--workers takes a number from 1 to 64, got \"0\""
 
 # ---------------------------------------------------- prefetch 64, batched
 section "service_soma --prefetch 64: batched replies and acks, exactly once"
-q="t_${tag}_p64"
+q="service_t_${tag}_p64"
 if start_service p64 SOMA "$B/service_soma" --prefetch 64 --queue "$q"; then
     p64_pid=$SPAWNED_PID
     run "$B/rpc_bench" --expect 3 --json -n 5000 -c 64 --warmup 200 \
@@ -77,7 +77,7 @@ fi
 
 # ---------------------------------------------------------- rpc_bench text
 section "rpc_bench: text output, histogram, errors by kind, exit codes"
-q="t_${tag}_bench"
+q="service_t_${tag}_bench"
 if start_service bench SOMA "$B/service_soma" --queue "$q"; then
     run "$B/rpc_bench" --expect 3 -n 200 --warmup 10 \
         --hist "$tmpdir/hist.dat" "$q" '{"a":1,"b":2}'
@@ -104,10 +104,10 @@ if start_service bench SOMA "$B/service_soma" --queue "$q"; then
     expect_json 'd["errors_by_kind"] == {"remote": 10}'
     stop_pid "$SPAWNED_PID"
 fi
-run "$B/rpc_bench" --json -n 10 --warmup 0 "t_${tag}_nobody" '{}'
+run "$B/rpc_bench" --json -n 10 --warmup 0 "service_t_${tag}_nobody" '{}'
 expect_rc 1
 expect_json 'd["errors_by_kind"] == {"no_route": 10}'
-run "$B/rpc_bench" --url amqp://u:p@127.0.0.1:1/ -n 10
+run "$B/rpc_bench" --url amqp://127.0.0.1:1/ -n 10
 expect_rc 3
 expect_err_has "rpc_bench: cannot connect to 127.0.0.1:1: connection refused"
 for bad in "-c 0" "-n x" "--connections 65" "-d 0"; do
@@ -124,7 +124,7 @@ expect_err_has "rpc_bench: --expect is not JSON"
 
 # ------------------------------------------------- slow handler, balanced
 section "service_work: slow requests spread over two instances"
-q="t_${tag}_work"
+q="service_t_${tag}_work"
 w1='' w2=''
 start_service work1 WORK "$B/service_work" --work-ms 20 --queue "$q" &&
     w1=$SPAWNED_PID

@@ -4,7 +4,7 @@
 Usage: seed_client.py QUEUE JSON
 Sends JSON (parsed, then re-encoded with json.dumps as the seed does) to
 QUEUE and prints the raw reply body. The broker URL comes from
-$MQRPC_STATE_DIR/amqp_url (the test broker). Exit 0 on a reply, 4 when no
+$MQRPC_STATE_DIR/clients.url (the test broker). Exit 0 on a reply, 4 when no
 reply came within the deadline (the seed waits forever; a test must not).
 
 The RPCClient class is the seed's, verbatim except for: the connection URL,
@@ -18,14 +18,14 @@ import uuid
 
 import pika
 
+import mqrpc_pika
+
 DEADLINE_S = float(os.environ.get("SEED_CLIENT_DEADLINE", "10"))
 
 
 def get_connection():
     """The seed connects to localhost; the tests use their private broker."""
-    with open(os.path.join(os.environ["MQRPC_STATE_DIR"], "amqp_url")) as f:
-        url = f.read().strip()
-    return pika.BlockingConnection(pika.URLParameters(url))
+    return mqrpc_pika.connect("clients")
 
 
 class RPCClient:

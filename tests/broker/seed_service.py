@@ -5,7 +5,7 @@ Usage: seed_service.py QUEUE
 Consumes QUEUE and answers {"a": A, "b": B} with a + b, exactly as the seed
 does: queue_declare with pika's defaults, basic_qos(prefetch_count=1),
 reply to reply_to with the request's correlation_id, then basic_ack.
-The broker URL comes from $MQRPC_STATE_DIR/amqp_url. Prints
+The broker URL comes from $MQRPC_STATE_DIR/services.url. Prints
 "[x] Serviço SOMA pronto..." once consuming; logs each request on stderr
 (so a test can tell which implementation answered); SIGTERM or SIGINT
 stops it cleanly with exit status 0.
@@ -17,11 +17,11 @@ import sys
 
 import pika
 
+import mqrpc_pika
+
 
 def get_connection():
-    with open(os.path.join(os.environ["MQRPC_STATE_DIR"], "amqp_url")) as f:
-        url = f.read().strip()
-    return pika.BlockingConnection(pika.URLParameters(url))
+    return mqrpc_pika.connect("services")
 
 
 def get_channel(connection):

@@ -42,7 +42,7 @@ static int64_t now_ms(void)
 
 static void unique_queue(char *buf, size_t len, const char *what)
 {
-    snprintf(buf, len, "t_%ld_%s_%lld", (long)getpid(), what,
+    snprintf(buf, len, "service_t_%ld_%s_%lld", (long)getpid(), what,
              (long long)now_ms());
 }
 
@@ -341,8 +341,8 @@ static void every_call_completes_exactly_once(void **state)
         assert_int_equal(mqrpc_call_async(c, soma, "{\"a\": 1}", 8, 10000,
                                           record, &remote[i]),
                          MQRPC_OK);
-        assert_int_equal(mqrpc_call_async(c, "t_nobody_declared_this", "{}", 2,
-                                          10000, record, &noroute[i]),
+        assert_int_equal(mqrpc_call_async(c, "service_t_nobody_declared_this",
+                                          "{}", 2, 10000, record, &noroute[i]),
                          MQRPC_OK);
     }
     for (int i = 0; i < 5; i++)
@@ -466,7 +466,7 @@ static void queue_info_missing_queue(void **state)
     start_service("service_soma", "--queue", queue, NULL);
     c = connect_client();
     assert_int_equal(
-        mqrpc_client_queue_info(c, "t_no_such_queue", &msgs, &cons),
+        mqrpc_client_queue_info(c, "service_t_no_such_queue", &msgs, &cons),
         MQRPC_ENOROUTE);
     assert_int_equal(mqrpc_client_queue_info(c, queue, &msgs, &cons), MQRPC_OK);
     assert_int_equal(cons, 1);

@@ -12,3 +12,7 @@ mqrpc_broker_test(interop bash ${CMAKE_CURRENT_SOURCE_DIR}/interop_test.sh)
 # Performance features as a user meets them (--workers, batched prefetch,
 # rpc_bench's accounting); correctness only, speed is scripts/bench.sh's.
 mqrpc_broker_test(perf bash ${CMAKE_CURRENT_SOURCE_DIR}/perf_test.sh)
+
+# Accounts and their refusals, credentials out of sight, --url-file, password
+# rotation, input limits; over TLS also every refused TLS connection.
+mqrpc_broker_test(security bash ${CMAKE_CURRENT_SOURCE_DIR}/security_test.sh)
