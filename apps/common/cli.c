@@ -71,15 +71,21 @@ void cli_on_stop_signals(void (*on_stop)(int))
  * to shorten the window. The copy in url_buf_ is the one used. */
 static void scrub_password(struct cli *c, char *arg)
 {
-    char *scheme = strstr(arg, "://"), *at, *colon;
+    char shown[sizeof c->url_buf_];
+    const char *mask;
+    size_t start, end;
 
-    if (!scheme)
+    /* Where the password is, by the one rule mqrpc_url_redact applies:
+     * its output is arg with the password's bytes replaced by "****". */
+    mqrpc_url_redact(arg, shown, sizeof shown);
+    mask = strstr(shown, ":****@");
+    if (!mask)
         return;
-    at = strrchr(scheme + 3, '@');
-    colon = at ? memchr(scheme + 3, ':', (size_t)(at - scheme - 3)) : NULL;
-    if (!colon || colon + 1 == at)
+    start = (size_t)(mask - shown) + 1;
+    end = strlen(arg) - strlen(mask + 5);
+    if (end <= start)
         return;
-    memset(colon + 1, '*', (size_t)(at - colon - 1));
+    memset(arg + start, '*', end - start);
     cli_error(c, "warning: a password in --url can be seen by other users "
                  "(ps); use AMQP_URL or --url-file");
 }

@@ -193,11 +193,11 @@ fi
 if ((tls)); then
     section "TLS: the broker's certificate, its host name and ours are checked"
     base=${curl_%%\?*}
-    query=${curl_#*\?}
-    ca=$(sed -E 's#.*cacertfile=([^&]*).*#\1#' <<<"$query")
-    cert=$(sed -E 's#.*certfile=([^&]*).*#\1#' <<<"$(sed 's/cacertfile=[^&]*//' <<<"$query")")
-    key=$(sed -E 's#.*keyfile=([^&]*).*#\1#' <<<"$query")
-    port=${hostport##*:}
+    # param NAME: a query parameter of the clients URL.
+    param() { sed -nE "s#.*[?&]$1=([^&]*).*#\\1#p" <<<"$curl_"; }
+    ca=$(param cacertfile)
+    cert=$(param certfile)
+    key=$(param keyfile)
 
     AMQP_URL=$base rpc --cert "$cert" --key "$key" soma 1 2
     expect_rc 3
