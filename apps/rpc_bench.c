@@ -109,7 +109,7 @@ static void start_call(struct slot *s)
     }
     s->start_us = now_us();
     e = mqrpc_call_async(cn->client, b->queue, b->body, b->body_len,
-                         b->timeout_ms, on_done, s);
+                         b->timeout_ms, 0, on_done, s);
     if (e != MQRPC_OK) {
         /* The connection is gone (its calls have already failed): stop. */
         if (cn->measuring)

@@ -86,13 +86,14 @@ static mqrpc_err ensure_connected(struct session *s)
 {
     mqrpc_client_opts o = {.url = s->cli->url,
                            .heartbeat_s = s->cli->heartbeat_s,
-                           .tls = s->cli->tls};
+                           .tls = s->cli->tls,
+                           .durable = s->cli->durable,
+                           .retries = s->cli->retries};
     mqrpc_err e;
 
-    if (s->client && mqrpc_client_fd(s->client) >= 0)
+    /* Once connected, the library reconnects by itself. */
+    if (s->client)
         return MQRPC_OK;
-    /* The connection went away while idle (broker restart): start over. */
-    mqrpc_client_free(s->client);
     s->client = mqrpc_client_new(&o);
     if (!s->client) {
         cli_error(s->cli, "out of memory");
@@ -130,6 +131,20 @@ static void print_failure(struct session *s, const mqrpc_reply *r)
     }
 }
 
+/* The four services only read: running a request twice does no harm, so
+ * --retries may re-send it. A queue this program does not know may do
+ * anything: its calls are never re-sent. */
+static unsigned call_flags(const char *queue)
+{
+    static const char *const readers[] = {"service_soma", "service_media",
+                                          "service_busca", "service_info"};
+
+    for (size_t i = 0; i < sizeof readers / sizeof *readers; i++)
+        if (strcmp(queue, readers[i]) == 0)
+            return MQRPC_CALL_IDEMPOTENT;
+    return 0;
+}
+
 /* Sends body to queue and prints the result (prefix "Resultado: " in the
  * menu). Returns the exit code of the call. */
 static int do_call(struct session *s, const char *queue, const char *body,
@@ -144,7 +159,8 @@ static int do_call(struct session *s, const char *queue, const char *body,
     if (e != MQRPC_OK)
         return cli_exit_code(e);
     clock_gettime(CLOCK_MONOTONIC, &t0);
-    e = mqrpc_call(s->client, queue, body, len, s->cli->timeout_ms, &r);
+    e = mqrpc_call(s->client, queue, body, len, s->cli->timeout_ms,
+                   call_flags(queue), &r);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     if (!r) {
         cli_error(s->cli, "%s", mqrpc_strerror(e));

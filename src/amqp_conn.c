@@ -39,6 +39,7 @@ struct mqr_conn {
     bool side_open; /* CH_SIDE is open */
     bool have_msg;  /* msg must be destroyed before the next read */
     amqp_message_t msg;
+    uint64_t pub_seq; /* publishes on CH_MAIN since confirm.select */
     int heartbeat;
     char where[300]; /* "host:port", for messages */
     char err[512];
@@ -580,19 +581,42 @@ int mqr_conn_heartbeat_s(const mqr_conn *c)
     return c->heartbeat;
 }
 
-mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue, bool exclusive,
-                                 char *name_out)
+static amqp_table_entry_t int_entry(const char *key, int64_t v)
+{
+    amqp_table_entry_t t;
+    t.key = amqp_cstring_bytes(key);
+    t.value.kind = AMQP_FIELD_KIND_I64;
+    t.value.value.i64 = v;
+    return t;
+}
+
+mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
+                                 const mqr_queue_opts *o, char *name_out)
 {
     amqp_queue_declare_ok_t *ok;
+    amqp_table_entry_t args[3];
+    amqp_table_t table = {0, args};
     mqrpc_err e;
 
     if (!c->open)
         return MQRPC_ECLOSED;
+    if (o->max_length) {
+        args[table.num_entries++] = int_entry("x-max-length", o->max_length);
+        /* Refuse new requests rather than drop the oldest (the default):
+         * with publisher confirms the caller learns it at once. */
+        args[table.num_entries].key = amqp_cstring_bytes("x-overflow");
+        args[table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+        args[table.num_entries++].value.value.bytes =
+            amqp_cstring_bytes("reject-publish");
+    }
+    if (o->expires_ms)
+        args[table.num_entries++] = int_entry("x-expires", o->expires_ms);
     /* The seed declares service queues with pika's defaults: not durable,
-     * not exclusive, not auto-delete. Declaring them with any other flag
-     * would fail with PRECONDITION_FAILED against a seed-declared queue. */
-    ok = amqp_queue_declare(c->state, CH_MAIN, amqp_cstring_bytes(queue), 0, 0,
-                            exclusive, exclusive, amqp_empty_table);
+     * not exclusive, not auto-delete, no arguments. Declaring one with
+     * anything else fails with PRECONDITION_FAILED against a seed-declared
+     * queue, so the defaults stay the seed's. */
+    ok = amqp_queue_declare(c->state, CH_MAIN, amqp_cstring_bytes(queue), 0,
+                            o->durable, o->exclusive, o->exclusive, table);
     e = check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state), "queue.declare");
     if (e != MQRPC_OK)
         return e;
@@ -602,6 +626,21 @@ mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue, bool exclusive,
         name_out[n] = '\0';
     }
     return MQRPC_OK;
+}
+
+mqrpc_err mqr_conn_confirm_select(mqr_conn *c)
+{
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    amqp_confirm_select(c->state, CH_MAIN);
+    c->pub_seq = 0;
+    return check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state),
+                       "confirm.select");
+}
+
+uint64_t mqr_conn_publish_seq(const mqr_conn *c)
+{
+    return c->pub_seq;
 }
 
 mqrpc_err mqr_conn_qos(mqr_conn *c, unsigned prefetch)
@@ -627,6 +666,8 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
 {
     amqp_basic_properties_t props;
     amqp_bytes_t b = {len, (void *)body};
+    amqp_table_entry_t headers[2];
+    mqrpc_err e;
 
     if (!c->open)
         return MQRPC_ECLOSED;
@@ -643,11 +684,28 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
     SET_PROP(app_id, AMQP_BASIC_APP_ID_FLAG)
     SET_PROP(expiration, AMQP_BASIC_EXPIRATION_FLAG)
 #undef SET_PROP
-    return check_status(c,
-                        amqp_basic_publish(c->state, CH_MAIN, amqp_empty_bytes,
-                                           bytes_of(routing_key), mandatory, 0,
-                                           &props, b),
-                        "publish");
+    if (p->persistent) {
+        props._flags |= AMQP_BASIC_DELIVERY_MODE_FLAG;
+        props.delivery_mode = AMQP_DELIVERY_PERSISTENT;
+    }
+    props.headers.num_entries = 0;
+    props.headers.entries = headers;
+    if (p->deadline_ms)
+        headers[props.headers.num_entries++] =
+            int_entry(MQR_HDR_DEADLINE, p->deadline_ms);
+    if (p->deliveries)
+        headers[props.headers.num_entries++] =
+            int_entry(MQR_HDR_DELIVERIES, p->deliveries);
+    if (props.headers.num_entries)
+        props._flags |= AMQP_BASIC_HEADERS_FLAG;
+    e = check_status(c,
+                     amqp_basic_publish(c->state, CH_MAIN, amqp_empty_bytes,
+                                        bytes_of(routing_key), mandatory, 0,
+                                        &props, b),
+                     "publish");
+    if (e == MQRPC_OK)
+        c->pub_seq++;
+    return e;
 }
 
 mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag, bool multiple)
@@ -671,6 +729,47 @@ void mqr_conn_cork(mqr_conn *c, bool on)
     (void)c;
     (void)on;
 #endif
+}
+
+/* An integer header of any AMQP integer type; false if it has another
+ * type (a peer's mistake, reported as a bad request). */
+static bool int_value(const amqp_field_value_t *v, int64_t *out)
+{
+    switch (v->kind) {
+    case AMQP_FIELD_KIND_I8: *out = v->value.i8; return true;
+    case AMQP_FIELD_KIND_U8: *out = v->value.u8; return true;
+    case AMQP_FIELD_KIND_I16: *out = v->value.i16; return true;
+    case AMQP_FIELD_KIND_U16: *out = v->value.u16; return true;
+    case AMQP_FIELD_KIND_I32: *out = v->value.i32; return true;
+    case AMQP_FIELD_KIND_U32: *out = v->value.u32; return true;
+    case AMQP_FIELD_KIND_I64: *out = v->value.i64; return true;
+    case AMQP_FIELD_KIND_U64:
+        *out = v->value.u64 > INT64_MAX ? INT64_MAX : (int64_t)v->value.u64;
+        return true;
+    default: return false;
+    }
+}
+
+/* Picks our headers out of the table; others are ignored, however many. */
+static void read_headers(const amqp_table_t *t, mqr_msg *m)
+{
+    for (int i = 0; i < t->num_entries; i++) {
+        const amqp_table_entry_t *h = &t->entries[i];
+        mqr_str key = str_of(h->key);
+        int64_t v;
+
+        if (mqr_str_eq(key, MQR_HDR_DEADLINE)) {
+            if (int_value(&h->value, &v) && v > 0)
+                m->deadline_ms = v;
+            else
+                m->bad_headers = true;
+        } else if (mqr_str_eq(key, MQR_HDR_DELIVERIES)) {
+            if (int_value(&h->value, &v) && v >= 0)
+                m->deliveries = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
+            else
+                m->bad_headers = true;
+        }
+    }
 }
 
 /* Reads the header and body that follow a deliver or return method and
@@ -698,7 +797,12 @@ static mqrpc_err read_content(mqr_conn *c, amqp_channel_t ch, mqr_msg *m)
     GET_PROP(reply_to, AMQP_BASIC_REPLY_TO_FLAG)
     GET_PROP(type, AMQP_BASIC_TYPE_FLAG)
     GET_PROP(app_id, AMQP_BASIC_APP_ID_FLAG)
+    GET_PROP(content_type, AMQP_BASIC_CONTENT_TYPE_FLAG)
 #undef GET_PROP
+    m->persistent = (p->_flags & AMQP_BASIC_DELIVERY_MODE_FLAG) &&
+                    p->delivery_mode == AMQP_DELIVERY_PERSISTENT;
+    if (p->_flags & AMQP_BASIC_HEADERS_FLAG)
+        read_headers(&p->headers, m);
     return MQRPC_OK;
 }
 
@@ -749,7 +853,22 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
             const amqp_basic_deliver_t *d = f.payload.method.decoded;
             m->kind = MQR_DELIVERY;
             m->delivery_tag = d->delivery_tag;
+            m->redelivered = d->redelivered;
             return read_content(c, f.channel, m);
+        }
+        case AMQP_BASIC_ACK_METHOD: {
+            const amqp_basic_ack_t *a = f.payload.method.decoded;
+            m->kind = MQR_ACK;
+            m->delivery_tag = a->delivery_tag;
+            m->multiple = a->multiple;
+            return MQRPC_OK;
+        }
+        case AMQP_BASIC_NACK_METHOD: {
+            const amqp_basic_nack_t *n = f.payload.method.decoded;
+            m->kind = MQR_NACK;
+            m->delivery_tag = n->delivery_tag;
+            m->multiple = n->multiple;
+            return MQRPC_OK;
         }
         case AMQP_BASIC_RETURN_METHOD: {
             const amqp_basic_return_t *r = f.payload.method.decoded;
@@ -777,22 +896,40 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
     }
 }
 
-mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
-                              uint32_t *messages, uint32_t *consumers)
+static mqrpc_err open_side(mqr_conn *c)
 {
-    amqp_queue_declare_ok_t *ok;
     mqrpc_err e;
 
     if (!c->open)
         return MQRPC_ECLOSED;
-    if (!c->side_open) {
-        amqp_channel_open(c->state, CH_SIDE);
-        e = check_reply(c, CH_SIDE, amqp_get_rpc_reply(c->state),
-                        "channel.open");
-        if (e != MQRPC_OK)
-            return e;
+    if (c->side_open)
+        return MQRPC_OK;
+    amqp_channel_open(c->state, CH_SIDE);
+    e = check_reply(c, CH_SIDE, amqp_get_rpc_reply(c->state), "channel.open");
+    if (e == MQRPC_OK)
         c->side_open = true;
-    }
+    return e;
+}
+
+mqrpc_err mqr_conn_delete_queue(mqr_conn *c, const char *queue)
+{
+    mqrpc_err e = open_side(c);
+
+    if (e != MQRPC_OK)
+        return e;
+    amqp_queue_delete(c->state, CH_SIDE, amqp_cstring_bytes(queue), 0, 0);
+    return check_reply(c, CH_SIDE, amqp_get_rpc_reply(c->state),
+                       "queue.delete");
+}
+
+mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
+                              uint32_t *messages, uint32_t *consumers)
+{
+    amqp_queue_declare_ok_t *ok;
+    mqrpc_err e = open_side(c);
+
+    if (e != MQRPC_OK)
+        return e;
     ok = amqp_queue_declare(c->state, CH_SIDE, amqp_cstring_bytes(queue), 1, 0,
                             0, 0, amqp_empty_table);
     e = check_reply(c, CH_SIDE, amqp_get_rpc_reply(c->state),

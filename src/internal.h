@@ -25,6 +25,10 @@ bool mqr_str_eq(mqr_str s, const char *lit);
 /* mqr_now_us: monotonic clock in microseconds. */
 int64_t mqr_now_us(void);
 
+/* mqr_wall_ms: Unix time in milliseconds, the clock of deadline headers
+ * (they cross machines, so they cannot be monotonic). */
+int64_t mqr_wall_ms(void);
+
 /* ------------------------------------------------------------------ url */
 
 /* A parsed broker URL; strings point into an internal copy. */
@@ -100,13 +104,21 @@ mqrpc_err mqr_decode_reply(bool is_error, const char *body, size_t len,
 
 typedef struct mqr_conn mqr_conn;
 
-enum mqr_msg_kind { MQR_DELIVERY = 1, MQR_RETURN };
+/* What mqr_conn_wait returns: a delivery, a basic.return of a mandatory
+ * publish, or a publisher confirm (ack or nack). */
+enum mqr_msg_kind { MQR_DELIVERY = 1, MQR_RETURN, MQR_ACK, MQR_NACK };
+
+/* Headers of ours, on the wire as AMQP table entries. */
+#define MQR_HDR_DEADLINE "x-mqrpc-deadline"     /* Unix ms, integer */
+#define MQR_HDR_DELIVERIES "x-mqrpc-deliveries" /* integer */
 
 /* A message received: borrowed from the connection, valid until the next
  * mqr_conn_wait or mqr_conn_free. */
 typedef struct mqr_msg {
     enum mqr_msg_kind kind;
-    uint64_t delivery_tag; /* MQR_DELIVERY */
+    uint64_t delivery_tag; /* MQR_DELIVERY; MQR_ACK/NACK: publish seq */
+    bool multiple;         /* MQR_ACK/NACK: every seq up to delivery_tag */
+    bool redelivered;      /* MQR_DELIVERY: the broker delivered it before */
     int reply_code;        /* MQR_RETURN: 312 NO_ROUTE, ... */
     mqr_str reply_text;    /* MQR_RETURN */
     mqr_str body;
@@ -114,6 +126,11 @@ typedef struct mqr_msg {
     mqr_str reply_to;
     mqr_str type;
     mqr_str app_id;
+    mqr_str content_type;
+    bool persistent;     /* delivery_mode 2 */
+    int64_t deadline_ms; /* MQR_HDR_DEADLINE; 0: none */
+    uint32_t deliveries; /* MQR_HDR_DELIVERIES; 0: none */
+    bool bad_headers;    /* one of our headers had the wrong type */
 } mqr_msg;
 
 /* Properties of a message to publish; empty fields are not sent. */
@@ -123,7 +140,18 @@ typedef struct mqr_props {
     mqr_str type;
     mqr_str app_id;
     mqr_str expiration; /* milliseconds, as decimal text */
+    bool persistent;    /* delivery_mode 2 */
+    int64_t deadline_ms; /* sent as MQR_HDR_DEADLINE when nonzero */
+    uint32_t deliveries; /* sent as MQR_HDR_DELIVERIES when nonzero */
 } mqr_props;
+
+/* How to declare a queue. */
+typedef struct mqr_queue_opts {
+    bool exclusive;      /* with an empty name: server-named, auto-delete */
+    bool durable;
+    unsigned max_length; /* x-max-length with x-overflow reject-publish */
+    unsigned expires_ms; /* x-expires: deleted after this long unused */
+} mqr_queue_opts;
 
 /* What a connection needs; the strings are borrowed for mqr_conn_open. */
 typedef struct mqr_conn_params {
@@ -171,11 +199,24 @@ bool mqr_conn_buffered(const mqr_conn *c);
 /* mqr_conn_heartbeat_s: the negotiated heartbeat interval (0: none). */
 int mqr_conn_heartbeat_s(const mqr_conn *c);
 
-/* mqr_conn_declare_queue declares queue on channel 1. exclusive with an
- * empty name asks the broker for a server-named, exclusive, auto-delete
- * queue; its name is written into name_out (256 bytes). */
-mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue, bool exclusive,
-                                 char *name_out);
+/* mqr_conn_declare_queue declares queue on channel 1 (an empty name asks
+ * the broker for a server-named one, whose name is written into name_out,
+ * 256 bytes). A queue that exists with other arguments fails with
+ * MQRPC_EINVAL (406 PRECONDITION_FAILED) and closes the connection. */
+mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
+                                 const mqr_queue_opts *o, char *name_out);
+
+/* mqr_conn_delete_queue deletes queue (on the side channel, so a queue
+ * already gone costs nothing but that channel). */
+mqrpc_err mqr_conn_delete_queue(mqr_conn *c, const char *queue);
+
+/* mqr_conn_confirm_select puts channel 1 in publisher-confirm mode: from
+ * then on the n-th publish has sequence number n (mqr_conn_publish_seq),
+ * and mqr_conn_wait returns the broker's MQR_ACK/MQR_NACK for them. */
+mqrpc_err mqr_conn_confirm_select(mqr_conn *c);
+
+/* mqr_conn_publish_seq: the sequence number of the last publish. */
+uint64_t mqr_conn_publish_seq(const mqr_conn *c);
 
 /* mqr_conn_qos sets basic.qos prefetch_count on channel 1. */
 mqrpc_err mqr_conn_qos(mqr_conn *c, unsigned prefetch);

@@ -2,15 +2,24 @@
  * The service runtime: consume a queue, run the handler on each request,
  * publish the reply, then acknowledge. Replying before acknowledging means
  * a crash in between makes the broker redeliver the request (at-least-once)
- * rather than lose it.
+ * rather than lose it; the caller drops a second reply by correlation id.
+ *
+ * A redelivered request (its instance died, or lost its connection, before
+ * acknowledging it) is not run at once: it goes back to the queue with its
+ * delivery count in a header, because the broker does not count deliveries
+ * of classic queues. A request whose count reaches max_deliveries is a
+ * poison message that keeps killing instances: it moves to "<queue>.dlq"
+ * and its caller gets a dead_letter error.
  */
 #include "internal.h"
 
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -21,16 +30,22 @@
 /* The longest a batch of replies is held back (see maybe_open_batch). */
 #define BATCH_MAX_US 1000
 
+/* The dead-letter queue's name is the queue's plus this. */
+#define DLQ_SUFFIX ".dlq"
+#define QUEUE_MAX (255 - (sizeof DLQ_SUFFIX - 1))
+
 struct mqrpc_service {
     mqrpc_service_opts opts;
     mqr_conn_cfg cfg;
     char *queue;
+    char dlq[256];
     char instance[300];
     mqrpc_handler_fn handler;
     void *arg;
     mqr_conn *conn;
     atomic_int stop;
-    uint64_t served;
+    mqrpc_service_stats st;
+    uint64_t rng; /* backoff jitter */
     bool batch_open;        /* replies corked, acks deferred */
     uint64_t batch_tag;     /* last delivery answered in the open batch */
     int64_t batch_start_us; /* when the batch opened */
@@ -72,8 +87,8 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
 {
     mqrpc_service *s;
 
-    if (!opts || !opts->queue || !*opts->queue || strlen(opts->queue) > 255 ||
-        !handler)
+    if (!opts || !opts->queue || !*opts->queue ||
+        strlen(opts->queue) > QUEUE_MAX || !handler)
         return NULL;
     s = calloc(1, sizeof *s);
     if (!s)
@@ -87,6 +102,7 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
         return NULL;
     }
     s->opts.queue = s->queue;
+    snprintf(s->dlq, sizeof s->dlq, "%s" DLQ_SUFFIX, s->queue);
     s->opts.url = NULL;
     memset(&s->opts.tls, 0, sizeof s->opts.tls);
     s->opts.instance_id = NULL;
@@ -100,6 +116,14 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
         s->opts.max_depth = MQRPC_DEFAULT_MAX_DEPTH;
     if (s->opts.max_string == 0)
         s->opts.max_string = MQRPC_DEFAULT_MAX_STRING;
+    if (s->opts.max_deliveries == 0)
+        s->opts.max_deliveries = MQRPC_DEFAULT_MAX_DELIVERIES;
+    if (s->opts.reconnect_min_ms <= 0)
+        s->opts.reconnect_min_ms = MQRPC_DEFAULT_RECONNECT_MIN_MS;
+    if (s->opts.reconnect_max_ms == 0)
+        s->opts.reconnect_max_ms = MQRPC_DEFAULT_RECONNECT_MAX_MS;
+    s->rng = (uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 32) ^
+             (uint64_t)(uintptr_t)s;
     if (opts->instance_id && *opts->instance_id)
         snprintf(s->instance, sizeof s->instance, "%s", opts->instance_id);
     else
@@ -113,6 +137,10 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
 
 mqrpc_err mqrpc_service_connect(mqrpc_service *s)
 {
+    mqr_queue_opts q = {.durable = s->opts.durable,
+                        .max_length = s->opts.max_queue};
+    /* Dead letters are kept for a person to look at: always durable. */
+    mqr_queue_opts dq = {.durable = true};
     mqrpc_err e;
 
     if (s->conn)
@@ -120,19 +148,59 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s)
     e = mqr_conn_open(&s->cfg.p, &s->conn, s->err, sizeof s->err);
     if (e != MQRPC_OK)
         return e;
-    e = mqr_conn_declare_queue(s->conn, s->queue, false, NULL);
+    e = mqr_conn_declare_queue(s->conn, s->queue, &q, NULL);
+    if (e == MQRPC_EINVAL) {
+        snprintf(s->err, sizeof s->err,
+                 "queue %s exists with other settings (%s); every instance "
+                 "must use the same --durable and --max-queue (delete the "
+                 "queue to change them)",
+                 s->queue, mqr_conn_errmsg(s->conn));
+        goto fail;
+    }
+    if (e == MQRPC_OK)
+        e = mqr_conn_declare_queue(s->conn, s->dlq, &dq, NULL);
     if (e == MQRPC_OK)
         e = mqr_conn_qos(s->conn, s->opts.prefetch);
     if (e == MQRPC_OK)
         e = mqr_conn_consume(s->conn, s->queue, false);
     if (e != MQRPC_OK) {
         snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
-        mqr_conn_free(s->conn);
-        s->conn = NULL;
-        return e;
+        goto fail;
     }
     s->err[0] = '\0';
     return MQRPC_OK;
+fail:
+    mqr_conn_free(s->conn);
+    s->conn = NULL;
+    return e;
+}
+
+static int shown_len(mqr_str s)
+{
+    return (int)(s.len > 64 ? 64 : s.len);
+}
+
+/* A request problem found before decoding the body, or NULL. */
+static const char *envelope_problem(const mqr_msg *m, char *buf, size_t len)
+{
+    static const char json[] = "application/json";
+
+    if (m->bad_headers)
+        return "headers " MQR_HDR_DEADLINE " and " MQR_HDR_DELIVERIES
+               " must be integers";
+    /* pika's seed client sends no content type; "application/json;
+     * charset=utf-8" is still JSON. */
+    if (m->content_type.len &&
+        !(m->content_type.len >= sizeof json - 1 &&
+          strncasecmp(m->content_type.ptr, json, sizeof json - 1) == 0 &&
+          (m->content_type.len == sizeof json - 1 ||
+           m->content_type.ptr[sizeof json - 1] == ';'))) {
+        snprintf(buf, len,
+                 "content_type must be application/json (got \"%.*s\")",
+                 shown_len(m->content_type), m->content_type.ptr);
+        return buf;
+    }
+    return NULL;
 }
 
 /* Runs the handler; returns the reply body (malloc'd) and whether it is an
@@ -143,10 +211,13 @@ static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
     mqrpc_fault fault = {{0}, {0}};
     mqr_limits lim = {s->opts.max_body, s->opts.max_depth, s->opts.max_string};
     json_t *request = NULL, *result = NULL;
-    char *out = NULL;
+    char *out = NULL, why[160];
+    const char *problem = envelope_problem(m, why, sizeof why);
 
-    if (mqr_decode_request(m->body.ptr, m->body.len, &lim, &request, &fault) ==
-        MQRPC_OK) {
+    if (problem)
+        mqrpc_fault_set(&fault, MQRPC_BAD_REQUEST, "%s", problem);
+    else if (mqr_decode_request(m->body.ptr, m->body.len, &lim, &request,
+                                &fault) == MQRPC_OK) {
         result = s->handler(request, &fault, s->arg);
         json_decref(request);
         if (result) {
@@ -168,40 +239,125 @@ static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
     return out;
 }
 
-/* Answers one request. Inside a batch the acknowledgement waits for
+static mqrpc_err reply(mqrpc_service *s, const mqr_msg *m, const char *body,
+                       size_t len, bool is_error)
+{
+    mqr_props props = {0};
+
+    props.correlation_id = m->correlation_id;
+    props.app_id = mqr_cstr(s->instance);
+    /* A caller that made its request survive a broker restart wants the
+     * reply to survive it too. */
+    props.persistent = m->persistent;
+    if (is_error)
+        props.type = mqr_cstr("error");
+    return mqr_conn_publish(s->conn, m->reply_to, &props, body, len, false);
+}
+
+/* Puts a redelivered request back at the tail of the queue with its count
+ * of failed deliveries, or into the dead-letter queue once it reached
+ * max_deliveries. Either way the delivery in hand is then acknowledged. */
+static mqrpc_err requeue_or_dead_letter(mqrpc_service *s, const mqr_msg *m)
+{
+    mqr_props props = {0};
+    uint32_t failed = m->deliveries + 1;
+    char expiration[24];
+    mqrpc_err e;
+
+    props.correlation_id = m->correlation_id;
+    props.reply_to = m->reply_to;
+    props.persistent = m->persistent;
+    props.deadline_ms = m->deadline_ms;
+    props.deliveries = failed;
+    if (failed >= s->opts.max_deliveries) {
+        mqrpc_fault fault;
+        size_t len;
+        char *body;
+
+        e = mqr_conn_publish(s->conn, mqr_cstr(s->dlq), &props, m->body.ptr,
+                             m->body.len, false);
+        if (e != MQRPC_OK)
+            return e;
+        mqrpc_fault_set(&fault, MQRPC_DEAD_LETTER,
+                        "the request was delivered %u times and never "
+                        "answered (the instances that took it died); it is "
+                        "in %s and will not be run again",
+                        (unsigned)failed, s->dlq);
+        body = mqr_encode_fault(&fault, &len);
+        if (!body)
+            return MQRPC_ENOMEM;
+        e = reply(s, m, body, len, true);
+        free(body);
+        if (e != MQRPC_OK)
+            return e;
+        s->st.dead_lettered++;
+        logf_(s, "request %.*s dead-lettered to %s after %u deliveries",
+              shown_len(m->correlation_id), m->correlation_id.ptr,
+              s->dlq, (unsigned)failed);
+        return MQRPC_OK;
+    }
+    if (m->deadline_ms) {
+        /* The broker's expiration restarts with the copy: give it what is
+         * left of the caller's time. */
+        int64_t left = m->deadline_ms - mqr_wall_ms();
+        snprintf(expiration, sizeof expiration, "%" PRId64,
+                 left > 0 ? left : 1);
+        props.expiration = mqr_cstr(expiration);
+    }
+    e = mqr_conn_publish(s->conn, mqr_cstr(s->queue), &props, m->body.ptr,
+                         m->body.len, false);
+    if (e == MQRPC_OK) {
+        s->st.redelivered++;
+        if (s->opts.verbose)
+            logf_(s, "request %.*s redelivered (%u failed deliveries): "
+                  "queued again", shown_len(m->correlation_id),
+                  m->correlation_id.ptr, (unsigned)failed);
+    }
+    return e;
+}
+
+/* Handles one delivery. Inside a batch the acknowledgement waits for
  * flush_batch; otherwise it goes right after the reply. */
 static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
 {
-    mqr_props props = {0};
     size_t len = 0;
     bool is_error;
     char *body;
-    mqrpc_err e;
+    mqrpc_err e = MQRPC_OK;
 
-    if (m->reply_to.len == 0) {
-        /* Nobody to answer: acknowledge so it does not come back forever. */
+    if (m->reply_to.len == 0 || m->correlation_id.len == 0) {
+        /* Nobody could match an answer: acknowledge so it does not come
+         * back forever. */
+        s->st.dropped++;
         logf_(s,
-              "request without reply_to (correlation_id \"%.*s\"): "
+              "request without %s (correlation_id \"%.*s\"): "
               "acknowledged and dropped",
-              (int)(m->correlation_id.len > 64 ? 64 : m->correlation_id.len),
+              m->reply_to.len == 0 ? "reply_to" : "correlation_id",
+              shown_len(m->correlation_id),
               m->correlation_id.ptr ? m->correlation_id.ptr : "");
+    } else if (m->deadline_ms && mqr_wall_ms() >= m->deadline_ms) {
+        /* Its caller gave up: running it would be wasted work. */
+        s->st.expired++;
+        if (s->opts.verbose)
+            logf_(s, "request %.*s skipped: past its deadline",
+                  shown_len(m->correlation_id), m->correlation_id.ptr);
+    } else if (m->redelivered) {
+        e = requeue_or_dead_letter(s, m);
     } else {
         body = answer(s, m, &len, &is_error);
         if (!body)
             return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
-        props.correlation_id = m->correlation_id;
-        props.app_id = mqr_cstr(s->instance);
-        if (is_error)
-            props.type = mqr_cstr("error");
-        e = mqr_conn_publish(s->conn, m->reply_to, &props, body, len, false);
+        e = reply(s, m, body, len, is_error);
         free(body);
-        if (e != MQRPC_OK)
-            return e;
-        s->served++;
-        if (s->opts.verbose)
-            logf_(s, "answered %.*s", (int)m->correlation_id.len,
-                  m->correlation_id.ptr ? m->correlation_id.ptr : "");
+        if (e == MQRPC_OK) {
+            s->st.served++;
+            if (s->opts.verbose)
+                logf_(s, "answered %.*s", shown_len(m->correlation_id),
+                      m->correlation_id.ptr);
+        }
     }
+    if (e != MQRPC_OK)
+        return e;
     if (s->batch_open) {
         s->batch_tag = m->delivery_tag;
         return MQRPC_OK;
@@ -244,13 +400,12 @@ static bool batch_due(const mqrpc_service *s)
                              mqr_now_us() - s->batch_start_us > BATCH_MAX_US);
 }
 
-mqrpc_err mqrpc_service_run(mqrpc_service *s)
+/* Serves until stopped (MQRPC_OK) or the connection fails. */
+static mqrpc_err serve(mqrpc_service *s)
 {
     mqr_msg m;
     mqrpc_err e;
 
-    if (!s->conn)
-        return MQRPC_ESTATE;
     while (!atomic_load(&s->stop)) {
         /* An open batch must not sleep: flush it as soon as the input
          * runs dry. */
@@ -275,6 +430,85 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
     }
     if (s->batch_open)
         flush_batch(s);
+    return MQRPC_OK;
+}
+
+/* Sleeps ms, waking early when stopped. */
+static void nap(mqrpc_service *s, int ms)
+{
+    while (ms > 0 && !atomic_load(&s->stop)) {
+        int step = ms < STOP_CHECK_MS ? ms : STOP_CHECK_MS;
+        struct timespec ts = {0, step * 1000000L};
+        nanosleep(&ts, NULL);
+        ms -= step;
+    }
+}
+
+/* A delay drawn between half and all of d, so that instances that lost
+ * the same broker do not all come back in the same millisecond. */
+static int jitter(uint64_t *rng, int d)
+{
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    return d / 2 + (int)(*rng % (uint64_t)(d / 2 + 1));
+}
+
+/* Reopens the connection with exponential backoff until it works or the
+ * service is stopped; the first attempt is immediate, since a killed
+ * connection (not a dead broker) is the common case. */
+static mqrpc_err reconnect(mqrpc_service *s)
+{
+    int64_t t0 = mqr_now_us();
+    int delay = s->opts.reconnect_min_ms;
+    unsigned attempts = 0;
+    mqrpc_err e;
+
+    while (!atomic_load(&s->stop)) {
+        attempts++;
+        e = mqrpc_service_connect(s);
+        if (e == MQRPC_OK) {
+            s->st.reconnects++;
+            logf_(s, "connection regained after %.1f s (%u attempt%s); "
+                  "consuming %s again",
+                  (double)(mqr_now_us() - t0) / 1e6, attempts,
+                  attempts == 1 ? "" : "s", s->queue);
+            return MQRPC_OK;
+        }
+        if (e == MQRPC_ENOMEM)
+            return e;
+        if (s->opts.verbose)
+            logf_(s, "reconnection attempt %u failed: %s", attempts, s->err);
+        nap(s, jitter(&s->rng, delay));
+        delay = delay > s->opts.reconnect_max_ms / 2
+                    ? s->opts.reconnect_max_ms
+                    : delay * 2;
+    }
+    return MQRPC_OK;
+}
+
+mqrpc_err mqrpc_service_run(mqrpc_service *s)
+{
+    mqrpc_err e;
+
+    if (!s->conn)
+        return MQRPC_ESTATE;
+    while (!atomic_load(&s->stop)) {
+        e = serve(s);
+        if (e == MQRPC_OK)
+            break;
+        mqr_conn_free(s->conn);
+        s->conn = NULL;
+        s->batch_open = false;
+        s->batch_tag = 0;
+        if (e == MQRPC_ENOMEM || s->opts.reconnect_max_ms < 0)
+            return e;
+        s->st.lost++;
+        logf_(s, "connection lost: %s; reconnecting", s->err);
+        e = reconnect(s);
+        if (e != MQRPC_OK)
+            return e;
+    }
     /* Closing the channel now hands back deliveries prefetched but not
      * started, so other instances take them without waiting for us. */
     mqr_conn_free(s->conn);
@@ -292,9 +526,9 @@ const char *mqrpc_service_instance(const mqrpc_service *s)
     return s->instance;
 }
 
-uint64_t mqrpc_service_served(const mqrpc_service *s)
+void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out)
 {
-    return s->served;
+    *out = s->st;
 }
 
 const char *mqrpc_service_errmsg(const mqrpc_service *s)

@@ -26,6 +26,10 @@ enum {
     OPT_CERT,
     OPT_KEY,
     OPT_INSECURE,
+    OPT_DURABLE,
+    OPT_RETRIES,
+    OPT_MAX_QUEUE,
+    OPT_MAX_DELIVERIES,
     OPT_EXTRA /* + index of the extra option */
 };
 
@@ -140,6 +144,7 @@ int cli_exit_code(mqrpc_err e)
     case MQRPC_ECLOSED: return CLI_EXIT_BROKER;
     case MQRPC_ETIMEOUT: return CLI_EXIT_TIMEOUT;
     case MQRPC_ENOROUTE: return CLI_EXIT_NOSERVICE;
+    case MQRPC_EOVERLOAD: return CLI_EXIT_OVERLOAD;
     default: return CLI_EXIT_FAILURE;
     }
 }
@@ -202,6 +207,19 @@ static void usage(const struct cli *c, FILE *f)
                 "get bad_request\n"
                 "                     (default %u)\n",
                 MQRPC_DEFAULT_MAX_STRING);
+        fprintf(f, "  --durable          durable queue: it and its persistent "
+                   "requests survive a\n"
+                   "                     broker restart (every instance must "
+                   "agree)\n"
+                   "  --max-queue N      at most N requests wait; callers get "
+                   "\"overloaded\" beyond\n"
+                   "                     (default: no limit; every instance "
+                   "must agree)\n");
+        fprintf(f,
+                "  --max-deliveries N a request whose instances died N times "
+                "goes to <queue>.dlq\n"
+                "                     (default %d)\n",
+                MQRPC_DEFAULT_MAX_DELIVERIES);
     }
     for (const struct cli_extra *x = c->extra; x && x->name; x++) {
         char flag[64];
@@ -221,7 +239,15 @@ static void usage(const struct cli *c, FILE *f)
             "(default %d)\n",
             MQRPC_DEFAULT_HEARTBEAT);
     if (c->flags & CLI_CALLER)
-        fprintf(f, "  --raw              send the body of 'call' unchecked\n");
+        fprintf(f,
+                "  --raw              send the body of 'call' unchecked\n"
+                "  --retries N        re-send an idempotent call up to N "
+                "times after a lost\n"
+                "                     connection (default 0)\n"
+                "  --durable          persistent requests and a reply queue "
+                "that survives a\n"
+                "                     reconnection or broker restart "
+                "(services need --durable)\n");
     if (!c->verbose_help || *c->verbose_help)
         fprintf(f, "  -v, --verbose      %s\n",
                 c->verbose_help          ? c->verbose_help
@@ -234,7 +260,8 @@ static void usage(const struct cli *c, FILE *f)
                         : "Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker "
                           "unreachable or lost,\n"
                           "            4 timeout, 5 no service on the queue, "
-                          "6 other failure.\n",
+                          "6 other failure,\n"
+                          "            7 overloaded (the service's queue is full).\n",
           f);
 }
 
@@ -270,8 +297,13 @@ int cli_parse(struct cli *c, int argc, char **argv)
     if (c->flags & (CLI_CALLER | CLI_TIMEOUT))
         opts[n++] =
             (struct option){"timeout", required_argument, NULL, OPT_TIMEOUT};
-    if (c->flags & CLI_CALLER)
+    if (c->flags & CLI_CALLER) {
         opts[n++] = (struct option){"raw", no_argument, NULL, OPT_RAW};
+        opts[n++] =
+            (struct option){"retries", required_argument, NULL, OPT_RETRIES};
+    }
+    if (c->flags & (CLI_CALLER | CLI_SERVICE))
+        opts[n++] = (struct option){"durable", no_argument, NULL, OPT_DURABLE};
     if (c->flags & CLI_SERVICE) {
         opts[n++] =
             (struct option){"queue", required_argument, NULL, OPT_QUEUE};
@@ -285,6 +317,10 @@ int cli_parse(struct cli *c, int argc, char **argv)
                                     OPT_MAX_STRING};
         opts[n++] =
             (struct option){"workers", required_argument, NULL, OPT_WORKERS};
+        opts[n++] = (struct option){"max-queue", required_argument, NULL,
+                                    OPT_MAX_QUEUE};
+        opts[n++] = (struct option){"max-deliveries", required_argument, NULL,
+                                    OPT_MAX_DELIVERIES};
     }
     for (int i = 0; c->extra && c->extra[i].name && n < 39; i++) {
         const struct cli_extra *x = &c->extra[i];
@@ -346,8 +382,9 @@ int cli_parse(struct cli *c, int argc, char **argv)
             c->heartbeat_s = v == 0 ? -1 : (int)v;
             break;
         case OPT_QUEUE:
-            if (!*optarg || strlen(optarg) > 255) {
-                cli_error(c, "--queue takes a name of 1 to 255 bytes");
+            /* 251: the dead-letter queue's name adds ".dlq". */
+            if (!*optarg || strlen(optarg) > 251) {
+                cli_error(c, "--queue takes a name of 1 to 251 bytes");
                 return CLI_EXIT_USAGE;
             }
             c->queue = optarg;
@@ -404,6 +441,36 @@ int cli_parse(struct cli *c, int argc, char **argv)
             c->max_string = (size_t)v;
             break;
         case OPT_RAW: c->raw = true; break;
+        case OPT_DURABLE: c->durable = true; break;
+        case OPT_RETRIES:
+            if (!cli_parse_long(optarg, 0, 100, &v)) {
+                cli_error(c, "--retries takes a number from 0 to 100, got "
+                             "\"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->retries = (int)v;
+            break;
+        case OPT_MAX_QUEUE:
+            if (!cli_parse_long(optarg, 1, 2147483647L, &v)) {
+                cli_error(c,
+                          "--max-queue takes a number from 1 to 2147483647, "
+                          "got \"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->max_queue = (unsigned)v;
+            break;
+        case OPT_MAX_DELIVERIES:
+            if (!cli_parse_long(optarg, 1, 1000, &v)) {
+                cli_error(c,
+                          "--max-deliveries takes a number from 1 to 1000, "
+                          "got \"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->max_deliveries = (unsigned)v;
+            break;
         case 'v': c->verbose = true; break;
         case 'h': usage(c, stdout); return CLI_EXIT_OK;
         case OPT_VERSION:

@@ -18,7 +18,8 @@ enum cli_exit {
     CLI_EXIT_BROKER = 3,    /* broker unreachable, login refused, lost */
     CLI_EXIT_TIMEOUT = 4,   /* no reply in time */
     CLI_EXIT_NOSERVICE = 5, /* no service on that queue */
-    CLI_EXIT_FAILURE = 6    /* anything else (bad reply, setup failure) */
+    CLI_EXIT_FAILURE = 6,   /* anything else (bad reply, setup failure) */
+    CLI_EXIT_OVERLOAD = 7   /* the service's queue is full (--max-queue) */
 };
 
 /* Upper bound of --workers: each worker is a thread and a connection. */
@@ -65,6 +66,10 @@ struct cli {
     const char *queue;
     bool verbose;
     bool raw;
+    bool durable;            /* --durable */
+    int retries;             /* --retries */
+    unsigned max_queue;      /* --max-queue; 0: unbounded */
+    unsigned max_deliveries; /* --max-deliveries; 0: the default */
     int optind;          /* first operand */
     char url_buf_[2048]; /* the URL read from --url or --url-file */
 };

@@ -56,7 +56,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
     char instance[300], err[512];
     mqrpc_service_opts opts;
     sigset_t stop_signals;
-    unsigned long long served = 0;
+    mqrpc_service_stats sum = {0};
     mqrpc_err e;
     int rc;
 
@@ -102,6 +102,9 @@ int service_main(int argc, char **argv, const struct service_program *p)
         opts.max_string = c.max_string;
         opts.heartbeat_s = c.heartbeat_s;
         opts.verbose = c.verbose;
+        opts.durable = c.durable;
+        opts.max_queue = c.max_queue;
+        opts.max_deliveries = c.max_deliveries;
         w->svc = mqrpc_service_new(&opts, p->handler, w->arg);
         if (!w->svc) {
             cli_error(&c, "out of memory");
@@ -143,7 +146,14 @@ int service_main(int argc, char **argv, const struct service_program *p)
 
     for (unsigned i = 0; i < nworkers; i++) {
         struct worker *w = &workers[i];
-        served += mqrpc_service_served(w->svc);
+        mqrpc_service_stats st;
+        mqrpc_service_get_stats(w->svc, &st);
+        sum.served += st.served;
+        sum.expired += st.expired;
+        sum.redelivered += st.redelivered;
+        sum.dead_lettered += st.dead_lettered;
+        sum.lost += st.lost;
+        sum.reconnects += st.reconnects;
         if ((i > 0 && !w->started) || w->status == MQRPC_OK)
             continue;
         cli_error(&c, "%s", mqrpc_service_errmsg(w->svc));
@@ -152,8 +162,16 @@ int service_main(int argc, char **argv, const struct service_program *p)
     }
     if (rc == CLI_EXIT_OK) {
         mqrpc_instance_id(c.queue, instance, sizeof instance);
-        fprintf(stderr, "%s: stopped after answering %llu requests\n", instance,
-                served);
+        fprintf(stderr,
+                "%s: stopped after answering %llu requests (%llu skipped "
+                "past their deadline, %llu requeued after a redelivery, %llu "
+                "dead-lettered; connection lost %llu times, regained %llu)\n",
+                instance, (unsigned long long)sum.served,
+                (unsigned long long)sum.expired,
+                (unsigned long long)sum.redelivered,
+                (unsigned long long)sum.dead_lettered,
+                (unsigned long long)sum.lost,
+                (unsigned long long)sum.reconnects);
     }
 out:
     /* The signal handler reads the workers that are about to be freed. */

@@ -8,11 +8,15 @@
  *
  * Wire contract (interoperates with the classic pika "RPC tutorial" peers):
  * a request is published on the default exchange with routing key = queue,
- * properties reply_to, correlation_id, content_type=application/json and
- * expiration = the caller's timeout; its body is a JSON object. A success
- * reply is the bare JSON result with the same correlation_id and app_id set
- * to the answering instance; an error reply has type=error and the body
- * {"error": {"code": "...", "message": "..."}}.
+ * properties reply_to, correlation_id, content_type=application/json,
+ * expiration = the caller's timeout and the header x-mqrpc-deadline (the
+ * caller's absolute deadline, Unix time in ms; a service skips a request
+ * past it); its body is a JSON object. A success reply is the bare JSON
+ * result with the same correlation_id and app_id set to the answering
+ * instance; an error reply has type=error and the body
+ * {"error": {"code": "...", "message": "..."}}. A service re-publishes a
+ * request that comes back after its instance died with the header
+ * x-mqrpc-deliveries (deliveries that ended without an answer).
  */
 #ifndef MQRPC_MQRPC_H
 #define MQRPC_MQRPC_H
@@ -43,9 +47,10 @@ extern "C" {
     X(ETLS, "tls", "TLS handshake or certificate check failed") \
     X(EAUTH, "auth", "the broker refused the login")            \
     X(EACCESS, "access", "the broker refused access")           \
-    X(ECLOSED, "closed", "connection to the broker lost")       \
+    X(ECLOSED, "connection_lost", "connection to the broker lost") \
     X(ETIMEOUT, "timeout", "timed out")                         \
     X(ENOROUTE, "no_route", "no service on that queue")         \
+    X(EOVERLOAD, "overloaded", "the service's queue is full")   \
     X(EREMOTE, "remote", "the service replied with an error")   \
     X(EBADREPLY, "bad_reply", "malformed reply")                \
     X(ETOOBIG, "too_big", "message too large")                  \
@@ -72,6 +77,10 @@ const char *mqrpc_errname(mqrpc_err err);
 #define MQRPC_BAD_REQUEST "bad_request"
 #define MQRPC_NOT_FOUND "not_found"
 #define MQRPC_INTERNAL "internal"
+/* The request came back MQRPC_DEFAULT_MAX_DELIVERIES times without an
+ * answer (each instance that took it died): it is now in the dead-letter
+ * queue "<queue>.dlq" and will not be run again. */
+#define MQRPC_DEAD_LETTER "dead_letter"
 
 /* Default request body limit of a service, in bytes (1 MiB). */
 #define MQRPC_DEFAULT_MAX_BODY (1024u * 1024u)
@@ -83,6 +92,11 @@ const char *mqrpc_errname(mqrpc_err err);
 #define MQRPC_DEFAULT_HEARTBEAT 60
 /* Default call timeout of the command-line tools, in milliseconds. */
 #define MQRPC_DEFAULT_TIMEOUT_MS 5000
+/* Default number of deliveries of one request before it is dead-lettered. */
+#define MQRPC_DEFAULT_MAX_DELIVERIES 5
+/* Default reconnection backoff: the first delay and the cap, in ms. */
+#define MQRPC_DEFAULT_RECONNECT_MIN_MS 100
+#define MQRPC_DEFAULT_RECONNECT_MAX_MS 5000
 
 /* Which account a program connects as. The private broker has one of each
  * (README, Security): services may consume only service queues, clients
@@ -157,7 +171,30 @@ typedef struct mqrpc_client_opts {
      * the queue, not time: measured no faster on RabbitMQ 3.10 (README). */
     int direct_reply_to;
     mqrpc_tls_opts tls; /* for amqps:// URLs */
+    /* Nonzero: requests are persistent, and the reply queue is durable and
+     * outlives the connection (deleted by the broker after 5 idle minutes),
+     * so a call whose request the broker confirmed keeps waiting for its
+     * reply across a lost connection and a broker restart. Give services
+     * --durable too: a persistent message in a non-durable queue does not
+     * survive a broker restart. */
+    int durable;
+    /* How many times an idempotent call (MQRPC_CALL_IDEMPOTENT) is re-sent
+     * after the connection was lost before its reply came; 0: never. Other
+     * calls are never re-sent. */
+    int retries;
+    /* Reconnection backoff after a lost connection: the first delay and
+     * the cap, in ms; the delay doubles after each failed attempt and is
+     * drawn at random between half and all of it (jitter), so clients do
+     * not reconnect in lockstep. 0: the MQRPC_DEFAULT_RECONNECT_* values.
+     * reconnect_max_ms < 0: do not reconnect. */
+    int reconnect_min_ms;
+    int reconnect_max_ms;
 } mqrpc_client_opts;
+
+/* mqrpc_call_async flags. MQRPC_CALL_IDEMPOTENT: running the request twice
+ * does no harm, so the call may be re-sent after a lost connection (up to
+ * mqrpc_client_opts.retries times). */
+#define MQRPC_CALL_IDEMPOTENT 1u
 
 /*
  * mqrpc_done_fn is called exactly once per mqrpc_call_async that returned
@@ -174,10 +211,13 @@ typedef void (*mqrpc_done_fn)(const mqrpc_reply *reply, void *arg);
 mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
 
 /*
- * mqrpc_client_connect opens the connection, a channel, and an exclusive
- * server-named reply queue. Blocks up to connect_timeout_ms. On failure,
+ * mqrpc_client_connect opens the connection, a channel in publisher-confirm
+ * mode, and a server-named reply queue (exclusive, or durable with
+ * opts.durable). Blocks up to connect_timeout_ms. On failure,
  * mqrpc_client_errmsg says why in one line ("cannot connect to
- * 127.0.0.1:5682: connection refused").
+ * 127.0.0.1:5682: connection refused"). After a later loss of the
+ * connection the client reconnects by itself (see reconnect_min_ms), from
+ * inside mqrpc_client_process and mqrpc_call_async.
  */
 mqrpc_err mqrpc_client_connect(mqrpc_client *c);
 
@@ -192,15 +232,22 @@ void mqrpc_client_free(mqrpc_client *c);
 /*
  * mqrpc_call_async publishes body (len bytes, a JSON object) to queue and
  * returns without waiting. The library copies what it needs; body may be
- * freed on return. timeout_ms (> 0) bounds the wait for the reply and is
- * sent as the message's expiration, so a request nobody took in time is
- * dropped by the broker. done is called exactly once, later, from
- * mqrpc_client_process, unless this function returns an error, in which
- * case it is never called.
+ * freed on return. timeout_ms (> 0) bounds the wait for the reply, retries
+ * included, and is sent as the message's expiration and deadline header,
+ * so a request nobody took in time is dropped by the broker or skipped by
+ * the service. flags: 0 or MQRPC_CALL_IDEMPOTENT. done is called exactly
+ * once, later, from mqrpc_client_process, unless this function returns an
+ * error, in which case it is never called. Outcomes besides the reply:
+ * MQRPC_EOVERLOAD when the broker refused the request (the service's queue
+ * is full, services' --max-queue), MQRPC_ECLOSED as soon as the connection
+ * is lost (unless the call is re-sent, or opts.durable and the broker had
+ * confirmed the request), MQRPC_ENOROUTE when no queue has that name,
+ * MQRPC_ETIMEOUT at the deadline. While the client is disconnected and the
+ * next reconnection attempt is not due, returns MQRPC_ECLOSED at once.
  */
 mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
-                           size_t len, int timeout_ms, mqrpc_done_fn done,
-                           void *arg);
+                           size_t len, int timeout_ms, unsigned flags,
+                           mqrpc_done_fn done, void *arg);
 
 /*
  * mqrpc_client_process reads and dispatches whatever the broker sent,
@@ -215,21 +262,33 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms);
 /*
  * mqrpc_client_fd returns the connection's socket, for poll/epoll/libuv:
  * when it is readable, or when mqrpc_client_next_timeout_ms expires, call
- * mqrpc_client_process(c, 0). Returns -1 when not connected.
+ * mqrpc_client_process(c, 0). Returns -1 when not connected; the socket
+ * changes after a reconnection, so ask again after each process call.
  */
 int mqrpc_client_fd(const mqrpc_client *c);
 
 /* mqrpc_client_next_timeout_ms returns how long an event loop may sleep
- * before mqrpc_client_process must run again (next call deadline or
- * heartbeat), or -1 if nothing is due. 0 means "data already buffered". */
+ * before mqrpc_client_process must run again (next call deadline,
+ * heartbeat or reconnection attempt), or -1 if nothing is due. 0 means
+ * "data already buffered". */
 int mqrpc_client_next_timeout_ms(const mqrpc_client *c);
 
 /* mqrpc_client_pending returns the number of calls in flight. */
 size_t mqrpc_client_pending(const mqrpc_client *c);
 
-/* mqrpc_client_dropped returns how many replies arrived with no matching
- * call (late after a timeout, duplicated, or foreign) and were dropped. */
-uint64_t mqrpc_client_dropped(const mqrpc_client *c);
+/* What a client counted since it was created. */
+typedef struct mqrpc_client_stats {
+    /* replies with no call waiting for them (late after a timeout, a
+     * second reply to a redelivered request, or foreign): dropped */
+    uint64_t dropped;
+    uint64_t retried;    /* idempotent calls re-sent after a lost connection */
+    uint64_t lost;       /* connections lost */
+    uint64_t reconnects; /* connections regained */
+    int connected;       /* 1 while connected */
+} mqrpc_client_stats;
+
+/* mqrpc_client_get_stats fills *out. */
+void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out);
 
 /*
  * mqrpc_call is mqrpc_call_async plus a wait: it blocks until the call
@@ -239,7 +298,8 @@ uint64_t mqrpc_client_dropped(const mqrpc_client *c);
  * keep being served while it waits.
  */
 mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
-                     size_t len, int timeout_ms, mqrpc_reply **out);
+                     size_t len, int timeout_ms, unsigned flags,
+                     mqrpc_reply **out);
 
 /*
  * mqrpc_client_queue_info asks the broker (a passive queue.declare on a
@@ -341,6 +401,22 @@ typedef struct mqrpc_service_opts {
     int connect_timeout_ms; /* 0: 5000 */
     int verbose;            /* nonzero: one log line per request */
     mqrpc_tls_opts tls;     /* for amqps:// URLs */
+    /* Nonzero: declare the queue (and its dead-letter queue) durable, so
+     * it and its persistent requests survive a broker restart. Replies to
+     * persistent requests are persistent. All instances of a queue must
+     * agree, and a seed (pika) service declares it non-durable. */
+    int durable;
+    /* Nonzero: the queue holds at most max_queue requests; the broker
+     * refuses more (x-max-length, x-overflow reject-publish) and callers
+     * get MQRPC_EOVERLOAD at once. All instances must agree. */
+    unsigned max_queue;
+    /* Deliveries of one request that end without an answer (its instance
+     * died) before it goes to "<queue>.dlq" with a dead_letter error reply
+     * to the caller; 0: MQRPC_DEFAULT_MAX_DELIVERIES. */
+    unsigned max_deliveries;
+    /* Reconnection backoff, as in mqrpc_client_opts. */
+    int reconnect_min_ms;
+    int reconnect_max_ms;
 } mqrpc_service_opts;
 
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
@@ -350,22 +426,31 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
 
 /*
  * mqrpc_service_connect connects, declares the queue (non-durable, as the
- * seed does), sets basic.qos prefetch and starts consuming with manual
+ * seed does, unless opts.durable) and its dead-letter queue "<queue>.dlq",
+ * sets basic.qos prefetch and starts consuming with manual
  * acknowledgements. Once it returns MQRPC_OK the service is consuming and
- * requests wait in its socket until mqrpc_service_run.
+ * requests wait in its socket until mqrpc_service_run. A queue that exists
+ * with other arguments (durable, max_queue) fails with MQRPC_EACCESS and a
+ * message naming the difference.
  */
 mqrpc_err mqrpc_service_connect(mqrpc_service *s);
 
 /*
  * mqrpc_service_run serves requests until mqrpc_service_stop (returns
  * MQRPC_OK after finishing and answering the request in hand, with
- * unstarted deliveries returned to the queue) or until the connection fails
- * (returns the status; see mqrpc_service_errmsg). For each delivery: the
- * body is checked (the limits in mqrpc_service_opts, a JSON object), the
- * handler runs, the reply is published to reply_to, then the delivery is
- * acknowledged (with prefetch above 1, once for a batch; see
- * mqrpc_service_opts.prefetch). A delivery
- * with no reply_to is logged and acknowledged. Log lines go to stderr. The
+ * unstarted deliveries returned to the queue). A lost connection is logged
+ * and reopened with backoff (one line when lost, one when regained), and
+ * consuming resumes; run returns a failure only when reconnecting is off
+ * (reconnect_max_ms < 0) or out of memory. For each delivery: a request
+ * past its deadline header is acknowledged and skipped (its caller gave
+ * up); one redelivered after its instance died is re-published with its
+ * delivery count, or dead-lettered past max_deliveries; the body is checked
+ * (the limits in mqrpc_service_opts, a JSON object, content type
+ * application/json or none), the handler runs, the reply is published to
+ * reply_to, then the delivery is acknowledged (with prefetch above 1, once
+ * for a batch; see mqrpc_service_opts.prefetch). A delivery with no
+ * reply_to or correlation_id is logged and acknowledged. Log lines go to
+ * stderr. The
  * handler runs on the calling thread; to serve on several threads, give
  * each its own mqrpc_service (and connection), as service_main's --workers
  * does: a service handle must not be shared between threads, except for
@@ -380,8 +465,19 @@ void mqrpc_service_stop(mqrpc_service *s);
 /* mqrpc_service_instance returns the instance id sent as app_id. */
 const char *mqrpc_service_instance(const mqrpc_service *s);
 
-/* mqrpc_service_served returns how many requests were answered. */
-uint64_t mqrpc_service_served(const mqrpc_service *s);
+/* What a service counted since it was created. */
+typedef struct mqrpc_service_stats {
+    uint64_t served;        /* requests answered (error replies included) */
+    uint64_t expired;       /* skipped: past the caller's deadline */
+    uint64_t dead_lettered; /* moved to <queue>.dlq */
+    uint64_t redelivered;   /* re-published after an instance died */
+    uint64_t dropped;       /* no reply_to or correlation_id: logged, acked */
+    uint64_t lost;          /* connections lost */
+    uint64_t reconnects;    /* connections regained */
+} mqrpc_service_stats;
+
+/* mqrpc_service_get_stats fills *out; call it from the thread that runs s. */
+void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out);
 
 /* mqrpc_service_errmsg: last failure in one line, owned by s. */
 const char *mqrpc_service_errmsg(const mqrpc_service *s);

@@ -40,6 +40,13 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static uint64_t dropped(const mqrpc_client *c)
+{
+    mqrpc_client_stats st;
+    mqrpc_client_get_stats(c, &st);
+    return st.dropped;
+}
+
 static void unique_queue(char *buf, size_t len, const char *what)
 {
     snprintf(buf, len, "service_t_%ld_%s_%lld", (long)getpid(), what,
@@ -182,7 +189,7 @@ static void send_soma(mqrpc_client *c, const char *queue, int i,
     char body[64];
     int n = snprintf(body, sizeof body, "{\"a\": %d, \"b\": %d}", i, 1000);
     assert_int_equal(
-        mqrpc_call_async(c, queue, body, (size_t)n, 10000, record, res),
+        mqrpc_call_async(c, queue, body, (size_t)n, 10000, 0, record, res),
         MQRPC_OK);
 }
 
@@ -262,7 +269,7 @@ static void round_robin_three_instances(void **state)
     assert_int_equal(count[0] + count[1] + count[2], N);
     for (int k = 0; k < 3; k++)
         assert_in_range(count[k], 50, 150);
-    assert_int_equal(mqrpc_client_dropped(c), 0);
+    assert_int_equal(dropped(c), 0);
     mqrpc_client_free(c);
 }
 
@@ -285,7 +292,7 @@ static void sigterm_while_busy_loses_nothing(void **state)
     snprintf(want, sizeof want, ":%ld", (long)procs[a].pid);
     c = connect_client();
     for (int i = 0; i < N; i++)
-        assert_int_equal(mqrpc_call_async(c, queue, "{\"ms\": 200}", 11, 30000,
+        assert_int_equal(mqrpc_call_async(c, queue, "{\"ms\": 200}", 11, 30000, 0,
                                           record, &res[i]),
                          MQRPC_OK);
     /* Let instance A take its first request, then start B and stop A. */
@@ -338,15 +345,15 @@ static void every_call_completes_exactly_once(void **state)
     for (int i = 0; i < 50; i++)
         send_soma(c, soma, i, &ok[i]);
     for (int i = 0; i < 10; i++) {
-        assert_int_equal(mqrpc_call_async(c, soma, "{\"a\": 1}", 8, 10000,
+        assert_int_equal(mqrpc_call_async(c, soma, "{\"a\": 1}", 8, 10000, 0,
                                           record, &remote[i]),
                          MQRPC_OK);
         assert_int_equal(mqrpc_call_async(c, "service_t_nobody_declared_this",
-                                          "{}", 2, 10000, record, &noroute[i]),
+                                          "{}", 2, 10000, 0, record, &noroute[i]),
                          MQRPC_OK);
     }
     for (int i = 0; i < 5; i++)
-        assert_int_equal(mqrpc_call_async(c, sleepq, "{\"ms\": 3000}", 12, 300,
+        assert_int_equal(mqrpc_call_async(c, sleepq, "{\"ms\": 3000}", 12, 300, 0,
                                           record, &timeout[i]),
                          MQRPC_OK);
     assert_int_equal(mqrpc_client_pending(c), 75);
@@ -367,7 +374,7 @@ static void every_call_completes_exactly_once(void **state)
         assert_int_equal(timeout[i].status, MQRPC_ETIMEOUT);
     }
     for (int i = 0; i < 5; i++)
-        assert_int_equal(mqrpc_call_async(c, sleepq, "{\"ms\": 1}", 9, 60000,
+        assert_int_equal(mqrpc_call_async(c, sleepq, "{\"ms\": 1}", 9, 60000, 0,
                                           record, &cancel[i]),
                          MQRPC_OK);
     mqrpc_client_free(c);
@@ -390,18 +397,18 @@ static void late_reply_is_dropped_and_counted(void **state)
     unique_queue(queue, sizeof queue, "late");
     start_service("service_work", "--queue", queue, NULL);
     c = connect_client();
-    e = mqrpc_call(c, queue, "{\"ms\": 400}", 11, 100, &r);
+    e = mqrpc_call(c, queue, "{\"ms\": 400}", 11, 100, 0, &r);
     assert_int_equal(e, MQRPC_ETIMEOUT);
     assert_non_null(r);
     assert_string_equal(mqrpc_reply_error_code(r), "timeout");
     assert_non_null(strstr(mqrpc_reply_error_message(r), "within 100 ms"));
     mqrpc_reply_free(r);
     for (int64_t until = now_ms() + 1500;
-         now_ms() < until && mqrpc_client_dropped(c) == 0;)
+         now_ms() < until && dropped(c) == 0;)
         mqrpc_client_process(c, 100);
-    assert_int_equal(mqrpc_client_dropped(c), 1);
+    assert_int_equal(dropped(c), 1);
     /* The client is still perfectly usable. */
-    e = mqrpc_call(c, queue, "{\"ms\": 1}", 9, 5000, &r);
+    e = mqrpc_call(c, queue, "{\"ms\": 1}", 9, 5000, 0, &r);
     assert_int_equal(e, MQRPC_OK);
     assert_true(json_is_object(mqrpc_reply_result(r)));
     mqrpc_reply_free(r);
@@ -427,18 +434,18 @@ static void expired_request_is_never_executed(void **state)
     c = connect_client();
     /* The only instance is busy for 800 ms ... */
     assert_int_equal(
-        mqrpc_call_async(c, queue, "{\"ms\": 800}", 11, 5000, record, &first),
+        mqrpc_call_async(c, queue, "{\"ms\": 800}", 11, 5000, 0, record, &first),
         MQRPC_OK);
     /* ... so this one waits in the queue longer than its 200 ms. */
     assert_int_equal(
-        mqrpc_call_async(c, queue, "{\"ms\": 1500}", 12, 200, record, &expired),
+        mqrpc_call_async(c, queue, "{\"ms\": 1500}", 12, 200, 0, record, &expired),
         MQRPC_OK);
     drain(c, 5000);
     assert_int_equal(first.status, MQRPC_OK);
     assert_int_equal(expired.status, MQRPC_ETIMEOUT);
     t0 = now_ms();
     assert_int_equal(
-        mqrpc_call_async(c, queue, "{\"ms\": 0}", 9, 5000, record, &next),
+        mqrpc_call_async(c, queue, "{\"ms\": 0}", 9, 5000, 0, record, &next),
         MQRPC_OK);
     drain(c, 5000);
     assert_int_equal(next.status, MQRPC_OK);
@@ -448,7 +455,7 @@ static void expired_request_is_never_executed(void **state)
     assert_true(next.at_ms - t0 < 1000);
     for (int64_t until = now_ms() + 300; now_ms() < until;)
         mqrpc_client_process(c, 50);
-    assert_int_equal(mqrpc_client_dropped(c), 0);
+    assert_int_equal(dropped(c), 0);
     mqrpc_client_free(c);
 }
 
@@ -471,7 +478,7 @@ static void queue_info_missing_queue(void **state)
     assert_int_equal(mqrpc_client_queue_info(c, queue, &msgs, &cons), MQRPC_OK);
     assert_int_equal(cons, 1);
     assert_int_equal(msgs, 0);
-    assert_int_equal(mqrpc_call(c, queue, "{\"a\": 2, \"b\": 3}", 16, 5000, &r),
+    assert_int_equal(mqrpc_call(c, queue, "{\"a\": 2, \"b\": 3}", 16, 5000, 0, &r),
                      MQRPC_OK);
     assert_int_equal(json_integer_value(mqrpc_reply_result(r)), 5);
     mqrpc_reply_free(r);
@@ -522,7 +529,7 @@ static void connect_failures_are_clear(void **state)
     assert_int_equal(mqrpc_client_connect(c), MQRPC_ECONNECT);
     assert_string_equal(mqrpc_client_errmsg(c),
                         "cannot connect to 127.0.0.1:1: connection refused");
-    assert_int_equal(mqrpc_call_async(c, "q", "{}", 2, 100, record, NULL),
+    assert_int_equal(mqrpc_call_async(c, "q", "{}", 2, 100, 0, record, NULL),
                      MQRPC_ESTATE);
     mqrpc_client_free(c);
 
