@@ -379,9 +379,14 @@ static char *read_line(struct line_reader *lr, struct session *s)
         if (poll(p, 2, timeout) < 0 && errno != EINTR)
             return NULL;
         if (p[1].fd >= 0 && (p[1].revents || timeout >= 0)) {
-            /* Heartbeats, or the broker going away: a lost connection is
-             * reopened at the next call. */
+            /* Heartbeats, or the broker going away (closed, or silent for
+             * two heartbeat intervals): a lost connection is reopened at
+             * the next call. */
             mqrpc_client_process(s->client, 0);
+            if (mqrpc_client_fd(s->client) < 0)
+                cli_error(s->cli,
+                          "%s; reconnecting at the next call",
+                          mqrpc_client_errmsg(s->client));
         }
         if (p[0].revents) {
             ssize_t got =

@@ -5,7 +5,8 @@
 # run as the caller and honour RABBITMQ_* variables (the /usr/sbin wrappers
 # switch user and would touch the system installation).
 #
-# Usage: scripts/broker.sh start|stop|status|restart|rotate|url [clients|services]|--help
+# Usage: scripts/broker.sh start|stop|status|restart|rotate|pid|url [clients|services]|--help
+#        scripts/broker.sh ctl RABBITMQCTL-ARGS...
 #
 # Accounts (no guest): "services" may declare and consume only queues named
 # service_*, "clients" may publish requests and use their own server-named
@@ -36,7 +37,8 @@ readonly RMQ_BIN=/usr/lib/rabbitmq/bin
 readonly EXIT_NOT_RUNNING=3
 
 usage() {
-    echo "usage: ${0##*/} start|stop|status|restart|rotate|url [clients|services]|--help"
+    echo "usage: ${0##*/} start|stop|status|restart|rotate|pid|url [clients|services]|--help"
+    echo "       ${0##*/} ctl RABBITMQCTL-ARGS..."
 }
 
 die() {
@@ -594,7 +596,27 @@ cmd_rotate() {
     echo "broker $node: new passwords for ${ACCOUNTS[*]}; URL files rewritten"
 }
 
+# The node's Erlang VM (beam.smp) PID: what tests stop with SIGSTOP to play
+# a broker that hangs without closing its connections.
+cmd_pid() {
+    local pid
+    pid=$(read_pid)
+    pid_alive "$pid" || {
+        echo "broker: $node not running" >&2
+        return "$EXIT_NOT_RUNNING"
+    }
+    echo "$pid"
+}
+
 main() {
+    if [[ "${1:-}" == ctl ]]; then
+        # rabbitmqctl against this node (tests: list_connections,
+        # close_connection), with the environment that finds it.
+        shift
+        setup_env
+        ctl "$@"
+        return
+    fi
     if (($# < 1 || $# > 2)) || { (($# == 2)) && [[ "$1" != url || ! "$2" =~ ^(clients|services)$ ]]; }; then
         usage >&2
         exit 2
@@ -604,7 +626,7 @@ main() {
         usage
         exit 0
         ;;
-    start | stop | status | url | restart | rotate) ;;
+    start | stop | status | url | restart | rotate | pid) ;;
     *)
         usage >&2
         exit 2
@@ -618,6 +640,7 @@ main() {
     status) cmd_status ;;
     url) cmd_url "${2:-clients}" ;;
     rotate) cmd_rotate ;;
+    pid) cmd_pid ;;
     restart)
         cmd_stop
         cmd_start

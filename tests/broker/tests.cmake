@@ -16,3 +16,10 @@ mqrpc_broker_test(perf bash ${CMAKE_CURRENT_SOURCE_DIR}/perf_test.sh)
 # Accounts and their refusals, credentials out of sight, --url-file, password
 # rotation, input limits; over TLS also every refused TLS connection.
 mqrpc_broker_test(security bash ${CMAKE_CURRENT_SOURCE_DIR}/security_test.sh)
+
+# Faults: killed connections, broker restarts and hangs (heartbeats),
+# SIGKILLed instances, poison messages, deadlines, full queues, malformed
+# messages. Restarts and SIGSTOPs the test broker: the resource lock keeps
+# other broker tests from running meanwhile.
+mqrpc_broker_test(reliability bash ${CMAKE_CURRENT_SOURCE_DIR}/reliability_test.sh)
+set_tests_properties(broker.reliability PROPERTIES TIMEOUT 400)
