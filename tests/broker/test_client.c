@@ -68,7 +68,10 @@ static int start_service(const char *prog, ...)
     va_list ap;
 
     assert_true(nprocs < MAX_PROCS);
-    snprintf(path, sizeof path, "%s/%s", getenv("MQRPC_BIN"), prog);
+    if (prog[0] == '/')
+        snprintf(path, sizeof path, "%s", prog);
+    else
+        snprintf(path, sizeof path, "%s/%s", getenv("MQRPC_BIN"), prog);
     argv[argc++] = path;
     va_start(ap, prog);
     for (char *a; (a = va_arg(ap, char *)) && argc < 15;)
@@ -415,6 +418,34 @@ static void late_reply_is_dropped_and_counted(void **state)
     mqrpc_client_free(c);
 }
 
+/* A second reply to one request (its instance died after replying, before
+ * acknowledging, and another instance answered the redelivery) never
+ * reaches the caller: the callback runs once, the extra reply is counted. */
+static void duplicate_reply_is_dropped_and_counted(void **state)
+{
+    char queue[128], dir[1024], script[1100];
+    struct result res = {0};
+    mqrpc_client *c;
+
+    (void)state;
+    unique_queue(queue, sizeof queue, "dup");
+    snprintf(dir, sizeof dir, "%s/tests/broker", getenv("MQRPC_SOURCE_DIR"));
+    snprintf(script, sizeof script, "%s/dup_service.py", dir);
+    setenv("PYTHONPATH", dir, 1); /* for mqrpc_pika */
+    start_service("/usr/bin/python3", script, queue, NULL);
+    c = connect_client();
+    assert_int_equal(mqrpc_call_async(c, queue, "{}", 2, 10000, 0, record,
+                                      &res),
+                     MQRPC_OK);
+    for (int64_t until = now_ms() + 5000;
+         now_ms() < until && (res.calls == 0 || dropped(c) == 0);)
+        mqrpc_client_process(c, 100);
+    assert_int_equal(res.calls, 1);
+    assert_int_equal(res.status, MQRPC_OK);
+    assert_int_equal(dropped(c), 1);
+    mqrpc_client_free(c);
+}
+
 /* A request that waited in the queue past its caller's timeout is dropped
  * by the broker (expiration = timeout), not executed late: the request
  * behind it is answered at once, and no late reply ever arrives. */
@@ -547,6 +578,8 @@ int main(void)
         cmocka_unit_test_teardown(sigterm_while_busy_loses_nothing,
                                   teardown_procs),
         cmocka_unit_test_teardown(every_call_completes_exactly_once,
+                                  teardown_procs),
+        cmocka_unit_test_teardown(duplicate_reply_is_dropped_and_counted,
                                   teardown_procs),
         cmocka_unit_test_teardown(late_reply_is_dropped_and_counted,
                                   teardown_procs),
