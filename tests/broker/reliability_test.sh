@@ -42,6 +42,16 @@ ok() {
 
 count_lines() { grep -cF -- "$2" "$1" 2>/dev/null || true; }
 
+# wait_count FILE TEXT N SECONDS: until FILE has N lines with TEXT.
+wait_count() {
+    local i
+    for ((i = 0; i < $4 * 10; i++)); do
+        (($(count_lines "$1" "$2") >= $3)) && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 # ------------------------------------------------ a killed connection
 LABEL='close_connection: the service logs it, reconnects and answers'
 queues+=("$q.soma" "$q.soma.dlq")
@@ -144,7 +154,7 @@ ok "the caller got its answer (exit $WAIT_RC)" "[[ $WAIT_RC == 0 ]]"
 ok "answer 42" "grep -qx 42 '$tmpdir/dcall.out'"
 # The services that were up through the restart came back by themselves.
 ok "soma reconnected after the restart" \
-    "wait_for_line '$tmpdir/soma.err' 'connection regained after' 30 && [[ \$(count_lines '$tmpdir/soma.err' 'connection regained') == 2 ]]"
+    "wait_count '$tmpdir/soma.err' 'connection regained' 2 30"
 rpc call "$q.soma" '{"a": 1, "b": 1}'
 expect_out 2
 stop_pid "$soma_pid"
