@@ -461,7 +461,9 @@ cmd_start() {
         fi
         echo "broker: removing stale pid file $pid_file (pid $pid)"
     fi
-    rm -f "$pid_file" "$clients_url_file" "$services_url_file" "$mgmt_url_file" "$rmq_pid_file"
+    # The URL files stay until write_urls replaces them (atomically): see
+    # cmd_stop.
+    rm -f "$pid_file" "$mgmt_url_file" "$rmq_pid_file"
 
     local p ports=("$amqp_port" "$dist_port")
     ((tls)) && ports+=("$tls_port")
@@ -530,8 +532,11 @@ kill_recorded() {
 cmd_stop() {
     local pid
     pid=$(read_pid)
+    # The URL files stay: the passwords stay valid for the next start, and
+    # a program started meanwhile must fail to connect to this broker (and
+    # reconnect once it is back), not fall back to guest@localhost:5672.
     if ! pid_alive "$pid"; then
-        rm -f "$pid_file" "$clients_url_file" "$services_url_file" "$mgmt_url_file"
+        rm -f "$pid_file" "$mgmt_url_file"
         stop_epmd
         echo "broker $node not running"
         return 0
@@ -549,7 +554,7 @@ cmd_stop() {
     done
     pid_alive "$pid" && die "pid $pid still alive after stop"
     stop_epmd
-    rm -f "$pid_file" "$clients_url_file" "$services_url_file" "$mgmt_url_file" "$rmq_pid_file"
+    rm -f "$pid_file" "$mgmt_url_file" "$rmq_pid_file"
     echo "broker $node stopped"
 }
 
