@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages needed to build and test mqrpc.
-# Usage: deps.sh [--bench]   (--bench adds what scripts/bench.sh uses)
+# Usage: deps.sh [--bench] [--fuzz]
+#   --bench adds what scripts/bench.sh uses, --fuzz what scripts/fuzz.sh uses
+#   (clang 14 and its libFuzzer, which Debian ships in libclang-rt-14-dev).
 #
 # Idempotent and quiet: a machine that already has everything is left alone
 # (no apt-get update, no network), so this is cheap to run from CI or from
@@ -23,9 +25,12 @@ packages=(
     python3 python3-pika
     procps
 )
-if [[ "${1:-}" == --bench ]]; then
-    packages+=(gnuplot-nox valgrind)
-fi
+for arg in "$@"; do
+    case "$arg" in
+    --bench) packages+=(gnuplot-nox valgrind) ;;
+    --fuzz) packages+=(clang-14 libclang-rt-14-dev) ;;
+    esac
+done
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -149,6 +149,18 @@ static bool long_string(json_t *v, size_t max, char *path, size_t n,
     return false;
 }
 
+/* one_line makes jansson's error text fit a one-line, valid UTF-8 message:
+ * its "near '...'" quotes raw input, which may hold a newline, other control
+ * characters or a cut UTF-8 sequence. Those bytes, and for simplicity every
+ * non-ASCII one, become '?'. */
+static const char *one_line(char *text)
+{
+    for (char *p = text; *p; p++)
+        if ((unsigned char)*p < 0x20 || (unsigned char)*p >= 0x7F)
+            *p = '?';
+    return text;
+}
+
 mqrpc_err mqr_decode_request(const char *body, size_t len,
                              const mqr_limits *lim, json_t **out,
                              mqrpc_fault *fault)
@@ -183,7 +195,7 @@ mqrpc_err mqr_decode_request(const char *body, size_t len,
         mqrpc_fault_set(fault, MQRPC_BAD_REQUEST,
                         "request body is not valid JSON: %s (line %d, "
                         "column %d)",
-                        jerr.text, jerr.line, jerr.column);
+                        one_line(jerr.text), jerr.line, jerr.column);
         return MQRPC_EINVAL;
     }
     if (!json_is_object(v)) {
@@ -230,12 +242,18 @@ char *mqr_encode_result(const json_t *result, size_t *len)
 
 char *mqr_encode_fault(const mqrpc_fault *fault, size_t *len)
 {
-    json_t *v = json_pack("{s:{s:s,s:s}}", "error", "code",
-                          fault->code[0] ? fault->code : MQRPC_INTERNAL,
-                          "message", fault->message);
+    size_t n = strlen(fault->message);
+    json_t *v = NULL;
     char *s;
 
-    /* json_pack fails only on allocation or invalid UTF-8 in the message
+    /* mqrpc_fault_set cuts a long message at the end of its buffer, maybe
+     * inside a UTF-8 sequence, which json_pack refuses: drop the (at most 3)
+     * bytes of such a cut rather than lose the code and the message. */
+    for (size_t cut = 0; !v && cut <= 3 && cut <= n; cut++)
+        v = json_pack("{s:{s:s,s:s%}}", "error", "code",
+                      fault->code[0] ? fault->code : MQRPC_INTERNAL,
+                      "message", fault->message, n - cut);
+    /* Otherwise json_pack failed on allocation or invalid UTF-8 elsewhere
      * (a handler quoting raw input); fall back to a fixed ASCII message. */
     if (!v)
         v = json_pack("{s:{s:s,s:s}}", "error", "code", MQRPC_INTERNAL,
@@ -260,7 +278,7 @@ mqrpc_err mqr_decode_reply(bool is_error, const char *body, size_t len,
     v = json_loadb(body ? body : "", len, JSON_DECODE_ANY, &jerr);
     if (!v) {
         mqrpc_fault_set(fault, "bad_reply", "reply is not valid JSON: %s",
-                        jerr.text);
+                        one_line(jerr.text));
         return MQRPC_EBADREPLY;
     }
     if (!is_error) {

@@ -152,6 +152,21 @@ too_long:
     return MQRPC_EINVAL;
 }
 
+/* query_start returns where the query of s begins: at the first of the
+ * parameters mqr_url_parse_query knows. Not at any '?' or '#', which may
+ * be part of a password typed raw. */
+static const char *query_start(const char *s)
+{
+    static const char *const names[] = {"?cacertfile=", "?certfile=",
+                                        "?keyfile="};
+    const char *end = s + strlen(s), *p;
+
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((p = strstr(s, names[i])) && p < end)
+            end = p;
+    return end;
+}
+
 void mqrpc_url_redact(const char *url, char *buf, size_t len)
 {
     const char *scheme_end, *at, *colon;
@@ -163,13 +178,12 @@ void mqrpc_url_redact(const char *url, char *buf, size_t len)
         return;
     }
     scheme_end = strstr(url, "://");
-    /* The last '@' before the query: a password typed with a raw '@' or
-     * '/' is still masked; at worst the host is masked too. */
+    /* The last '@' before the query: a password typed with any of "@/?#"
+     * raw is still masked; at worst the host is masked too. */
     at = NULL;
     if (scheme_end) {
-        size_t auth = strcspn(scheme_end + 3, "?#");
-        const char *p;
-        for (p = scheme_end + 3; p < scheme_end + 3 + auth; p++)
+        const char *p, *end = query_start(scheme_end + 3);
+        for (p = scheme_end + 3; p < end; p++)
             if (*p == '@')
                 at = p; /* the last '@': passwords may contain '@' raw */
     }

@@ -447,13 +447,27 @@ void busca_close(busca_db *b)
     free(b);
 }
 
+/* shown_name copies name for a fault message, control characters as '?'
+ * so the message stays one line; only what fits in a message is copied. */
+static const char *shown_name(const char *name, char *out, size_t outlen)
+{
+    size_t i;
+
+    for (i = 0; name[i] && i + 1 < outlen; i++) {
+        unsigned char c = (unsigned char)name[i];
+        out[i] = c < 0x20 || c == 0x7F ? '?' : (char)c;
+    }
+    out[i] = '\0';
+    return out;
+}
+
 json_t *busca_handle(json_t *request, mqrpc_fault *fault, void *arg)
 {
     busca_db *b = arg;
     json_t *v = json_object_get(request, "nome");
     json_t *result = NULL;
     const char *nome;
-    char *key;
+    char *key, shown[sizeof fault->message];
     int rc;
 
     if (b == NULL)
@@ -495,9 +509,11 @@ json_t *busca_handle(json_t *request, mqrpc_fault *fault, void *arg)
                                "cidade", cidade);
         if (result == NULL)
             mqrpc_fault_set(fault, MQRPC_INTERNAL,
-                            "cannot build the answer for \"%s\"", nome);
+                            "cannot build the answer for \"%s\"",
+                            shown_name(nome, shown, sizeof shown));
     } else if (rc == SQLITE_DONE) {
-        mqrpc_fault_set(fault, MQRPC_NOT_FOUND, "no person named \"%s\"", nome);
+        mqrpc_fault_set(fault, MQRPC_NOT_FOUND, "no person named \"%s\"",
+                        shown_name(nome, shown, sizeof shown));
     } else {
         mqrpc_fault_set(fault, MQRPC_INTERNAL, "database error: %s",
                         sqlite3_errmsg(sqlite3_db_handle(b->lookup)));

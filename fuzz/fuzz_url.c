@@ -1,0 +1,154 @@
+/*
+ * fuzz_url: broker URLs come from --url, $AMQP_URL and URL files, and are
+ * echoed into logs and error messages. Checks that mqr_url_parse fills
+ * every field or says why not, that mqr_url_clear frees it all, that
+ * mqrpc_url_redact terminates its output in any buffer size and never shows
+ * the password there (when it is over 3 bytes, so it can be recognised,
+ * and not also in what the URL shows around the mask anyway), and that
+ * mqrpc_url_plaintext_remote agrees with the parse.
+ *
+ * The input is a URL; or, with two NUL bytes in it, USER NUL PASSWORD NUL
+ * REST, which becomes amqp://USER:PASSWORD@REST with the password as a
+ * person would type it: raw, any byte. The redaction must hide that
+ * password too: rabbitmq-c refuses such a URL, and mqr_url_parse's error
+ * message then quotes it through mqrpc_url_redact.
+ */
+#include "fuzz.h"
+
+/* Exact-size heap buffers, so ASan sees a byte written past any of them. */
+static const size_t redact_sizes[] = {1, 2, 8, 64, 512, 4096};
+
+/* password_span finds the password's bytes in a URL that rabbitmq-c
+ * accepted: its userinfo is "user:password@", neither part holding one of
+ * ":/?#[]@" raw. False when the URL has no password (the default is used). */
+static bool password_span(const char *url, const char **start,
+                          const char **end)
+{
+    const char *s = strstr(url, "://");
+    size_t i, j;
+
+    if (!s)
+        return false;
+    s += 3;
+    i = strcspn(s, ":/?#[]@");
+    if (s[i] != ':')
+        return false;
+    j = i + 1 + strcspn(s + i + 1, ":/?#[]@");
+    if (s[j] != '@')
+        return false;
+    *start = s + i + 1;
+    *end = s + j;
+    return true;
+}
+
+/* public_has: secret is in what a perfect redaction of url shows, the
+ * password at [start, end) replaced by "****"; showing it leaks nothing. */
+static bool public_has(const char *url, const char *start, const char *end,
+                       const char *secret)
+{
+    size_t head = (size_t)(start - url);
+    char *shown = malloc(head + 4 + strlen(end) + 1);
+    bool found;
+
+    FUZZ_CHECK(shown != NULL);
+    sprintf(shown, "%.*s****%s", (int)head, url, end);
+    found = strstr(shown, secret) != NULL;
+    free(shown);
+    return found;
+}
+
+/* typed_url builds the URL of a USER NUL PASSWORD NUL REST input, or
+ * returns NULL when the password could not be told apart: USER holding one
+ * of ":@/?#", REST an '@', or PASSWORD what opens a query ("?keyfile=";
+ * the three names end in "file="). *start and *end delimit the password. */
+static char *typed_url(const uint8_t *data, size_t size, const char **start,
+                       const char **end)
+{
+    const uint8_t *nul1 = memchr(data, 0, size), *nul2;
+    const char *user, *password, *rest;
+    char *in, *url = NULL;
+
+    if (!nul1)
+        return NULL;
+    nul2 = memchr(nul1 + 1, 0, size - (size_t)(nul1 + 1 - data));
+    if (!nul2)
+        return NULL;
+    in = fuzz_cstr(data, size);
+    user = in;
+    password = in + (nul1 + 1 - data);
+    rest = in + (nul2 + 1 - data);
+    if (!user[strcspn(user, ":@/?#")] && !strchr(rest, '@') &&
+        !strstr(password, "file=")) {
+        url = malloc(size + 16);
+        FUZZ_CHECK(url != NULL);
+        sprintf(url, "amqp://%s:%s@%s", user, password, rest);
+        *start = url + strlen("amqp://") + strlen(user) + 1;
+        *end = *start + strlen(password);
+    }
+    free(in);
+    return url;
+}
+
+/* is_secret: password, taken from [start, end) of url (end NULL: the URL
+ * has none, the default is used), must not be shown. */
+static bool is_secret(const char *url, const char *password,
+                      const char *start, const char *end)
+{
+    return password && end && strlen(password) > 3 &&
+           !public_has(url, start, end, password);
+}
+
+static void check_redact(const char *url, const char *password, bool secret)
+{
+    for (size_t i = 0; i < sizeof redact_sizes / sizeof redact_sizes[0]; i++) {
+        char *buf = malloc(redact_sizes[i]);
+
+        FUZZ_CHECK(buf != NULL);
+        mqrpc_url_redact(url, buf, redact_sizes[i]);
+        FUZZ_CHECK(fuzz_is_cstr(buf, redact_sizes[i]));
+        FUZZ_CHECK(!secret || !strstr(buf, password));
+        free(buf);
+    }
+}
+
+static void check_parsed(const char *url, const mqr_url *u)
+{
+    FUZZ_CHECK(u->host && u->user && u->password && u->vhost && u->buf_);
+    FUZZ_CHECK(u->port >= 0 && u->port <= 65535);
+    FUZZ_CHECK(u->tls == (strncmp(url, "amqps://", 8) == 0));
+    FUZZ_CHECK(u->tls || !(u->ca_file || u->cert_file || u->key_file));
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    const char *start = NULL, *end = NULL;
+    char *url = typed_url(data, size, &start, &end), *password = NULL;
+    char err[256];
+    mqr_url u;
+    mqrpc_err e;
+    int remote;
+
+    if (url)
+        password = fuzz_cstr((const uint8_t *)start, (size_t)(end - start));
+    else
+        url = fuzz_cstr(data, size);
+    memset(err, 0xA5, sizeof err);
+    e = mqr_url_parse(url, &u, err, sizeof err);
+    if (e == MQRPC_OK) {
+        check_parsed(url, &u);
+        /* The password rabbitmq-c found, where the input did not say. */
+        if (!password && password_span(url, &start, &end))
+            password = strdup(u.password);
+        mqr_url_clear(&u);
+        FUZZ_CHECK(u.buf_ == NULL && u.host == NULL);
+    } else {
+        FUZZ_CHECK(e == MQRPC_EURL && fuzz_is_cstr(err, sizeof err) && err[0]);
+    }
+    check_redact(url, password, is_secret(url, password, start, end));
+    remote = mqrpc_url_plaintext_remote(url);
+    FUZZ_CHECK(remote == 0 || (remote == 1 && e == MQRPC_OK &&
+                               strncmp(url, "amqp://", 7) == 0));
+    free(password);
+    free(url);
+    return 0;
+}
