@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command: install missing packages, build with sanitizers in build/,
 # run every CTest test, then the broker tests once more over TLS (the test
-# broker then also listens with TLS and its URL files are amqps://).
-# Extra arguments go to ctest, e.g. `scripts/test.sh -L unit`; with
-# arguments there is no TLS pass unless MQRPC_TEST_TLS=1.
+# broker then also listens with TLS and its URL files are amqps://),
+# then a short fuzz pass (scripts/fuzz.sh, $MQRPC_CI_FUZZ_SECONDS s per
+# harness, default 15). Extra arguments go to ctest, e.g.
+# `scripts/test.sh -L unit`; with arguments there is no TLS pass unless
+# MQRPC_TEST_TLS=1, and no fuzz pass.
 #
 # Unit tests need no broker. Broker tests start a private RabbitMQ node of
 # their own through a CTest fixture (port 5692, state in build/test-var) and
@@ -25,5 +27,11 @@ ctest --output-on-failure -j2 "$@" </dev/null || status=$?
 if [[ $# == 0 || ${MQRPC_TEST_TLS:-0} == 1 ]]; then
     echo "== the broker tests again, over TLS =="
     MQRPC_BROKER_TLS=1 ctest --output-on-failure -j2 -L broker "$@" </dev/null || status=$?
+fi
+if [[ $# == 0 ]]; then
+    # A short fuzz pass (the long one is `make fuzz`): a change that breaks
+    # a parser on inputs the corpus does not hold shows up here.
+    echo "== fuzzing, ${MQRPC_CI_FUZZ_SECONDS:-15} s per harness =="
+    "$repo/scripts/fuzz.sh" "${MQRPC_CI_FUZZ_SECONDS:-15}" </dev/null || status=$?
 fi
 exit "$status"
