@@ -315,7 +315,7 @@ if ((!quick)); then
     start vg-soma "pronto" "${vg[@]}" "$bin/service_soma" --queue service_bench_vg
     vg_client=0
     "${vg[@]}" "$bin/rpc_bench" -n 2000 -c 8 --warmup 10 --expect 3 \
-        bench_vg '{"a":1,"b":2}' >"$logs/vg-client.log" 2>&1 || vg_client=$?
+        service_bench_vg '{"a":1,"b":2}' >"$logs/vg-client.log" 2>&1 || vg_client=$?
     stop_services
     vg_service=0
     grep -q "definitely lost\|indirectly lost\|Invalid \|uninitialised" \

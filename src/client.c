@@ -542,16 +542,6 @@ static mqrpc_err lost(mqrpc_client *c, mqrpc_err e)
     return MQRPC_ECLOSED;
 }
 
-/* A delay drawn between half and all of d, so that clients that lost the
- * same broker do not all come back in the same millisecond. */
-static int jitter(mqrpc_client *c, int d)
-{
-    c->rng ^= c->rng << 13;
-    c->rng ^= c->rng >> 7;
-    c->rng ^= c->rng << 17;
-    return d / 2 + (int)(c->rng % (uint64_t)(d / 2 + 1));
-}
-
 static mqrpc_err send_call(mqrpc_client *c, struct call *k)
 {
     char corr[CORR_MAX], expiration[24];
@@ -591,10 +581,8 @@ static mqrpc_err try_reconnect(mqrpc_client *c)
     if (open_session(c) != MQRPC_OK) {
         snprintf(c->down, sizeof c->down, "%.399s", c->err);
         c->reconnect_at_us =
-            mqr_now_us() + (int64_t)jitter(c, c->backoff_ms) * 1000;
-        c->backoff_ms = c->backoff_ms > c->opts.reconnect_max_ms / 2
-                            ? c->opts.reconnect_max_ms
-                            : c->backoff_ms * 2;
+            mqr_now_us() + (int64_t)mqr_jitter(&c->rng, c->backoff_ms) * 1000;
+        c->backoff_ms = mqr_backoff_next(c->backoff_ms, c->opts.reconnect_max_ms);
         return MQRPC_ECLOSED;
     }
     c->st.reconnects++;

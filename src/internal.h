@@ -25,6 +25,13 @@ bool mqr_str_eq(mqr_str s, const char *lit);
 /* mqr_now_us: monotonic clock in microseconds. */
 int64_t mqr_now_us(void);
 
+/* Reconnection backoff. mqr_jitter draws a delay between half and all of
+ * d ms from the xorshift state *rng (nonzero), so that programs that lost
+ * the same broker do not all come back in the same millisecond;
+ * mqr_backoff_next doubles d up to max. */
+int mqr_jitter(uint64_t *rng, int d);
+int mqr_backoff_next(int d, int max);
+
 /* mqr_wall_ms: Unix time in milliseconds, the clock of deadline headers
  * (they cross machines, so they cannot be monotonic). */
 int64_t mqr_wall_ms(void);

@@ -122,8 +122,10 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
         s->opts.reconnect_min_ms = MQRPC_DEFAULT_RECONNECT_MIN_MS;
     if (s->opts.reconnect_max_ms == 0)
         s->opts.reconnect_max_ms = MQRPC_DEFAULT_RECONNECT_MAX_MS;
-    s->rng = (uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 32) ^
-             (uint64_t)(uintptr_t)s;
+    /* xorshift must not start at 0 */
+    s->rng = ((uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 32) ^
+              (uint64_t)(uintptr_t)s) |
+             1;
     if (opts->instance_id && *opts->instance_id)
         snprintf(s->instance, sizeof s->instance, "%s", opts->instance_id);
     else
@@ -444,16 +446,6 @@ static void nap(mqrpc_service *s, int ms)
     }
 }
 
-/* A delay drawn between half and all of d, so that instances that lost
- * the same broker do not all come back in the same millisecond. */
-static int jitter(uint64_t *rng, int d)
-{
-    *rng ^= *rng << 13;
-    *rng ^= *rng >> 7;
-    *rng ^= *rng << 17;
-    return d / 2 + (int)(*rng % (uint64_t)(d / 2 + 1));
-}
-
 /* Reopens the connection with exponential backoff until it works or the
  * service is stopped; the first attempt is immediate, since a killed
  * connection (not a dead broker) is the common case. */
@@ -479,10 +471,8 @@ static mqrpc_err reconnect(mqrpc_service *s)
             return e;
         if (s->opts.verbose)
             logf_(s, "reconnection attempt %u failed: %s", attempts, s->err);
-        nap(s, jitter(&s->rng, delay));
-        delay = delay > s->opts.reconnect_max_ms / 2
-                    ? s->opts.reconnect_max_ms
-                    : delay * 2;
+        nap(s, mqr_jitter(&s->rng, delay));
+        delay = mqr_backoff_next(delay, s->opts.reconnect_max_ms);
     }
     return MQRPC_OK;
 }

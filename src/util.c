@@ -29,3 +29,16 @@ int64_t mqr_wall_ms(void)
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
+
+int mqr_jitter(uint64_t *rng, int d)
+{
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    return d / 2 + (int)(*rng % (uint64_t)(d / 2 + 1));
+}
+
+int mqr_backoff_next(int d, int max)
+{
+    return d > max / 2 ? max : d * 2;
+}

@@ -727,10 +727,33 @@ static void exit_codes_are_the_documented_ones(void **state)
     assert_int_equal(cli_exit_code(MQRPC_EBADREPLY), 6);
 }
 
+/* Reconnection delays: each drawn within [d/2, d], not all the same (so
+ * clients spread out), and the doubling stops at the cap. */
+static void backoff_jitters_and_caps(void **state)
+{
+    uint64_t rng = 12345;
+    int lo = 1 << 30, hi = 0, d = 100;
+
+    (void)state;
+    for (int i = 0; i < 1000; i++) {
+        int j = mqr_jitter(&rng, 1000);
+        assert_in_range(j, 500, 1000);
+        lo = j < lo ? j : lo;
+        hi = j > hi ? j : hi;
+    }
+    assert_true(hi - lo > 250);
+    for (int i = 0; i < 20; i++)
+        d = mqr_backoff_next(d, 5000);
+    assert_int_equal(d, 5000);
+    assert_int_equal(mqr_backoff_next(100, 5000), 200);
+    assert_int_equal(mqr_backoff_next(3000, 5000), 5000);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(every_error_has_a_name_and_a_sentence),
+        cmocka_unit_test(backoff_jitters_and_caps),
         cmocka_unit_test(fault_set_formats_and_returns_null),
         cmocka_unit_test(decode_request_accepts_objects),
         cmocka_unit_test(decode_request_rejects_bad_bodies),
