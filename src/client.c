@@ -76,6 +76,7 @@ struct mqrpc_client {
     struct call **map; /* open hashing on seq; size is a power of two */
     size_t map_size;
     size_t pending;
+    uint64_t completed; /* callbacks run: did process do anything? */
     struct call *head, *tail;   /* earliest deadline first */
     struct call *chead, *ctail; /* unconfirmed, oldest publish first */
     mqrpc_client_stats st;
@@ -382,6 +383,7 @@ static void complete(mqrpc_client *c, struct call *k, mqrpc_reply *r)
     list_unlink(c, k);
     unconfirmed_unlink(c, k);
     c->pending--;
+    c->completed++;
     r->queue = k->queue;
     if (r->status != MQRPC_OK && !r->error_code)
         r->error_code = mqrpc_errname(r->status);
@@ -510,7 +512,7 @@ static void on_confirm(mqrpc_client *c, const mqr_msg *m)
  * that may be re-sent waits for the reconnection; a durable call the
  * broker confirmed waits for its reply, which goes to a queue that
  * outlives the connection; every other call fails. */
-static mqrpc_err lost(mqrpc_client *c, mqrpc_err e)
+static mqrpc_err lost(mqrpc_client *c)
 {
     char msg[600];
     struct call *k, *next;
@@ -538,7 +540,6 @@ static mqrpc_err lost(mqrpc_client *c, mqrpc_err e)
         map_take(c, k->seq);
         fail_call(c, k, MQRPC_ECLOSED, msg);
     }
-    (void)e;
     return MQRPC_ECLOSED;
 }
 
@@ -600,7 +601,7 @@ static mqrpc_err try_reconnect(mqrpc_client *c)
         k->retries_left--;
         c->st.retried++;
         if (send_call(c, k) != MQRPC_OK)
-            return lost(c, MQRPC_ECLOSED);
+            return lost(c);
     }
     return MQRPC_OK;
 }
@@ -609,13 +610,13 @@ static mqrpc_err try_reconnect(mqrpc_client *c)
  * can happen (a deadline, a reconnection attempt, timeout_ms). */
 static mqrpc_err process_offline(mqrpc_client *c, int timeout_ms)
 {
-    size_t before = c->pending;
+    uint64_t before = c->completed;
     int wait;
 
     if (try_reconnect(c) == MQRPC_OK)
         return MQRPC_OK;
     expire_due(c);
-    if (c->pending != before)
+    if (c->completed != before)
         return MQRPC_OK;
     wait = mqrpc_client_next_timeout_ms(c);
     if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
@@ -629,7 +630,7 @@ static mqrpc_err process_offline(mqrpc_client *c, int timeout_ms)
     if (try_reconnect(c) == MQRPC_OK)
         return MQRPC_OK;
     expire_due(c);
-    return c->pending != before ? MQRPC_OK : MQRPC_ETIMEOUT;
+    return c->completed != before ? MQRPC_OK : MQRPC_ETIMEOUT;
 }
 
 mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
@@ -637,6 +638,7 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
     mqr_msg m;
     mqrpc_err e;
     bool any = false, corked = false;
+    uint64_t before;
     int wait;
 
     if (!c->conn) {
@@ -644,7 +646,13 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
             return MQRPC_ESTATE;
         return process_offline(c, timeout_ms);
     }
+    /* A call that expired since the last visit has had its callback now:
+     * that is news, and waiting for a frame as well could mean waiting
+     * forever (mqrpc_call waits with -1 for that very call). */
+    before = c->completed;
     expire_due(c);
+    if (c->completed != before)
+        return MQRPC_OK;
     wait = timeout_ms;
     if (c->head) {
         int64_t left = (c->head->deadline_us - mqr_now_us() + 999) / 1000;
@@ -660,7 +668,7 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
         if (e != MQRPC_OK) {
             if (corked)
                 mqr_conn_cork(c->conn, false);
-            return lost(c, e);
+            return lost(c);
         }
         any = true;
         /* More replies are already here: calls that their callbacks start
@@ -774,12 +782,12 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
         /* Not sent and not to be re-sent: the caller hears it from us,
          * and done is never called. */
         free(k);
-        lost(c, e);
+        lost(c);
         return MQRPC_ECLOSED;
     }
     track(c, k);
     if (e != MQRPC_OK)
-        lost(c, e); /* k waits for the reconnection */
+        lost(c); /* k waits for the reconnection */
     return MQRPC_OK;
 }
 
@@ -874,7 +882,7 @@ mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
     if (e != MQRPC_OK)
         snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
     if (mqr_conn_fd(c->conn) < 0)
-        lost(c, e);
+        lost(c);
     return e;
 }
 

@@ -418,6 +418,36 @@ static void late_reply_is_dropped_and_counted(void **state)
     mqrpc_client_free(c);
 }
 
+/* A call whose deadline passes between two visits to process completes at
+ * the next visit, even one that may wait forever: process must not then
+ * block on a socket that has nothing more to say (mqrpc_call waits with -1
+ * for exactly that call). The reply would come 5 s later. */
+static void expiry_between_visits_returns_at_once(void **state)
+{
+    char queue[128];
+    struct result res = {0};
+    struct timespec nap = {0, 150 * 1000000L};
+    mqrpc_client *c;
+    int64_t t0;
+
+    (void)state;
+    unique_queue(queue, sizeof queue, "gap");
+    start_service("service_work", "--queue", queue, NULL);
+    c = connect_client();
+    assert_int_equal(mqrpc_call_async(c, queue, "{\"ms\": 5000}", 12, 100, 0,
+                                      record, &res),
+                     MQRPC_OK);
+    /* Read the broker's confirm, so nothing is left to read but the reply. */
+    mqrpc_client_process(c, 50);
+    nanosleep(&nap, NULL);
+    t0 = now_ms();
+    assert_int_equal(mqrpc_client_process(c, -1), MQRPC_OK);
+    assert_true(now_ms() - t0 < 2500);
+    assert_int_equal(res.calls, 1);
+    assert_int_equal(res.status, MQRPC_ETIMEOUT);
+    mqrpc_client_free(c);
+}
+
 /* A second reply to one request (its instance died after replying, before
  * acknowledging, and another instance answered the redelivery) never
  * reaches the caller: the callback runs once, the extra reply is counted. */
@@ -578,6 +608,8 @@ int main(void)
         cmocka_unit_test_teardown(sigterm_while_busy_loses_nothing,
                                   teardown_procs),
         cmocka_unit_test_teardown(every_call_completes_exactly_once,
+                                  teardown_procs),
+        cmocka_unit_test_teardown(expiry_between_visits_returns_at_once,
                                   teardown_procs),
         cmocka_unit_test_teardown(duplicate_reply_is_dropped_and_counted,
                                   teardown_procs),
