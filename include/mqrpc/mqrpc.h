@@ -29,6 +29,14 @@
 extern "C" {
 #endif
 
+/* MQRPC_API marks what the shared library exports; everything else in it
+ * is hidden (-fvisibility=hidden). */
+#if defined(__GNUC__) || defined(__clang__)
+#define MQRPC_API __attribute__((visibility("default")))
+#else
+#define MQRPC_API
+#endif
+
 #define MQRPC_VERSION "0.1.0"
 
 /*
@@ -67,11 +75,11 @@ typedef enum {
 } mqrpc_err;
 
 /* mqrpc_strerror returns a static English sentence for err, never NULL. */
-const char *mqrpc_strerror(mqrpc_err err);
+MQRPC_API const char *mqrpc_strerror(mqrpc_err err);
 
 /* mqrpc_errname returns a static snake_case name for err ("timeout"),
  * never NULL; for logs, metrics and JSON. */
-const char *mqrpc_errname(mqrpc_err err);
+MQRPC_API const char *mqrpc_errname(mqrpc_err err);
 
 /* Remote error codes every service may send. Handlers may use others. */
 #define MQRPC_BAD_REQUEST "bad_request"
@@ -114,7 +122,7 @@ typedef enum { MQRPC_ROLE_CLIENT, MQRPC_ROLE_SERVICE } mqrpc_role;
  * ("--url", "AMQP_URL", "state file", "default"). Returns MQRPC_EINVAL if
  * buf is too small or the state file exists but cannot be used.
  */
-mqrpc_err mqrpc_default_url(const char *explicit_url, mqrpc_role role,
+MQRPC_API mqrpc_err mqrpc_default_url(const char *explicit_url, mqrpc_role role,
                             char *buf, size_t len, const char **source);
 
 /*
@@ -124,19 +132,19 @@ mqrpc_err mqrpc_default_url(const char *explicit_url, mqrpc_role role,
  * returns MQRPC_EINVAL and writes one line into err ("URL file F is
  * accessible by group or others (mode 0644); ...").
  */
-mqrpc_err mqrpc_url_file_read(const char *path, char *buf, size_t len,
+MQRPC_API mqrpc_err mqrpc_url_file_read(const char *path, char *buf, size_t len,
                               char *err, size_t errlen);
 
 /*
  * mqrpc_url_redact copies url into buf with its password replaced by "****",
  * for log lines and error messages. Always NUL-terminates (truncating).
  */
-void mqrpc_url_redact(const char *url, char *buf, size_t len);
+MQRPC_API void mqrpc_url_redact(const char *url, char *buf, size_t len);
 
 /* mqrpc_url_plaintext_remote returns 1 if url is a plain amqp:// URL to a
  * host that is not loopback, where the password and every message cross
  * the network unencrypted; programs warn about it. 0 otherwise. */
-int mqrpc_url_plaintext_remote(const char *url);
+MQRPC_API int mqrpc_url_plaintext_remote(const char *url);
 
 /*
  * TLS settings for amqps:// URLs; zeroed means: verify the broker's
@@ -208,7 +216,7 @@ typedef void (*mqrpc_done_fn)(const mqrpc_reply *reply, void *arg);
 
 /* mqrpc_client_new copies opts (may be NULL) into a new, unconnected client.
  * Returns NULL only when out of memory. */
-mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
+MQRPC_API mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
 
 /*
  * mqrpc_client_connect opens the connection, a channel in publisher-confirm
@@ -219,15 +227,15 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
  * connection the client reconnects by itself (see reconnect_min_ms), from
  * inside mqrpc_client_process and mqrpc_call_async.
  */
-mqrpc_err mqrpc_client_connect(mqrpc_client *c);
+MQRPC_API mqrpc_err mqrpc_client_connect(mqrpc_client *c);
 
 /* mqrpc_client_errmsg describes the last failure of c in one line; the
  * string is owned by c and valid until the next call on c. Never NULL. */
-const char *mqrpc_client_errmsg(const mqrpc_client *c);
+MQRPC_API const char *mqrpc_client_errmsg(const mqrpc_client *c);
 
 /* mqrpc_client_free completes every pending call with MQRPC_ECANCELED,
  * closes the connection and frees c. Accepts NULL. */
-void mqrpc_client_free(mqrpc_client *c);
+MQRPC_API void mqrpc_client_free(mqrpc_client *c);
 
 /*
  * mqrpc_call_async publishes body (len bytes, a JSON object) to queue and
@@ -245,7 +253,7 @@ void mqrpc_client_free(mqrpc_client *c);
  * MQRPC_ETIMEOUT at the deadline. While the client is disconnected and the
  * next reconnection attempt is not due, returns MQRPC_ECLOSED at once.
  */
-mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
+MQRPC_API mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
                            size_t len, int timeout_ms, unsigned flags,
                            mqrpc_done_fn done, void *arg);
 
@@ -257,7 +265,7 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
  * MQRPC_ETIMEOUT if nothing arrived, or the connection failure (after
  * failing every pending call with it).
  */
-mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms);
+MQRPC_API mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms);
 
 /*
  * mqrpc_client_fd returns the connection's socket, for poll/epoll/libuv:
@@ -265,16 +273,16 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms);
  * mqrpc_client_process(c, 0). Returns -1 when not connected; the socket
  * changes after a reconnection, so ask again after each process call.
  */
-int mqrpc_client_fd(const mqrpc_client *c);
+MQRPC_API int mqrpc_client_fd(const mqrpc_client *c);
 
 /* mqrpc_client_next_timeout_ms returns how long an event loop may sleep
  * before mqrpc_client_process must run again (next call deadline,
  * heartbeat or reconnection attempt), or -1 if nothing is due. 0 means
  * "data already buffered". */
-int mqrpc_client_next_timeout_ms(const mqrpc_client *c);
+MQRPC_API int mqrpc_client_next_timeout_ms(const mqrpc_client *c);
 
 /* mqrpc_client_pending returns the number of calls in flight. */
-size_t mqrpc_client_pending(const mqrpc_client *c);
+MQRPC_API size_t mqrpc_client_pending(const mqrpc_client *c);
 
 /* What a client counted since it was created. */
 typedef struct mqrpc_client_stats {
@@ -288,7 +296,7 @@ typedef struct mqrpc_client_stats {
 } mqrpc_client_stats;
 
 /* mqrpc_client_get_stats fills *out. */
-void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out);
+MQRPC_API void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out);
 
 /*
  * mqrpc_call is mqrpc_call_async plus a wait: it blocks until the call
@@ -297,7 +305,7 @@ void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out);
  * which the caller frees with mqrpc_reply_free. Other calls in flight on c
  * keep being served while it waits.
  */
-mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
+MQRPC_API mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
                      size_t len, int timeout_ms, unsigned flags,
                      mqrpc_reply **out);
 
@@ -307,40 +315,40 @@ mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
  * many messages wait in queue and how many consumers it has. Blocks for one
  * broker round trip. MQRPC_ENOROUTE if the queue does not exist.
  */
-mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
+MQRPC_API mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
                                   uint32_t *messages, uint32_t *consumers);
 
 /* mqrpc_reply_status: MQRPC_OK (result available), MQRPC_EREMOTE (error
  * reply: see code and message), or the transport failure. */
-mqrpc_err mqrpc_reply_status(const mqrpc_reply *r);
+MQRPC_API mqrpc_err mqrpc_reply_status(const mqrpc_reply *r);
 
 /* mqrpc_reply_result: the parsed result of a successful call (any JSON
  * value), borrowed from r; NULL unless the status is MQRPC_OK. */
-json_t *mqrpc_reply_result(const mqrpc_reply *r);
+MQRPC_API json_t *mqrpc_reply_result(const mqrpc_reply *r);
 
 /* mqrpc_reply_body: the raw reply body (not NUL-terminated), borrowed from
  * r; NULL with *len = 0 when no reply arrived. */
-const char *mqrpc_reply_body(const mqrpc_reply *r, size_t *len);
+MQRPC_API const char *mqrpc_reply_body(const mqrpc_reply *r, size_t *len);
 
 /* mqrpc_reply_error_code: the remote error code ("bad_request") for
  * MQRPC_EREMOTE, else mqrpc_errname(status). Never NULL for failures;
  * NULL for success. */
-const char *mqrpc_reply_error_code(const mqrpc_reply *r);
+MQRPC_API const char *mqrpc_reply_error_code(const mqrpc_reply *r);
 
 /* mqrpc_reply_error_message: one line for the user: the remote message,
  * or the transport failure with its context ("no reply from service_soma
  * within 5000 ms"). NULL for success. */
-const char *mqrpc_reply_error_message(const mqrpc_reply *r);
+MQRPC_API const char *mqrpc_reply_error_message(const mqrpc_reply *r);
 
 /* mqrpc_reply_app_id: the answering instance ("service_soma@host:42"), or
  * NULL if none was given (e.g. a pika service) or no reply arrived. */
-const char *mqrpc_reply_app_id(const mqrpc_reply *r);
+MQRPC_API const char *mqrpc_reply_app_id(const mqrpc_reply *r);
 
 /* mqrpc_reply_queue: the queue the call was sent to. */
-const char *mqrpc_reply_queue(const mqrpc_reply *r);
+MQRPC_API const char *mqrpc_reply_queue(const mqrpc_reply *r);
 
 /* mqrpc_reply_free frees a reply returned by mqrpc_call. Accepts NULL. */
-void mqrpc_reply_free(mqrpc_reply *r);
+MQRPC_API void mqrpc_reply_free(mqrpc_reply *r);
 
 /* --------------------------------------------------------------- service */
 
@@ -367,7 +375,7 @@ typedef json_t *(*mqrpc_handler_fn)(json_t *request, mqrpc_fault *fault,
 
 /* mqrpc_fault_set fills fault with code and a printf-style message and
  * returns NULL, so a handler can `return mqrpc_fault_set(...)`. */
-json_t *mqrpc_fault_set(mqrpc_fault *fault, const char *code, const char *fmt,
+MQRPC_API json_t *mqrpc_fault_set(mqrpc_fault *fault, const char *code, const char *fmt,
                         ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 3, 4)))
@@ -376,7 +384,7 @@ json_t *mqrpc_fault_set(mqrpc_fault *fault, const char *code, const char *fmt,
 
 /* mqrpc_json_typename names v's JSON type for messages to users
  * ("integer", "boolean", ...); static, never NULL. */
-const char *mqrpc_json_typename(const json_t *v);
+MQRPC_API const char *mqrpc_json_typename(const json_t *v);
 
 typedef struct mqrpc_service mqrpc_service;
 
@@ -421,7 +429,7 @@ typedef struct mqrpc_service_opts {
 
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
  * only when out of memory or opts->queue is NULL or empty. */
-mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
+MQRPC_API mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
                                  mqrpc_handler_fn handler, void *arg);
 
 /*
@@ -433,7 +441,7 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
  * with other arguments (durable, max_queue) fails with MQRPC_EACCESS and a
  * message naming the difference.
  */
-mqrpc_err mqrpc_service_connect(mqrpc_service *s);
+MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
 
 /*
  * mqrpc_service_run serves requests until mqrpc_service_stop (returns
@@ -456,14 +464,14 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s);
  * does: a service handle must not be shared between threads, except for
  * mqrpc_service_stop.
  */
-mqrpc_err mqrpc_service_run(mqrpc_service *s);
+MQRPC_API mqrpc_err mqrpc_service_run(mqrpc_service *s);
 
 /* mqrpc_service_stop asks mqrpc_service_run to return. Async-signal-safe:
  * call it from a SIGTERM handler or another thread. */
-void mqrpc_service_stop(mqrpc_service *s);
+MQRPC_API void mqrpc_service_stop(mqrpc_service *s);
 
 /* mqrpc_service_instance returns the instance id sent as app_id. */
-const char *mqrpc_service_instance(const mqrpc_service *s);
+MQRPC_API const char *mqrpc_service_instance(const mqrpc_service *s);
 
 /* What a service counted since it was created. */
 typedef struct mqrpc_service_stats {
@@ -477,17 +485,17 @@ typedef struct mqrpc_service_stats {
 } mqrpc_service_stats;
 
 /* mqrpc_service_get_stats fills *out; call it from the thread that runs s. */
-void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out);
+MQRPC_API void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out);
 
 /* mqrpc_service_errmsg: last failure in one line, owned by s. */
-const char *mqrpc_service_errmsg(const mqrpc_service *s);
+MQRPC_API const char *mqrpc_service_errmsg(const mqrpc_service *s);
 
 /* mqrpc_service_free closes the connection (returning unacknowledged
  * deliveries to the queue) and frees s. Accepts NULL. */
-void mqrpc_service_free(mqrpc_service *s);
+MQRPC_API void mqrpc_service_free(mqrpc_service *s);
 
 /* mqrpc_instance_id writes "<queue>@<hostname>:<pid>" into buf. */
-void mqrpc_instance_id(const char *queue, char *buf, size_t len);
+MQRPC_API void mqrpc_instance_id(const char *queue, char *buf, size_t len);
 
 #ifdef __cplusplus
 }
