@@ -22,7 +22,23 @@
 #define DEFAULT_EXPECT "3"
 #define MAX_INFLIGHT 4096
 #define MAX_CONNECTIONS 64
-#define WRONG_RESULT MQRPC_ERR_COUNT_ /* errors[] slot for a wrong result */
+/* errors[] has a slot per status; the library may grow statuses this
+ * program does not know, which share the slot before the last. */
+#define ERR_SLOTS 64
+#define OTHER_STATUS (ERR_SLOTS - 2)
+#define WRONG_RESULT (ERR_SLOTS - 1) /* errors[] slot for a wrong result */
+
+static int err_slot(mqrpc_err e)
+{
+    return (unsigned)e < OTHER_STATUS ? (int)e : OTHER_STATUS;
+}
+
+static const char *slot_name(int i)
+{
+    return i == WRONG_RESULT   ? "wrong_result"
+           : i == OTHER_STATUS ? "other"
+                               : mqrpc_errname((mqrpc_err)i);
+}
 
 struct bench;
 
@@ -113,7 +129,7 @@ static void start_call(struct slot *s)
     if (e != MQRPC_OK) {
         /* The connection is gone (its calls have already failed): stop. */
         if (cn->measuring)
-            cn->errors[e]++;
+            cn->errors[err_slot(e)]++;
         if (!cn->first_error[0])
             snprintf(cn->first_error, sizeof cn->first_error, "%s",
                      mqrpc_client_errmsg(cn->client));
@@ -150,7 +166,7 @@ static void on_done(const mqrpc_reply *r, void *arg)
         if (ok)
             latency_record(&cn->lat, (uint64_t)(t - s->start_us));
         else
-            cn->errors[st == MQRPC_OK ? WRONG_RESULT : st]++;
+            cn->errors[st == MQRPC_OK ? WRONG_RESULT : err_slot(st)]++;
         cn->end_us = t;
         atomic_fetch_add_explicit(&cn->done, 1, memory_order_relaxed);
     }
@@ -277,7 +293,7 @@ static void print_text(const struct bench *b, const struct latency *lat,
     for (int i = 0; i <= WRONG_RESULT; i++)
         if (errors[i])
             printf("%s %llu  ",
-                   i == WRONG_RESULT ? "wrong_result" : mqrpc_errname(i),
+                   slot_name(i),
                    (unsigned long long)errors[i]);
     printf("\n  memory       %ld KiB resident after warm-up, %ld KiB at the "
            "end\n",
@@ -298,7 +314,7 @@ static void print_json(const struct bench *b, const struct latency *lat,
     for (int i = 0; i <= WRONG_RESULT; i++)
         if (errors[i])
             json_object_set_new(
-                kinds, i == WRONG_RESULT ? "wrong_result" : mqrpc_errname(i),
+                kinds, slot_name(i),
                 json_integer((json_int_t)errors[i]));
     o = json_pack(
         "{s:s, s:i, s:i, s:b, s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I, s:I, "
@@ -461,6 +477,7 @@ int main(int argc, char **argv)
     }
     json_out = extra[X_JSON].value != NULL;
     b.timeout_ms = c.timeout_ms;
+    mqrpc_client_opts_init(&b.copts);
     b.copts.url = c.url;
     b.copts.tls = c.tls;
     b.copts.heartbeat_s = c.heartbeat_s;

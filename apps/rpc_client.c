@@ -84,16 +84,19 @@ struct session {
 
 static mqrpc_err ensure_connected(struct session *s)
 {
-    mqrpc_client_opts o = {.url = s->cli->url,
-                           .heartbeat_s = s->cli->heartbeat_s,
-                           .tls = s->cli->tls,
-                           .durable = s->cli->durable,
-                           .retries = s->cli->retries};
+    mqrpc_client_opts o;
     mqrpc_err e;
 
     /* Once connected, the library reconnects by itself. */
     if (s->client)
         return MQRPC_OK;
+    mqrpc_client_opts_init(&o);
+    o.url = s->cli->url_file ? NULL : s->cli->url;
+    o.url_file = s->cli->url_file;
+    o.heartbeat_s = s->cli->heartbeat_s;
+    o.tls = s->cli->tls;
+    o.durable = s->cli->durable;
+    o.retries = s->cli->retries;
     s->client = mqrpc_client_new(&o);
     if (!s->client) {
         cli_error(s->cli, "out of memory");

@@ -384,6 +384,44 @@ static void tls_open_error(int status, const char *host, const char *ca,
     }
 }
 
+static amqp_table_entry_t bool_entry(const char *key, bool v)
+{
+    amqp_table_entry_t t;
+    t.key = amqp_cstring_bytes(key);
+    t.value.kind = AMQP_FIELD_KIND_BOOLEAN;
+    t.value.value.boolean = v;
+    return t;
+}
+
+/* Logs in telling the broker who we are and what we understand.
+ * rabbitmq-c's own login advertises neither connection.blocked (without
+ * it a resource alarm silently stops the broker reading our socket) nor
+ * consumer_cancel_notify (without it a deleted queue silently ends our
+ * consumer); rabbitmq-c merges these capabilities into its defaults. */
+static amqp_rpc_reply_t login(amqp_connection_state_t state, const char *name,
+                              const char *vhost, int heartbeat_s,
+                              const char *user, const char *password)
+{
+    amqp_table_entry_t caps[2], props[2];
+    amqp_table_t caps_table = {2, caps}, props_table = {0, props};
+
+    caps[0] = bool_entry("connection.blocked", true);
+    caps[1] = bool_entry("consumer_cancel_notify", true);
+    props[props_table.num_entries].key = amqp_cstring_bytes("capabilities");
+    props[props_table.num_entries].value.kind = AMQP_FIELD_KIND_TABLE;
+    props[props_table.num_entries++].value.value.table = caps_table;
+    if (name && *name) {
+        props[props_table.num_entries].key =
+            amqp_cstring_bytes("connection_name");
+        props[props_table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+        props[props_table.num_entries++].value.value.bytes =
+            amqp_cstring_bytes(name);
+    }
+    return amqp_login_with_properties(state, vhost, 0, FRAME_MAX, heartbeat_s,
+                                      &props_table, AMQP_SASL_METHOD_PLAIN,
+                                      user, password);
+}
+
 mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
                         size_t errlen)
 {
@@ -399,7 +437,13 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
     const char *ca = NULL;
 
     *out = NULL;
-    e = mqr_resolve_url(p->url, p->role, url, sizeof url, NULL, err, errlen);
+    /* A URL file is read on every attempt: a reconnection after
+     * `broker.sh rotate` must use the new password. */
+    if (!p->url && p->url_file)
+        e = mqrpc_url_file_read(p->url_file, url, sizeof url, err, errlen);
+    else
+        e = mqr_resolve_url(p->url, p->role, url, sizeof url, NULL, err,
+                            errlen);
     if (e != MQRPC_OK)
         return e;
     e = mqr_url_parse(url, &u, err, errlen);
@@ -483,8 +527,7 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
     amqp_set_handshake_timeout(c->state, &tv);
     amqp_set_rpc_timeout(c->state, &tv);
 
-    r = amqp_login(c->state, u.vhost, 0, FRAME_MAX, heartbeat_s,
-                   AMQP_SASL_METHOD_PLAIN, u.user, u.password);
+    r = login(c->state, p->name, u.vhost, heartbeat_s, u.user, u.password);
     if (r.reply_type != AMQP_RESPONSE_NORMAL) {
         unsigned code =
             r.reply_type == AMQP_RESPONSE_SERVER_EXCEPTION &&

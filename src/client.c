@@ -11,6 +11,8 @@
  * back to (durable, confirmed). The client reconnects with exponential
  * backoff from inside process and call_async, then re-sends.
  */
+/* program_invocation_short_name names the default connection. */
+#define _GNU_SOURCE
 #include "internal.h"
 
 #include <errno.h>
@@ -84,6 +86,8 @@ struct mqrpc_client {
     int64_t reconnect_at_us; /* next attempt while disconnected */
     int backoff_ms;
     uint64_t rng;
+    char name[256];  /* connection name */
+    mqr_logger log;
     char down[400]; /* why the client is disconnected */
     char err[512];
 };
@@ -106,28 +110,54 @@ static void random_bytes(void *buf, size_t len)
     memcpy(buf, &x, len < sizeof x ? len : sizeof x);
 }
 
+/* "<program>@<host>:<pid>", the connection name the broker shows. */
+static void default_name(char *buf, size_t len)
+{
+    char host[256];
+
+    if (gethostname(host, sizeof host) != 0)
+        snprintf(host, sizeof host, "unknown");
+    host[sizeof host - 1] = '\0';
+    snprintf(buf, len, "%s@%s:%ld", program_invocation_short_name, host,
+             (long)getpid());
+}
+
 mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
 {
     mqrpc_client *c = calloc(1, sizeof *c);
     uint8_t rnd[PREFIX_LEN / 2 + 4];
+    mqr_conn_params p = {0};
 
     if (!c)
         return NULL;
-    if (opts)
-        c->opts = *opts;
+    if (opts && !mqr_opts_copy(&c->opts, sizeof c->opts, opts)) {
+        free(c);
+        return NULL;
+    }
+    if (c->opts.name && *c->opts.name)
+        snprintf(c->name, sizeof c->name, "%s", c->opts.name);
+    else
+        default_name(c->name, sizeof c->name);
+    p.url = c->opts.url;
+    p.url_file = c->opts.url_file;
+    p.name = c->name;
+    p.role = MQRPC_ROLE_CLIENT;
+    p.heartbeat_s = c->opts.heartbeat_s;
+    p.connect_timeout_ms = c->opts.connect_timeout_ms;
+    p.tls = c->opts.tls;
     c->map_size = 64;
     c->map = calloc(c->map_size, sizeof *c->map);
-    if (!c->map ||
-        !mqr_conn_cfg_init(&c->cfg, c->opts.url, MQRPC_ROLE_CLIENT,
-                           c->opts.heartbeat_s, c->opts.connect_timeout_ms,
-                           &c->opts.tls)) {
+    if (!c->map || !mqr_conn_cfg_init(&c->cfg, &p)) {
         free(c->map);
         free(c);
         return NULL;
     }
     /* The copies in cfg are the ones used; the caller's may be freed. */
-    c->opts.url = NULL;
+    c->opts.url = c->opts.url_file = c->opts.name = NULL;
     memset(&c->opts.tls, 0, sizeof c->opts.tls);
+    c->log.fn = c->opts.log;
+    c->log.arg = c->opts.log_arg;
+    c->log.name = c->name;
     random_bytes(rnd, sizeof rnd);
     for (size_t i = 0; i < PREFIX_LEN / 2; i++)
         snprintf(c->prefix + 2 * i, 3, "%02x", rnd[i]);
@@ -232,10 +262,13 @@ size_t mqrpc_client_pending(const mqrpc_client *c)
     return c->pending;
 }
 
-void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out)
+void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out,
+                            size_t size)
 {
-    *out = c->st;
-    out->connected = c->conn != NULL;
+    mqrpc_client_stats st = c->st;
+
+    st.connected = c->conn != NULL;
+    mqr_struct_out(out, size, &st, sizeof st);
 }
 
 static bool may_reconnect(const mqrpc_client *c)

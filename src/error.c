@@ -16,16 +16,18 @@ static const char *const error_name[] = {
 #undef MQRPC_NAME_
 };
 
+#define COUNT (sizeof error_text / sizeof error_text[0])
+
 const char *mqrpc_strerror(mqrpc_err err)
 {
-    if ((unsigned)err >= MQRPC_ERR_COUNT_)
+    if ((unsigned)err >= COUNT)
         return "unknown error";
     return error_text[err];
 }
 
 const char *mqrpc_errname(mqrpc_err err)
 {
-    if ((unsigned)err >= MQRPC_ERR_COUNT_)
+    if ((unsigned)err >= COUNT)
         return "unknown";
     return error_name[err];
 }

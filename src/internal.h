@@ -32,6 +32,32 @@ int64_t mqr_now_us(void);
 int mqr_jitter(uint64_t *rng, int d);
 int mqr_backoff_next(int d, int max);
 
+/* mqr_opts_copy copies a caller's options struct (whose first field is its
+ * size_t size, set by the *_opts_init of the header the caller was built
+ * with) into dst, a zeroed struct of this library's dst_size bytes. A
+ * smaller caller struct leaves the newer fields zero (their defaults); a
+ * larger one must have zeros past dst_size, or the caller asks for
+ * something this library cannot do. false (errno EINVAL) when size is
+ * wrong that way or smaller than the size field itself. */
+bool mqr_opts_copy(void *dst, size_t dst_size, const void *src);
+
+/* mqr_struct_out copies src (this library's struct of src_size bytes) into
+ * a caller's struct of out_size bytes: the common prefix. */
+void mqr_struct_out(void *out, size_t out_size, const void *src,
+                    size_t src_size);
+
+/* Where a handle's log lines go: the program's function or stderr, with
+ * the name that prefixes them there. */
+typedef struct mqr_logger {
+    mqrpc_log_fn fn; /* NULL: stderr */
+    void *arg;
+    const char *name; /* borrowed from the handle */
+} mqr_logger;
+
+/* mqr_log formats one line and hands it to lg. */
+void mqr_log(const mqr_logger *lg, mqrpc_log_level level, const char *fmt,
+             ...) __attribute__((format(printf, 3, 4)));
+
 /* mqr_wall_ms: Unix time in milliseconds, the clock of deadline headers
  * (they cross machines, so they cannot be monotonic). */
 int64_t mqr_wall_ms(void);
@@ -162,7 +188,9 @@ typedef struct mqr_queue_opts {
 
 /* What a connection needs; the strings are borrowed for mqr_conn_open. */
 typedef struct mqr_conn_params {
-    const char *url; /* NULL: mqrpc_default_url(NULL, role) */
+    const char *url;      /* NULL: url_file, else mqrpc_default_url(NULL, role) */
+    const char *url_file; /* read on every mqr_conn_open */
+    const char *name;     /* connection_name shown by the broker */
     mqrpc_role role;
     int heartbeat_s;
     int connect_timeout_ms;
@@ -172,14 +200,12 @@ typedef struct mqr_conn_params {
 /* An owned copy of connection settings, as the handles keep them. */
 typedef struct mqr_conn_cfg {
     mqr_conn_params p; /* strings point into owned_ */
-    char *owned_[4];
+    char *owned_[6];
 } mqr_conn_cfg;
 
-/* mqr_conn_cfg_init copies its arguments (url may be NULL); false when out
- * of memory. mqr_conn_cfg_clear frees the copies. */
-bool mqr_conn_cfg_init(mqr_conn_cfg *cfg, const char *url, mqrpc_role role,
-                       int heartbeat_s, int connect_timeout_ms,
-                       const mqrpc_tls_opts *tls);
+/* mqr_conn_cfg_init copies p and its strings (any may be NULL); false when
+ * out of memory. mqr_conn_cfg_clear frees the copies. */
+bool mqr_conn_cfg_init(mqr_conn_cfg *cfg, const mqr_conn_params *p);
 void mqr_conn_cfg_clear(mqr_conn_cfg *cfg);
 
 /* mqr_conn_open resolves the broker URL, connects (over TLS for amqps://,

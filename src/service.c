@@ -13,6 +13,7 @@
  */
 #include "internal.h"
 
+#include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -40,6 +41,7 @@ struct mqrpc_service {
     char *queue;
     char dlq[256];
     char instance[300];
+    mqr_logger log;
     mqrpc_handler_fn handler;
     void *arg;
     mqr_conn *conn;
@@ -62,48 +64,59 @@ void mqrpc_instance_id(const char *queue, char *buf, size_t len)
     snprintf(buf, len, "%s@%s:%ld", queue, host, (long)getpid());
 }
 
-static void logf_(const mqrpc_service *s, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-/* One line per event on stderr, prefixed with UTC time and the instance, so
- * interleaved logs of several instances stay readable. */
-static void logf_(const mqrpc_service *s, const char *fmt, ...)
+/* app_id and the connection name are AMQP short strings: at most 255
+ * bytes, or the broker refuses every reply. Cut at a character boundary. */
+static void cut_short_string(char *s)
 {
-    char line[1024], stamp[32];
-    time_t now = time(NULL);
-    struct tm tm;
-    va_list ap;
+    size_t n = strlen(s);
 
-    gmtime_r(&now, &tm);
-    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", &tm);
-    va_start(ap, fmt);
-    vsnprintf(line, sizeof line, fmt, ap);
-    va_end(ap);
-    fprintf(stderr, "%s %s %s\n", stamp, s->instance, line);
+    if (n <= 255)
+        return;
+    n = 255;
+    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+        n--;
+    s[n] = '\0';
 }
 
 mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
                                  mqrpc_handler_fn handler, void *arg)
 {
     mqrpc_service *s;
+    mqr_conn_params p = {0};
 
     if (!opts || !opts->queue || !*opts->queue ||
-        strlen(opts->queue) > QUEUE_MAX || !handler)
+        strlen(opts->queue) > QUEUE_MAX || !handler) {
+        errno = EINVAL;
         return NULL;
+    }
     s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
-    s->opts = *opts;
+    if (!mqr_opts_copy(&s->opts, sizeof s->opts, opts)) {
+        free(s);
+        return NULL;
+    }
+    if (s->opts.instance_id && *s->opts.instance_id)
+        snprintf(s->instance, sizeof s->instance, "%s", s->opts.instance_id);
+    else
+        mqrpc_instance_id(opts->queue, s->instance, sizeof s->instance);
+    cut_short_string(s->instance);
+    p.url = s->opts.url;
+    p.url_file = s->opts.url_file;
+    p.name = s->instance;
+    p.role = MQRPC_ROLE_SERVICE;
+    p.heartbeat_s = s->opts.heartbeat_s;
+    p.connect_timeout_ms = s->opts.connect_timeout_ms;
+    p.tls = s->opts.tls;
     s->queue = strdup(opts->queue);
-    if (!s->queue || !mqr_conn_cfg_init(&s->cfg, opts->url, MQRPC_ROLE_SERVICE,
-                                        opts->heartbeat_s,
-                                        opts->connect_timeout_ms, &opts->tls)) {
+    if (!s->queue || !mqr_conn_cfg_init(&s->cfg, &p)) {
         mqrpc_service_free(s);
+        errno = ENOMEM;
         return NULL;
     }
     s->opts.queue = s->queue;
     snprintf(s->dlq, sizeof s->dlq, "%s" DLQ_SUFFIX, s->queue);
-    s->opts.url = NULL;
+    s->opts.url = s->opts.url_file = NULL;
     memset(&s->opts.tls, 0, sizeof s->opts.tls);
     s->opts.instance_id = NULL;
     if (s->opts.prefetch == 0)
@@ -126,10 +139,9 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
     s->rng = ((uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 32) ^
               (uint64_t)(uintptr_t)s) |
              1;
-    if (opts->instance_id && *opts->instance_id)
-        snprintf(s->instance, sizeof s->instance, "%s", opts->instance_id);
-    else
-        mqrpc_instance_id(s->queue, s->instance, sizeof s->instance);
+    s->log.fn = s->opts.log;
+    s->log.arg = s->opts.log_arg;
+    s->log.name = s->instance;
     s->handler = handler;
     s->arg = arg;
     atomic_init(&s->stop, 0);
@@ -137,7 +149,8 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
     return s;
 }
 
-mqrpc_err mqrpc_service_connect(mqrpc_service *s)
+/* One attempt: connect, declare, consume. */
+static mqrpc_err connect_once(mqrpc_service *s)
 {
     mqr_queue_opts q = {.durable = s->opts.durable,
                         .max_length = s->opts.max_queue};
@@ -145,8 +158,6 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s)
     mqr_queue_opts dq = {.durable = true};
     mqrpc_err e;
 
-    if (s->conn)
-        return MQRPC_ESTATE;
     e = mqr_conn_open(&s->cfg.p, &s->conn, s->err, sizeof s->err);
     if (e != MQRPC_OK)
         return e;
@@ -175,6 +186,74 @@ fail:
     mqr_conn_free(s->conn);
     s->conn = NULL;
     return e;
+}
+
+/* Sleeps ms, waking early when stopped. */
+static void nap(mqrpc_service *s, int ms)
+{
+    while (ms > 0 && !atomic_load(&s->stop)) {
+        int step = ms < STOP_CHECK_MS ? ms : STOP_CHECK_MS;
+        struct timespec ts = {0, step * 1000000L};
+        nanosleep(&ts, NULL);
+        ms -= step;
+    }
+}
+
+/* Failures that waiting can cure: the broker is down, restarting or not
+ * reachable yet. A refused login or access, TLS or URL problems need a
+ * person. */
+static bool transient(mqrpc_err e)
+{
+    return e == MQRPC_ECONNECT || e == MQRPC_ECLOSED || e == MQRPC_ETIMEOUT ||
+           e == MQRPC_EPROTO;
+}
+
+mqrpc_err mqrpc_service_connect(mqrpc_service *s)
+{
+    int64_t t0 = mqr_now_us(), left_us;
+    int delay = s->opts.reconnect_min_ms, wait;
+    unsigned attempts = 0;
+    mqrpc_err e;
+
+    if (s->conn)
+        return MQRPC_ESTATE;
+    for (;;) {
+        attempts++;
+        e = connect_once(s);
+        if (e == MQRPC_OK) {
+            if (attempts > 1)
+                mqr_log(&s->log, MQRPC_LOG_INFO,
+                        "connected after %.1f s (%u attempts)",
+                        (double)(mqr_now_us() - t0) / 1e6, attempts);
+            return MQRPC_OK;
+        }
+        if (!transient(e) || s->opts.connect_retry_ms == 0)
+            return e;
+        /* Said once: a supervisor's log should not fill up while the
+         * broker is down. */
+        if (attempts == 1) {
+            if (s->opts.connect_retry_ms > 0)
+                mqr_log(&s->log, MQRPC_LOG_WARN,
+                        "%s; retrying for up to %.1f s", s->err,
+                        s->opts.connect_retry_ms / 1e3);
+            else
+                mqr_log(&s->log, MQRPC_LOG_WARN,
+                        "%s; retrying until the broker answers", s->err);
+        }
+        wait = mqr_jitter(&s->rng, delay);
+        if (s->opts.connect_retry_ms > 0) {
+            left_us = t0 + (int64_t)s->opts.connect_retry_ms * 1000 -
+                      mqr_now_us();
+            if (left_us <= 0)
+                return e;
+            if (wait > left_us / 1000)
+                wait = (int)(left_us / 1000) + 1;
+        }
+        nap(s, wait);
+        if (atomic_load(&s->stop))
+            return e;
+        delay = mqr_backoff_next(delay, s->opts.reconnect_max_ms);
+    }
 }
 
 static int shown_len(mqr_str s)
@@ -237,7 +316,7 @@ static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
     if (!out)
         out = mqr_encode_fault(&fault, len);
     if (*is_error && s->opts.verbose)
-        logf_(s, "error reply %s: %s", fault.code, fault.message);
+        mqr_log(&s->log, MQRPC_LOG_DEBUG, "error reply %s: %s", fault.code, fault.message);
     return out;
 }
 
@@ -293,7 +372,7 @@ static mqrpc_err requeue_or_dead_letter(mqrpc_service *s, const mqr_msg *m)
         if (e != MQRPC_OK)
             return e;
         s->st.dead_lettered++;
-        logf_(s, "request %.*s dead-lettered to %s after %u deliveries",
+        mqr_log(&s->log, MQRPC_LOG_WARN, "request %.*s dead-lettered to %s after %u deliveries",
               shown_len(m->correlation_id), m->correlation_id.ptr,
               s->dlq, (unsigned)failed);
         return MQRPC_OK;
@@ -311,7 +390,7 @@ static mqrpc_err requeue_or_dead_letter(mqrpc_service *s, const mqr_msg *m)
     if (e == MQRPC_OK) {
         s->st.redelivered++;
         if (s->opts.verbose)
-            logf_(s, "request %.*s redelivered (%u failed deliveries): "
+            mqr_log(&s->log, MQRPC_LOG_DEBUG, "request %.*s redelivered (%u failed deliveries): "
                   "queued again", shown_len(m->correlation_id),
                   m->correlation_id.ptr, (unsigned)failed);
     }
@@ -331,7 +410,7 @@ static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
         /* Nobody could match an answer: acknowledge so it does not come
          * back forever. */
         s->st.dropped++;
-        logf_(s,
+        mqr_log(&s->log, MQRPC_LOG_WARN,
               "request without %s (correlation_id \"%.*s\"): "
               "acknowledged and dropped",
               m->reply_to.len == 0 ? "reply_to" : "correlation_id",
@@ -341,7 +420,7 @@ static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
         /* Its caller gave up: running it would be wasted work. */
         s->st.expired++;
         if (s->opts.verbose)
-            logf_(s, "request %.*s skipped: past its deadline",
+            mqr_log(&s->log, MQRPC_LOG_DEBUG, "request %.*s skipped: past its deadline",
                   shown_len(m->correlation_id), m->correlation_id.ptr);
     } else if (m->redelivered) {
         e = requeue_or_dead_letter(s, m);
@@ -354,7 +433,7 @@ static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m)
         if (e == MQRPC_OK) {
             s->st.served++;
             if (s->opts.verbose)
-                logf_(s, "answered %.*s", shown_len(m->correlation_id),
+                mqr_log(&s->log, MQRPC_LOG_DEBUG, "answered %.*s", shown_len(m->correlation_id),
                       m->correlation_id.ptr);
         }
     }
@@ -435,16 +514,6 @@ static mqrpc_err serve(mqrpc_service *s)
     return MQRPC_OK;
 }
 
-/* Sleeps ms, waking early when stopped. */
-static void nap(mqrpc_service *s, int ms)
-{
-    while (ms > 0 && !atomic_load(&s->stop)) {
-        int step = ms < STOP_CHECK_MS ? ms : STOP_CHECK_MS;
-        struct timespec ts = {0, step * 1000000L};
-        nanosleep(&ts, NULL);
-        ms -= step;
-    }
-}
 
 /* Reopens the connection with exponential backoff until it works or the
  * service is stopped; the first attempt is immediate, since a killed
@@ -458,10 +527,10 @@ static mqrpc_err reconnect(mqrpc_service *s)
 
     while (!atomic_load(&s->stop)) {
         attempts++;
-        e = mqrpc_service_connect(s);
+        e = connect_once(s);
         if (e == MQRPC_OK) {
             s->st.reconnects++;
-            logf_(s, "connection regained after %.1f s (%u attempt%s); "
+            mqr_log(&s->log, MQRPC_LOG_INFO, "connection regained after %.1f s (%u attempt%s); "
                   "consuming %s again",
                   (double)(mqr_now_us() - t0) / 1e6, attempts,
                   attempts == 1 ? "" : "s", s->queue);
@@ -470,7 +539,7 @@ static mqrpc_err reconnect(mqrpc_service *s)
         if (e == MQRPC_ENOMEM)
             return e;
         if (s->opts.verbose)
-            logf_(s, "reconnection attempt %u failed: %s", attempts, s->err);
+            mqr_log(&s->log, MQRPC_LOG_WARN, "reconnection attempt %u failed: %s", attempts, s->err);
         nap(s, mqr_jitter(&s->rng, delay));
         delay = mqr_backoff_next(delay, s->opts.reconnect_max_ms);
     }
@@ -494,7 +563,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
         if (e == MQRPC_ENOMEM || s->opts.reconnect_max_ms < 0)
             return e;
         s->st.lost++;
-        logf_(s, "connection lost: %s; reconnecting", s->err);
+        mqr_log(&s->log, MQRPC_LOG_WARN, "connection lost: %s; reconnecting", s->err);
         e = reconnect(s);
         if (e != MQRPC_OK)
             return e;
@@ -516,9 +585,10 @@ const char *mqrpc_service_instance(const mqrpc_service *s)
     return s->instance;
 }
 
-void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out)
+void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out,
+                             size_t size)
 {
-    *out = s->st;
+    mqr_struct_out(out, size, &s->st, sizeof s->st);
 }
 
 const char *mqrpc_service_errmsg(const mqrpc_service *s)

@@ -285,35 +285,3 @@ mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
     }
     return MQRPC_OK;
 }
-
-static bool dup_opt(const char *in, char **owned, const char **out)
-{
-    *owned = in ? strdup(in) : NULL;
-    *out = *owned;
-    return !in || *owned;
-}
-
-bool mqr_conn_cfg_init(mqr_conn_cfg *cfg, const char *url, mqrpc_role role,
-                       int heartbeat_s, int connect_timeout_ms,
-                       const mqrpc_tls_opts *tls)
-{
-    memset(cfg, 0, sizeof *cfg);
-    cfg->p.role = role;
-    cfg->p.heartbeat_s = heartbeat_s;
-    cfg->p.connect_timeout_ms = connect_timeout_ms;
-    cfg->p.tls.insecure = tls->insecure;
-    if (dup_opt(url, &cfg->owned_[0], &cfg->p.url) &&
-        dup_opt(tls->ca_file, &cfg->owned_[1], &cfg->p.tls.ca_file) &&
-        dup_opt(tls->cert_file, &cfg->owned_[2], &cfg->p.tls.cert_file) &&
-        dup_opt(tls->key_file, &cfg->owned_[3], &cfg->p.tls.key_file))
-        return true;
-    mqr_conn_cfg_clear(cfg);
-    return false;
-}
-
-void mqr_conn_cfg_clear(mqr_conn_cfg *cfg)
-{
-    for (size_t i = 0; i < sizeof cfg->owned_ / sizeof cfg->owned_[0]; i++)
-        free(cfg->owned_[i]);
-    memset(cfg, 0, sizeof *cfg);
-}

@@ -1,6 +1,10 @@
 /* Small helpers shared by the library's files. */
 #include "internal.h"
 
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -41,4 +45,99 @@ int mqr_jitter(uint64_t *rng, int d)
 int mqr_backoff_next(int d, int max)
 {
     return d > max / 2 ? max : d * 2;
+}
+
+static bool dup_opt(const char *in, char **owned, const char **out)
+{
+    *owned = in ? strdup(in) : NULL;
+    *out = *owned;
+    return !in || *owned;
+}
+
+bool mqr_conn_cfg_init(mqr_conn_cfg *cfg, const mqr_conn_params *p)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->p = *p;
+    if (dup_opt(p->url, &cfg->owned_[0], &cfg->p.url) &&
+        dup_opt(p->url_file, &cfg->owned_[1], &cfg->p.url_file) &&
+        dup_opt(p->name, &cfg->owned_[2], &cfg->p.name) &&
+        dup_opt(p->tls.ca_file, &cfg->owned_[3], &cfg->p.tls.ca_file) &&
+        dup_opt(p->tls.cert_file, &cfg->owned_[4], &cfg->p.tls.cert_file) &&
+        dup_opt(p->tls.key_file, &cfg->owned_[5], &cfg->p.tls.key_file))
+        return true;
+    mqr_conn_cfg_clear(cfg);
+    return false;
+}
+
+void mqr_conn_cfg_clear(mqr_conn_cfg *cfg)
+{
+    for (size_t i = 0; i < sizeof cfg->owned_ / sizeof cfg->owned_[0]; i++)
+        free(cfg->owned_[i]);
+    memset(cfg, 0, sizeof *cfg);
+}
+
+bool mqr_opts_copy(void *dst, size_t dst_size, const void *src)
+{
+    size_t size;
+    const unsigned char *extra;
+
+    memcpy(&size, src, sizeof size);
+    if (size < sizeof size) {
+        errno = EINVAL;
+        return false;
+    }
+    if (size > dst_size) {
+        /* Fields of a newer header that this library does not have: only
+         * their zero (default) values can be honoured. */
+        extra = (const unsigned char *)src + dst_size;
+        for (size_t i = 0; i < size - dst_size; i++) {
+            if (extra[i]) {
+                errno = EINVAL;
+                return false;
+            }
+        }
+        size = dst_size;
+    }
+    memcpy(dst, src, size);
+    memcpy(dst, &dst_size, sizeof dst_size);
+    return true;
+}
+
+void mqr_struct_out(void *out, size_t out_size, const void *src,
+                    size_t src_size)
+{
+    memcpy(out, src, out_size < src_size ? out_size : src_size);
+}
+
+void mqr_log(const mqr_logger *lg, mqrpc_log_level level, const char *fmt,
+             ...)
+{
+    char line[1024], stamp[32];
+    time_t now;
+    struct tm tm;
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof line, fmt, ap);
+    va_end(ap);
+    if (lg->fn) {
+        lg->fn(level, line, lg->arg);
+        return;
+    }
+    /* UTC time and the instance first, so interleaved logs of several
+     * instances stay readable. */
+    now = time(NULL);
+    gmtime_r(&now, &tm);
+    strftime(stamp, sizeof stamp, "%Y-%m-%dT%H:%M:%SZ", &tm);
+    fprintf(stderr, "%s %s %s\n", stamp, lg->name ? lg->name : "mqrpc", line);
+}
+
+unsigned mqrpc_version(void)
+{
+    return MQRPC_VERSION_NUMBER;
+}
+
+const char *mqrpc_version_string(void)
+{
+    return MQRPC_VERSION;
 }

@@ -30,6 +30,7 @@ enum {
     OPT_RETRIES,
     OPT_MAX_QUEUE,
     OPT_MAX_DELIVERIES,
+    OPT_CONNECT_TIMEOUT,
     OPT_EXTRA /* + index of the extra option */
 };
 
@@ -220,6 +221,11 @@ static void usage(const struct cli *c, FILE *f)
                 "goes to <queue>.dlq\n"
                 "                     (default %d)\n",
                 MQRPC_DEFAULT_MAX_DELIVERIES);
+        fprintf(f, "  --connect-timeout MS\n"
+                   "                     give up (exit 3) when the broker "
+                   "cannot be reached within\n"
+                   "                     MS ms at start (default: keep "
+                   "trying; 0: one attempt)\n");
     }
     for (const struct cli_extra *x = c->extra; x && x->name; x++) {
         char flag[64];
@@ -321,6 +327,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
                                     OPT_MAX_QUEUE};
         opts[n++] = (struct option){"max-deliveries", required_argument, NULL,
                                     OPT_MAX_DELIVERIES};
+        opts[n++] = (struct option){"connect-timeout", required_argument,
+                                    NULL, OPT_CONNECT_TIMEOUT};
     }
     for (int i = 0; c->extra && c->extra[i].name && n < 39; i++) {
         const struct cli_extra *x = &c->extra[i];
@@ -336,6 +344,7 @@ int cli_parse(struct cli *c, int argc, char **argv)
     }
     opts[n] = (struct option){NULL, 0, NULL, 0};
 
+    c->connect_retry_ms = -1;
     if (c->timeout_ms == 0)
         c->timeout_ms = MQRPC_DEFAULT_TIMEOUT_MS;
     if (c->heartbeat_s == 0)
@@ -470,6 +479,16 @@ int cli_parse(struct cli *c, int argc, char **argv)
                 return CLI_EXIT_USAGE;
             }
             c->max_deliveries = (unsigned)v;
+            break;
+        case OPT_CONNECT_TIMEOUT:
+            if (!cli_parse_long(optarg, 0, 2147483647L, &v)) {
+                cli_error(c,
+                          "--connect-timeout takes milliseconds from 0 to "
+                          "2147483647, got \"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->connect_retry_ms = (int)v;
             break;
         case 'v': c->verbose = true; break;
         case 'h': usage(c, stdout); return CLI_EXIT_OK;

@@ -91,8 +91,12 @@ int service_main(int argc, char **argv, const struct service_program *p)
             rc = CLI_EXIT_FAILURE;
             break;
         }
-        memset(&opts, 0, sizeof opts);
-        opts.url = c.url;
+        mqrpc_service_opts_init(&opts);
+        /* Given by file, the URL is read again on each reconnection, so a
+         * rotated password is picked up. */
+        opts.url = c.url_file ? NULL : c.url;
+        opts.url_file = c.url_file;
+        opts.connect_retry_ms = c.connect_retry_ms;
         opts.tls = c.tls;
         opts.queue = c.queue;
         opts.instance_id = instance;
@@ -147,13 +151,15 @@ int service_main(int argc, char **argv, const struct service_program *p)
     for (unsigned i = 0; i < nworkers; i++) {
         struct worker *w = &workers[i];
         mqrpc_service_stats st;
-        mqrpc_service_get_stats(w->svc, &st);
+        mqrpc_service_get_stats(w->svc, &st, sizeof st);
         sum.served += st.served;
         sum.expired += st.expired;
         sum.redelivered += st.redelivered;
         sum.dead_lettered += st.dead_lettered;
         sum.lost += st.lost;
         sum.reconnects += st.reconnects;
+        sum.blocked += st.blocked;
+        sum.cancelled += st.cancelled;
         if ((i > 0 && !w->started) || w->status == MQRPC_OK)
             continue;
         cli_error(&c, "%s", mqrpc_service_errmsg(w->svc));

@@ -24,6 +24,7 @@
 #include <jansson.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -37,14 +38,35 @@ extern "C" {
 #define MQRPC_API
 #endif
 
-#define MQRPC_VERSION "0.1.0"
+/*
+ * Versions. MQRPC_VERSION_* describe the header a program was compiled
+ * with, mqrpc_version() the library it runs with: a program may check at
+ * run time that the library is at least as new as its header (README, ABI
+ * policy). MQRPC_VERSION_NUMBER is major * 10000 + minor * 100 + patch.
+ */
+#define MQRPC_VERSION_MAJOR 0
+#define MQRPC_VERSION_MINOR 2
+#define MQRPC_VERSION_PATCH 0
+#define MQRPC_VERSION "0.2.0"
+#define MQRPC_VERSION_NUMBER                                        \
+    (MQRPC_VERSION_MAJOR * 10000 + MQRPC_VERSION_MINOR * 100 +      \
+     MQRPC_VERSION_PATCH)
+
+/* mqrpc_version returns the running library's MQRPC_VERSION_NUMBER. */
+MQRPC_API unsigned mqrpc_version(void);
+
+/* mqrpc_version_string returns the running library's MQRPC_VERSION
+ * ("0.2.0"); static, never NULL. */
+MQRPC_API const char *mqrpc_version_string(void);
 
 /*
  * MQRPC_ERRORS is the one table of status codes: it generates the enum,
  * mqrpc_strerror() and mqrpc_errname(), so they cannot drift apart.
  * Transport failures (CONNECT, CLOSED, TIMEOUT, NO_ROUTE, ...) are statuses;
  * an error the remote handler chose to send is MQRPC_EREMOTE, and its code
- * and message are in the reply.
+ * and message are in the reply. A value never changes meaning; new ones
+ * are added at the end, so a program must expect values it does not know
+ * (mqrpc_strerror and mqrpc_errname answer for them).
  */
 #define MQRPC_ERRORS(X)                                         \
     X(OK, "ok", "success")                                      \
@@ -64,14 +86,14 @@ extern "C" {
     X(ETOOBIG, "too_big", "message too large")                  \
     X(EPROTO, "protocol", "AMQP protocol error")                \
     X(ECANCELED, "canceled", "call canceled")                   \
-    X(ESTATE, "state", "operation not valid in this state")
+    X(ESTATE, "state", "operation not valid in this state")      \
+    X(EBLOCKED, "blocked", "the broker is blocking publishers")
 
 /* mqrpc_err: the status every fallible call returns. */
 typedef enum {
 #define MQRPC_ENUM_(name, short_name, text) MQRPC_##name,
     MQRPC_ERRORS(MQRPC_ENUM_)
 #undef MQRPC_ENUM_
-        MQRPC_ERR_COUNT_
 } mqrpc_err;
 
 /* mqrpc_strerror returns a static English sentence for err, never NULL. */
@@ -105,6 +127,25 @@ MQRPC_API const char *mqrpc_errname(mqrpc_err err);
 /* Default reconnection backoff: the first delay and the cap, in ms. */
 #define MQRPC_DEFAULT_RECONNECT_MIN_MS 100
 #define MQRPC_DEFAULT_RECONNECT_MAX_MS 5000
+
+/* Log levels, most severe first. */
+typedef enum {
+    MQRPC_LOG_ERROR,
+    MQRPC_LOG_WARN, /* a fault the library handles: lost connection, ... */
+    MQRPC_LOG_INFO, /* a fault resolved: connection regained, ... */
+    MQRPC_LOG_DEBUG /* one line per request (services' verbose option) */
+} mqrpc_log_level;
+
+/*
+ * mqrpc_log_fn receives the library's log lines: line is one line of
+ * English without a trailing newline, time stamp or instance name (the
+ * program knows those; give each handle its own arg to tell them apart),
+ * valid only during the call. It runs on the thread that drives the
+ * handle, and must not call into that handle. A NULL log function in the
+ * options means the default: "<UTC time> <instance> <line>" on stderr.
+ */
+typedef void (*mqrpc_log_fn)(mqrpc_log_level level, const char *line,
+                             void *arg);
 
 /* Which account a program connects as. The private broker has one of each
  * (README, Security): services may consume only service queues, clients
@@ -168,9 +209,17 @@ typedef struct mqrpc_tls_opts {
 typedef struct mqrpc_client mqrpc_client;
 typedef struct mqrpc_reply mqrpc_reply;
 
-/* Client options; a zeroed struct means "all defaults". */
+/*
+ * Client options. Fill them with mqrpc_client_opts_init, then set what
+ * differs from the defaults: init records the size of the struct this
+ * program was compiled with, which lets a newer library, whose struct has
+ * more fields, take it (README, ABI policy). Zero means "default" for
+ * every field. New fields are only ever added at the end.
+ */
 typedef struct mqrpc_client_opts {
-    /* broker URL; NULL: mqrpc_default_url(NULL, MQRPC_ROLE_CLIENT) */
+    size_t size; /* sizeof(mqrpc_client_opts); set by mqrpc_client_opts_init */
+    /* broker URL; NULL: url_file if set, else
+     * mqrpc_default_url(NULL, MQRPC_ROLE_CLIENT) */
     const char *url;
     int heartbeat_s;        /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
     int connect_timeout_ms; /* TCP connect and login; 0: 5000 */
@@ -197,7 +246,23 @@ typedef struct mqrpc_client_opts {
      * reconnect_max_ms < 0: do not reconnect. */
     int reconnect_min_ms;
     int reconnect_max_ms;
+    /* A file holding the broker URL (mqrpc_url_file_read's checks), read
+     * again on every connection attempt, so a rotated password is picked
+     * up when the client reconnects. Used when url is NULL. */
+    const char *url_file;
+    /* The connection name the broker shows (management UI,
+     * rabbitmqctl list_connections); NULL: "<program>@<host>:<pid>". */
+    const char *name;
+    mqrpc_log_fn log; /* NULL: stderr */
+    void *log_arg;
 } mqrpc_client_opts;
+
+/* mqrpc_client_opts_init zeroes *o (all defaults) and sets o->size. */
+static inline void mqrpc_client_opts_init(mqrpc_client_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->size = sizeof *o;
+}
 
 /* mqrpc_call_async flags. MQRPC_CALL_IDEMPOTENT: running the request twice
  * does no harm, so the call may be re-sent after a lost connection (up to
@@ -209,13 +274,26 @@ typedef struct mqrpc_client_opts {
  * MQRPC_OK: with the reply, an error reply, a timeout, a connection loss, or
  * MQRPC_ECANCELED from mqrpc_client_free. It runs on the thread that called
  * mqrpc_client_process (or mqrpc_call, or mqrpc_client_free). The reply is
- * owned by the library and valid only until the callback returns. The
- * callback may start new calls; it must not free the client.
+ * owned by the library and valid until the callback returns, whatever the
+ * callback does.
+ *
+ * Re-entrancy: inside a callback, mqrpc_call_async may start new calls
+ * (they are published at once, or queued if the client is disconnected),
+ * and mqrpc_client_free may be called: the client is then closed and freed
+ * as soon as the callback returns, and the mqrpc_client_process (or
+ * mqrpc_call) that ran the callback returns MQRPC_ECANCELED without
+ * touching it again. mqrpc_call, mqrpc_client_process,
+ * mqrpc_client_queue_info and mqrpc_client_connect return MQRPC_ESTATE
+ * inside a callback: they would wait for the broker, and reading its next
+ * message would pull the current reply from under the caller.
  */
 typedef void (*mqrpc_done_fn)(const mqrpc_reply *reply, void *arg);
 
-/* mqrpc_client_new copies opts (may be NULL) into a new, unconnected client.
- * Returns NULL only when out of memory. */
+/* mqrpc_client_new copies opts (NULL: all defaults) into a new, unconnected
+ * client. Returns NULL with errno ENOMEM when out of memory, or EINVAL when
+ * opts->size was not set by mqrpc_client_opts_init or opts sets a field
+ * this library does not know (the program was built against a newer
+ * header). */
 MQRPC_API mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
 
 /*
@@ -225,7 +303,8 @@ MQRPC_API mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
  * mqrpc_client_errmsg says why in one line ("cannot connect to
  * 127.0.0.1:5682: connection refused"). After a later loss of the
  * connection the client reconnects by itself (see reconnect_min_ms), from
- * inside mqrpc_client_process and mqrpc_call_async.
+ * inside mqrpc_client_process only, each attempt bounded by the earliest
+ * deadline of the calls waiting for it.
  */
 MQRPC_API mqrpc_err mqrpc_client_connect(mqrpc_client *c);
 
@@ -233,8 +312,12 @@ MQRPC_API mqrpc_err mqrpc_client_connect(mqrpc_client *c);
  * string is owned by c and valid until the next call on c. Never NULL. */
 MQRPC_API const char *mqrpc_client_errmsg(const mqrpc_client *c);
 
-/* mqrpc_client_free completes every pending call with MQRPC_ECANCELED,
- * closes the connection and frees c. Accepts NULL. */
+/* mqrpc_client_free completes every pending call with MQRPC_ECANCELED
+ * (their callbacks may not start new calls: mqrpc_call_async then returns
+ * MQRPC_ECANCELED), closes the connection and frees c. Inside a callback,
+ * see mqrpc_done_fn. Blocks for at most connect_timeout_ms to close
+ * politely, and not at all while the broker blocks the connection.
+ * Accepts NULL. */
 MQRPC_API void mqrpc_client_free(mqrpc_client *c);
 
 /*
@@ -250,8 +333,14 @@ MQRPC_API void mqrpc_client_free(mqrpc_client *c);
  * is full, services' --max-queue), MQRPC_ECLOSED as soon as the connection
  * is lost (unless the call is re-sent, or opts.durable and the broker had
  * confirmed the request), MQRPC_ENOROUTE when no queue has that name,
- * MQRPC_ETIMEOUT at the deadline. While the client is disconnected and the
- * next reconnection attempt is not due, returns MQRPC_ECLOSED at once.
+ * MQRPC_ETIMEOUT at the deadline, MQRPC_EBLOCKED at the deadline when the
+ * broker was blocking publishers (a resource alarm; the message names its
+ * reason). It never waits for the broker: while the client is
+ * disconnected, or the broker blocks publishers, or the socket cannot take
+ * the request, the call is queued and sent by mqrpc_client_process once it
+ * can be (reconnecting as needed), or fails at its deadline. Returns
+ * MQRPC_ESTATE before mqrpc_client_connect succeeded, MQRPC_ECANCELED
+ * while the client is being freed.
  */
 MQRPC_API mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
                            size_t len, int timeout_ms, unsigned flags,
@@ -261,9 +350,12 @@ MQRPC_API mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const v
  * mqrpc_client_process reads and dispatches whatever the broker sent,
  * waiting up to timeout_ms (0: do not wait; <0: until something happens)
  * for the first frame, expires calls past their deadline and keeps the
- * heartbeat going. Callbacks run inside it. Returns MQRPC_OK or
- * MQRPC_ETIMEOUT if nothing arrived, or the connection failure (after
- * failing every pending call with it).
+ * heartbeat going, reconnects when a reconnection attempt is due and sends
+ * what waits for a connection. Callbacks run inside it. Returns MQRPC_OK
+ * when something happened (a callback ran, a reconnection), MQRPC_ETIMEOUT
+ * if nothing did, the connection failure when it was lost (after failing
+ * the calls that cannot wait), MQRPC_ECANCELED when a callback freed the
+ * client, MQRPC_ESTATE inside a callback or before mqrpc_client_connect.
  */
 MQRPC_API mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms);
 
@@ -284,7 +376,8 @@ MQRPC_API int mqrpc_client_next_timeout_ms(const mqrpc_client *c);
 /* mqrpc_client_pending returns the number of calls in flight. */
 MQRPC_API size_t mqrpc_client_pending(const mqrpc_client *c);
 
-/* What a client counted since it was created. */
+/* What a client counted since it was created. New fields are added at the
+ * end; mqrpc_client_get_stats fills as many as the caller's struct has. */
 typedef struct mqrpc_client_stats {
     /* replies with no call waiting for them (late after a timeout, a
      * second reply to a redelivered request, or foreign): dropped */
@@ -293,17 +386,20 @@ typedef struct mqrpc_client_stats {
     uint64_t lost;       /* connections lost */
     uint64_t reconnects; /* connections regained */
     int connected;       /* 1 while connected */
+    uint64_t blocked;    /* times the broker blocked the connection */
+    int is_blocked;      /* 1 while the broker blocks it */
 } mqrpc_client_stats;
 
-/* mqrpc_client_get_stats fills *out. */
-MQRPC_API void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out);
+/* mqrpc_client_get_stats fills *out, of size bytes (sizeof *out). */
+MQRPC_API void mqrpc_client_get_stats(const mqrpc_client *c,
+                                      mqrpc_client_stats *out, size_t size);
 
 /*
  * mqrpc_call is mqrpc_call_async plus a wait: it blocks until the call
  * completes and returns its status. When out is not NULL, *out receives the
  * reply (also on failure, with the detail in mqrpc_reply_error_message),
  * which the caller frees with mqrpc_reply_free. Other calls in flight on c
- * keep being served while it waits.
+ * keep being served while it waits. MQRPC_ESTATE inside a callback.
  */
 MQRPC_API mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
                      size_t len, int timeout_ms, unsigned flags,
@@ -388,11 +484,18 @@ MQRPC_API const char *mqrpc_json_typename(const json_t *v);
 
 typedef struct mqrpc_service mqrpc_service;
 
-/* Service options; zero means default except for queue. */
+/* Service options: fill with mqrpc_service_opts_init (as for
+ * mqrpc_client_opts); zero means default except for queue. */
 typedef struct mqrpc_service_opts {
-    const char *url;         /* NULL: mqrpc_default_url(NULL, SERVICE) */
+    size_t size; /* sizeof(mqrpc_service_opts); set by the init function */
+    /* broker URL; NULL: url_file if set, else
+     * mqrpc_default_url(NULL, MQRPC_ROLE_SERVICE) */
+    const char *url;
     const char *queue;       /* required: the queue this service consumes */
-    const char *instance_id; /* NULL: "<queue>@<hostname>:<pid>" */
+    /* Sent as app_id with every reply and used as the connection name;
+     * NULL: "<queue>@<hostname>:<pid>". Cut to 255 bytes (an AMQP short
+     * string), at a UTF-8 character boundary. */
+    const char *instance_id;
     /* Unacknowledged requests at once; 0: 1. Above 1, requests that
      * arrive together are answered as a batch: their replies and one
      * multiple ack are flushed together (within 1 ms). */
@@ -425,10 +528,29 @@ typedef struct mqrpc_service_opts {
     /* Reconnection backoff, as in mqrpc_client_opts. */
     int reconnect_min_ms;
     int reconnect_max_ms;
+    /* Read again on every connection attempt; see mqrpc_client_opts. */
+    const char *url_file;
+    mqrpc_log_fn log; /* NULL: stderr */
+    void *log_arg;
+    /* How long mqrpc_service_connect keeps trying when the broker cannot
+     * be reached (refused, unreachable, timed out), with the reconnection
+     * backoff, logging the first failure once: 0: one attempt; > 0: up to
+     * this many ms; < 0: until mqrpc_service_stop. A refused login, a
+     * refused access, a TLS or URL problem fails at once. */
+    int connect_retry_ms;
 } mqrpc_service_opts;
 
+/* mqrpc_service_opts_init zeroes *o and sets o->size. */
+static inline void mqrpc_service_opts_init(mqrpc_service_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->size = sizeof *o;
+}
+
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
- * only when out of memory or opts->queue is NULL or empty. */
+ * with errno ENOMEM when out of memory, or EINVAL when opts->queue is NULL,
+ * empty or too long (over 251 bytes, room for ".dlq"), handler is NULL, or
+ * opts->size is wrong (see mqrpc_client_new). */
 MQRPC_API mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
                                  mqrpc_handler_fn handler, void *arg);
 
@@ -458,8 +580,7 @@ MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
  * reply_to, then the delivery is acknowledged (with prefetch above 1, once
  * for a batch; see mqrpc_service_opts.prefetch). A delivery with no
  * reply_to or correlation_id is logged and acknowledged. Log lines go to
- * stderr. The
- * handler runs on the calling thread; to serve on several threads, give
+ * opts.log (stderr by default). The handler runs on the calling thread; to serve on several threads, give
  * each its own mqrpc_service (and connection), as service_main's --workers
  * does: a service handle must not be shared between threads, except for
  * mqrpc_service_stop.
@@ -473,7 +594,8 @@ MQRPC_API void mqrpc_service_stop(mqrpc_service *s);
 /* mqrpc_service_instance returns the instance id sent as app_id. */
 MQRPC_API const char *mqrpc_service_instance(const mqrpc_service *s);
 
-/* What a service counted since it was created. */
+/* What a service counted since it was created; grows at the end, as
+ * mqrpc_client_stats. */
 typedef struct mqrpc_service_stats {
     uint64_t served;        /* requests answered (error replies included) */
     uint64_t expired;       /* skipped: past the caller's deadline */
@@ -482,10 +604,15 @@ typedef struct mqrpc_service_stats {
     uint64_t dropped;       /* no reply_to or correlation_id: logged, acked */
     uint64_t lost;          /* connections lost */
     uint64_t reconnects;    /* connections regained */
+    uint64_t blocked;       /* times the broker blocked the connection */
+    uint64_t cancelled;     /* consumer cancelled by the broker (queue
+                               deleted), then consuming again */
 } mqrpc_service_stats;
 
-/* mqrpc_service_get_stats fills *out; call it from the thread that runs s. */
-MQRPC_API void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out);
+/* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out); call it
+ * from the thread that runs s. */
+MQRPC_API void mqrpc_service_get_stats(const mqrpc_service *s,
+                                       mqrpc_service_stats *out, size_t size);
 
 /* mqrpc_service_errmsg: last failure in one line, owned by s. */
 MQRPC_API const char *mqrpc_service_errmsg(const mqrpc_service *s);

@@ -163,9 +163,18 @@ expect_rc 0
 expect_out_has 'rpc_client'
 
 section "service start-up errors"
-AMQP_URL=amqp://u:p@127.0.0.1:1/ run "$B/service_soma" --queue "service_t_${tag}_dead"
+AMQP_URL=amqp://u:p@127.0.0.1:1/ run "$B/service_soma" --connect-timeout 0 --queue "service_t_${tag}_dead"
 expect_rc 3
 expect_err_line service_soma 'cannot connect to 127.0.0.1:1'
+# By default a service waits for a broker that is down, saying so once;
+# --connect-timeout bounds the wait.
+AMQP_URL=amqp://u:p@127.0.0.1:1/ run "$B/service_soma" --connect-timeout 1500 --queue "service_t_${tag}_dead"
+expect_rc 3
+expect_err_has 'cannot connect to 127.0.0.1:1: connection refused; retrying for up to 1.5 s'
+if ((ELAPSED_MS >= 1400 && ELAPSED_MS < 6000)); then pass; else
+    fail "--connect-timeout 1500 returned after ${ELAPSED_MS} ms"; fi
+if [[ $(grep -c 'retrying' <<<"$ERR") == 1 ]]; then pass; else
+    fail "the wait for the broker should be logged once"; show_last; fi
 run "$B/service_soma" --prefetch 0 --queue "service_t_${tag}_dead"
 expect_rc 2
 expect_err_has 'prefetch'

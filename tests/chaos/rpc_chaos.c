@@ -530,7 +530,7 @@ static void *run_conn(void *arg)
 static void finish_conn(struct conn *cn)
 {
     mark_lost(cn);
-    mqrpc_client_get_stats(cn->client, &cn->stats);
+    mqrpc_client_get_stats(cn->client, &cn->stats, sizeof cn->stats);
     mqrpc_client_free(cn->client);
     cn->client = NULL;
 }
@@ -1022,6 +1022,7 @@ int main(int argc, char **argv)
     ch.inflight = (unsigned)xval(extra, X_INFLIGHT);
     ch.timeout_ms = (int)xval(extra, X_TIMEOUT);
     ch.rate_per_conn = (double)xval(extra, X_RATE) / ch.nconn;
+    mqrpc_client_opts_init(&ch.copts);
     ch.copts.url = c.url;
     ch.copts.tls = c.tls;
     ch.copts.heartbeat_s = c.heartbeat_s;
