@@ -25,6 +25,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -38,6 +40,7 @@ struct mqr_conn {
     bool open;      /* the socket is usable */
     bool side_open; /* CH_SIDE is open */
     bool have_msg;  /* msg must be destroyed before the next read */
+    bool blocked;   /* connection.blocked until connection.unblocked */
     amqp_message_t msg;
     uint64_t pub_seq; /* publishes on CH_MAIN since confirm.select */
     int heartbeat;
@@ -591,7 +594,9 @@ void mqr_conn_free(mqr_conn *c)
     if (c->have_msg)
         amqp_destroy_message(&c->msg);
     if (c->state) {
-        if (c->open) {
+        /* A blocked broker does not read: a polite close would wait for
+         * an answer that cannot come. */
+        if (c->open && !c->blocked) {
             /* Closing the channel returns its unacknowledged deliveries to
              * the queue at once; connection.close alone does it too, but
              * the broker may log it as an abrupt close. */
@@ -617,6 +622,36 @@ bool mqr_conn_buffered(const mqr_conn *c)
 {
     return c->open &&
            (amqp_frames_enqueued(c->state) || amqp_data_in_buffer(c->state));
+}
+
+bool mqr_conn_blocked(const mqr_conn *c)
+{
+    return c->blocked;
+}
+
+bool mqr_conn_can_publish(const mqr_conn *c, size_t len)
+{
+    int fd, unsent = 0, sndbuf = 0;
+    socklen_t sl = sizeof sndbuf;
+
+    if (!c->open || c->blocked)
+        return false;
+    fd = amqp_get_sockfd(c->state);
+    /* The frames around the body (method, header with our properties,
+     * frame ends) stay well under this much. */
+    len += 4096;
+    if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &sl) != 0 ||
+        ioctl(fd, SIOCOUTQ, &unsent) != 0)
+        return true; /* cannot tell: behave as rabbitmq-c would */
+    return unsent >= 0 && (size_t)unsent + len <= (size_t)sndbuf;
+}
+
+void mqr_conn_abort(mqr_conn *c, const char *why)
+{
+    /* No polite close: it could wait on a broker that does not read. The
+     * socket closes with the connection's state in mqr_conn_free. */
+    set_err(c, "%s", why);
+    c->open = false;
 }
 
 int mqr_conn_heartbeat_s(const mqr_conn *c)
@@ -929,11 +964,21 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
             return e == MQRPC_OK ? MQRPC_ECLOSED : e;
         }
         case AMQP_BASIC_CANCEL_METHOD:
-            /* The broker cancels a consumer when its queue is deleted. */
-            set_err(c, "the broker cancelled the consumer (queue deleted?)");
-            amqp_connection_close(c->state, AMQP_REPLY_SUCCESS);
-            c->open = false;
-            return MQRPC_ECLOSED;
+            /* The broker cancels a consumer when its queue is deleted
+             * (consumer_cancel_notify); the owner decides what follows. */
+            m->kind = MQR_CANCEL;
+            return MQRPC_OK;
+        case AMQP_CONNECTION_BLOCKED_METHOD: {
+            const amqp_connection_blocked_t *b = f.payload.method.decoded;
+            c->blocked = true;
+            m->kind = MQR_BLOCKED;
+            m->reply_text = str_of(b->reason);
+            return MQRPC_OK;
+        }
+        case AMQP_CONNECTION_UNBLOCKED_METHOD:
+            c->blocked = false;
+            m->kind = MQR_UNBLOCKED;
+            return MQRPC_OK;
         default: continue;
         }
     }

@@ -714,8 +714,15 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
             on_reply(c, &m);
         else if (m.kind == MQR_RETURN)
             on_return(c, &m);
-        else
+        else if (m.kind == MQR_ACK || m.kind == MQR_NACK)
             on_confirm(c, &m);
+        else if (m.kind == MQR_CANCEL) {
+            mqr_conn_abort(c->conn, "the broker cancelled the reply "
+                                    "consumer (reply queue deleted?)");
+            if (corked)
+                mqr_conn_cork(c->conn, false);
+            return lost(c);
+        }
         /* A callback's new call may have found the connection dead. */
         if (!c->conn)
             return MQRPC_ECLOSED;

@@ -138,8 +138,18 @@ mqrpc_err mqr_decode_reply(bool is_error, const char *body, size_t len,
 typedef struct mqr_conn mqr_conn;
 
 /* What mqr_conn_wait returns: a delivery, a basic.return of a mandatory
- * publish, or a publisher confirm (ack or nack). */
-enum mqr_msg_kind { MQR_DELIVERY = 1, MQR_RETURN, MQR_ACK, MQR_NACK };
+ * publish, a publisher confirm (ack or nack), the broker blocking or
+ * unblocking our publishes (a resource alarm; reply_text is its reason),
+ * or the broker cancelling our consumer (its queue was deleted). */
+enum mqr_msg_kind {
+    MQR_DELIVERY = 1,
+    MQR_RETURN,
+    MQR_ACK,
+    MQR_NACK,
+    MQR_BLOCKED,
+    MQR_UNBLOCKED,
+    MQR_CANCEL
+};
 
 /* Headers of ours, on the wire as AMQP table entries. */
 #define MQR_HDR_DEADLINE "x-mqrpc-deadline"     /* Unix ms, integer */
@@ -153,7 +163,7 @@ typedef struct mqr_msg {
     bool multiple;         /* MQR_ACK/NACK: every seq up to delivery_tag */
     bool redelivered;      /* MQR_DELIVERY: the broker delivered it before */
     int reply_code;        /* MQR_RETURN: 312 NO_ROUTE, ... */
-    mqr_str reply_text;    /* MQR_RETURN */
+    mqr_str reply_text;    /* MQR_RETURN; MQR_BLOCKED: the reason */
     mqr_str body;
     mqr_str correlation_id;
     mqr_str reply_to;
@@ -228,6 +238,19 @@ int mqr_conn_fd(const mqr_conn *c);
 /* mqr_conn_buffered: frames or bytes already read and not yet returned, so
  * an event loop must not sleep on the fd. */
 bool mqr_conn_buffered(const mqr_conn *c);
+
+/* mqr_conn_blocked: the broker said it blocks our publishes (and stopped
+ * reading the socket once we publish), until it says otherwise. */
+bool mqr_conn_blocked(const mqr_conn *c);
+
+/* mqr_conn_can_publish: a publish of a len-byte body would return at once:
+ * the broker does not block us and the socket's send buffer has room for
+ * it. rabbitmq-c waits, without a deadline, for a full buffer to drain. */
+bool mqr_conn_can_publish(const mqr_conn *c, size_t len);
+
+/* mqr_conn_abort gives the connection up (it is then closed; later calls
+ * fail with MQRPC_ECLOSED) with why as its error message. */
+void mqr_conn_abort(mqr_conn *c, const char *why);
 
 /* mqr_conn_heartbeat_s: the negotiated heartbeat interval (0: none). */
 int mqr_conn_heartbeat_s(const mqr_conn *c);

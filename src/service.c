@@ -495,6 +495,10 @@ static mqrpc_err serve(mqrpc_service *s)
             if (!s->batch_open)
                 continue;
             e = flush_batch(s);
+        } else if (e == MQRPC_OK && m.kind == MQR_CANCEL) {
+            mqr_conn_abort(s->conn, "the broker cancelled the consumer "
+                                    "(queue deleted?)");
+            e = MQRPC_ECLOSED;
         } else if (e == MQRPC_OK && m.kind == MQR_DELIVERY) {
             maybe_open_batch(s);
             e = serve_one(s, &m);
