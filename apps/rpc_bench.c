@@ -338,6 +338,13 @@ static void print_json(const struct bench *b, const struct latency *lat,
     json_decref(o);
 }
 
+static void quiet(mqrpc_log_level level, const char *line, void *arg)
+{
+    (void)level;
+    (void)line;
+    (void)arg;
+}
+
 int main(int argc, char **argv)
 {
     enum {
@@ -478,6 +485,7 @@ int main(int argc, char **argv)
     json_out = extra[X_JSON].value != NULL;
     b.timeout_ms = c.timeout_ms;
     mqrpc_client_opts_init(&b.copts);
+    b.copts.log = quiet; /* failures are counted and reported instead */
     b.copts.url = c.url;
     b.copts.tls = c.tls;
     b.copts.heartbeat_s = c.heartbeat_s;

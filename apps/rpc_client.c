@@ -82,6 +82,16 @@ struct session {
     mqrpc_client *client;
 };
 
+/* The library's log lines (reconnections, a blocking broker): the outcome
+ * of each call is reported anyway, so they show only with -v. */
+static void log_line(mqrpc_log_level level, const char *line, void *arg)
+{
+    struct session *s = arg;
+    (void)level;
+    if (s->cli->verbose)
+        cli_error(s->cli, "%s", line);
+}
+
 static mqrpc_err ensure_connected(struct session *s)
 {
     mqrpc_client_opts o;
@@ -97,6 +107,8 @@ static mqrpc_err ensure_connected(struct session *s)
     o.tls = s->cli->tls;
     o.durable = s->cli->durable;
     o.retries = s->cli->retries;
+    o.log = log_line;
+    o.log_arg = s;
     s->client = mqrpc_client_new(&o);
     if (!s->client) {
         cli_error(s->cli, "out of memory");

@@ -34,6 +34,9 @@
 #define CH_MAIN 1
 #define CH_SIDE 2
 #define FRAME_MAX 131072
+/* Bytes a publish adds to its body at most: method, header with our
+ * properties, frame ends. */
+#define PUBLISH_OVERHEAD 4096
 
 struct mqr_conn {
     amqp_connection_state_t state;
@@ -41,6 +44,7 @@ struct mqr_conn {
     bool side_open; /* CH_SIDE is open */
     bool have_msg;  /* msg must be destroyed before the next read */
     bool blocked;   /* connection.blocked until connection.unblocked */
+    size_t room;    /* known free bytes in the socket's send buffer */
     amqp_message_t msg;
     uint64_t pub_seq; /* publishes on CH_MAIN since confirm.select */
     int heartbeat;
@@ -629,21 +633,26 @@ bool mqr_conn_blocked(const mqr_conn *c)
     return c->blocked;
 }
 
-bool mqr_conn_can_publish(const mqr_conn *c, size_t len)
+bool mqr_conn_can_publish(mqr_conn *c, size_t len)
 {
     int fd, unsent = 0, sndbuf = 0;
     socklen_t sl = sizeof sndbuf;
 
     if (!c->open || c->blocked)
         return false;
-    fd = amqp_get_sockfd(c->state);
     /* The frames around the body (method, header with our properties,
      * frame ends) stay well under this much. */
-    len += 4096;
+    len += PUBLISH_OVERHEAD;
+    /* room is a lower bound of the free space (publishes subtract from it,
+     * the kernel only adds): ask the kernel only when it runs low. */
+    if (c->room >= len)
+        return true;
+    fd = amqp_get_sockfd(c->state);
     if (getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &sl) != 0 ||
         ioctl(fd, SIOCOUTQ, &unsent) != 0)
         return true; /* cannot tell: behave as rabbitmq-c would */
-    return unsent >= 0 && (size_t)unsent + len <= (size_t)sndbuf;
+    c->room = unsent >= 0 && unsent < sndbuf ? (size_t)(sndbuf - unsent) : 0;
+    return c->room >= len;
 }
 
 void mqr_conn_abort(mqr_conn *c, const char *why)
@@ -781,8 +790,11 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
                                         bytes_of(routing_key), mandatory, 0,
                                         &props, b),
                      "publish");
-    if (e == MQRPC_OK)
+    if (e == MQRPC_OK) {
         c->pub_seq++;
+        len += PUBLISH_OVERHEAD;
+        c->room = c->room > len ? c->room - len : 0;
+    }
     return e;
 }
 

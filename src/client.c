@@ -1,15 +1,19 @@
 /*
- * The RPC client. One asynchronous core: calls are published at once and
- * kept in an id map (by correlation id), in a list ordered by deadline and,
- * until the broker confirms them, in a list in publish order;
- * mqrpc_client_process completes them. The blocking mqrpc_call is that core
- * plus a wait.
+ * The RPC client's I/O: one asynchronous core over the call table
+ * (calls.c). A call is published at once when the broker and the socket
+ * can take it without waiting, else queued; mqrpc_client_process reads the
+ * broker's messages, finishes calls, runs their callbacks and reconnects.
+ * The blocking mqrpc_call is that core plus a wait.
+ *
+ * Callbacks run only from run_finished, at points where no list is being
+ * walked; a connection lost meanwhile is freed only after them, so the
+ * reply a callback holds stays valid.
  *
  * When the connection is lost, every call learns it at once: it fails with
- * MQRPC_ECLOSED, unless it may be re-sent (idempotent, retries left) or its
- * request is safe in a durable queue with a durable reply queue to come
- * back to (durable, confirmed). The client reconnects with exponential
- * backoff from inside process and call_async, then re-sends.
+ * MQRPC_ECLOSED, unless it may be re-sent (idempotent, retries left), was
+ * never sent, or its request is safe in a durable queue with a durable
+ * reply queue to come back to (durable, confirmed). The client reconnects
+ * with exponential backoff from inside process, then sends what waits.
  */
 /* program_invocation_short_name names the default connection. */
 #define _GNU_SOURCE
@@ -18,6 +22,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,63 +35,37 @@
 /* A durable reply queue outlives its connection by this much idle time, so
  * replies wait for a reconnecting client but not forever for a dead one. */
 #define REPLY_QUEUE_EXPIRES_MS (5 * 60 * 1000)
-
-enum call_state {
-    CALL_SENT,      /* published, not yet confirmed by the broker */
-    CALL_CONFIRMED, /* the broker took it */
-    CALL_RESEND     /* to publish again once reconnected */
-};
-
-struct call {
-    uint64_t seq;
-    uint64_t pub_seq; /* confirm sequence number on this connection */
-    int64_t deadline_us;
-    int64_t deadline_wall_ms; /* the same deadline, for the header */
-    int timeout_ms;
-    int retries_left;
-    enum call_state state;
-    bool unconfirmed; /* linked in the publish-order list */
-    mqrpc_done_fn done;
-    void *arg;
-    struct call *hnext;         /* id map chain */
-    struct call *prev, *next;   /* deadline order */
-    struct call *cprev, *cnext; /* publish order, while unconfirmed */
-    char *body;                 /* kept only while it may be re-sent */
-    size_t body_len;
-    char queue[];
-};
-
-struct mqrpc_reply {
-    mqrpc_err status;
-    json_t *result;
-    const char *body;
-    size_t body_len;
-    const char *error_code;
-    const char *error_message;
-    const char *app_id;
-    const char *queue;
-    bool owned; /* strings and body are malloc'd (mqrpc_call's copy) */
-};
+/* How often process looks again at a socket whose send buffer was full,
+ * for calls waiting to be sent. */
+#define UNSENT_RETRY_MS 10
 
 struct mqrpc_client {
     mqrpc_client_opts opts;
     mqr_conn_cfg cfg;
     mqr_conn *conn;
+    /* A lost connection whose current message a running callback may
+     * still be reading: freed once no callback runs. */
+    mqr_conn *zombie;
     char reply_queue[256];
     char prefix[PREFIX_LEN + 1];
     uint64_t next_seq;
-    struct call **map; /* open hashing on seq; size is a power of two */
-    size_t map_size;
-    size_t pending;
-    uint64_t completed; /* callbacks run: did process do anything? */
-    struct call *head, *tail;   /* earliest deadline first */
-    struct call *chead, *ctail; /* unconfirmed, oldest publish first */
+    mqr_calls calls;
+    size_t unsent;       /* calls in state MQR_CALL_UNSENT or RESEND */
+    uint64_t completed;  /* callbacks run: did process do anything? */
+    int in_callback;     /* > 0 while a callback runs */
+    bool closing;        /* mqrpc_client_free began: no new calls */
+    bool free_requested; /* by a callback: free once it returns */
     mqrpc_client_stats st;
     bool ever_connected;
+    bool blocked; /* the broker blocks our publishes */
+    char blocked_reason[128];
     int64_t reconnect_at_us; /* next attempt while disconnected */
     int backoff_ms;
+    unsigned failed_attempts; /* since the connection was lost */
+    int64_t lost_at_us;
     uint64_t rng;
-    char name[256];  /* connection name */
+    char name[256]; /* connection name */
+    char app_id[256];   /* of the reply being delivered */
     mqr_logger log;
     char down[400]; /* why the client is disconnected */
     char err[512];
@@ -145,10 +124,12 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
     p.heartbeat_s = c->opts.heartbeat_s;
     p.connect_timeout_ms = c->opts.connect_timeout_ms;
     p.tls = c->opts.tls;
-    c->map_size = 64;
-    c->map = calloc(c->map_size, sizeof *c->map);
-    if (!c->map || !mqr_conn_cfg_init(&c->cfg, &p)) {
-        free(c->map);
+    if (!mqr_calls_init(&c->calls)) {
+        free(c);
+        return NULL;
+    }
+    if (!mqr_conn_cfg_init(&c->cfg, &p)) {
+        mqr_calls_clear(&c->calls);
         free(c);
         return NULL;
     }
@@ -201,9 +182,12 @@ static mqrpc_err open_reply_queue(mqrpc_client *c)
             return mqr_conn_consume(c->conn, c->reply_queue, true);
         if (e != MQRPC_ENOROUTE)
             return e;
-        for (struct call *k = c->head; k; k = k->next)
-            if (k->state == CALL_CONFIRMED)
-                k->state = CALL_RESEND; /* sorted out by the caller */
+        for (mqr_call *k = c->calls.head; k; k = k->next) {
+            if (k->state == MQR_CALL_CONFIRMED) {
+                k->state = MQR_CALL_RESEND; /* sorted out by flush_unsent */
+                c->unsent++;
+            }
+        }
     }
     /* Server-named, as the seed's client does: exclusive, living exactly
      * as long as this connection, unless durable. */
@@ -213,11 +197,15 @@ static mqrpc_err open_reply_queue(mqrpc_client *c)
     return e;
 }
 
-/* Opens the connection, the confirm mode and the reply queue. */
-static mqrpc_err open_session(mqrpc_client *c)
+/* Opens the connection, the confirm mode and the reply queue, each
+ * handshake bounded by connect_timeout_ms. */
+static mqrpc_err open_session(mqrpc_client *c, int connect_timeout_ms)
 {
-    mqrpc_err e = mqr_conn_open(&c->cfg.p, &c->conn, c->err, sizeof c->err);
+    mqr_conn_params p = c->cfg.p;
+    mqrpc_err e;
 
+    p.connect_timeout_ms = connect_timeout_ms;
+    e = mqr_conn_open(&p, &c->conn, c->err, sizeof c->err);
     if (e != MQRPC_OK)
         return e;
     /* Confirms tell the caller the broker took each request, and a full
@@ -231,6 +219,7 @@ static mqrpc_err open_session(mqrpc_client *c)
         c->conn = NULL;
         return e;
     }
+    c->blocked = false;
     c->err[0] = '\0';
     return MQRPC_OK;
 }
@@ -239,9 +228,9 @@ mqrpc_err mqrpc_client_connect(mqrpc_client *c)
 {
     mqrpc_err e;
 
-    if (c->conn || c->ever_connected)
+    if (c->conn || c->ever_connected || c->in_callback || c->closing)
         return MQRPC_ESTATE;
-    e = open_session(c);
+    e = open_session(c, c->cfg.p.connect_timeout_ms);
     if (e == MQRPC_OK)
         c->ever_connected = true;
     return e;
@@ -259,7 +248,7 @@ int mqrpc_client_fd(const mqrpc_client *c)
 
 size_t mqrpc_client_pending(const mqrpc_client *c)
 {
-    return c->pending;
+    return c->calls.pending;
 }
 
 void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out,
@@ -268,12 +257,13 @@ void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out,
     mqrpc_client_stats st = c->st;
 
     st.connected = c->conn != NULL;
+    st.is_blocked = c->conn && c->blocked;
     mqr_struct_out(out, size, &st, sizeof st);
 }
 
 static bool may_reconnect(const mqrpc_client *c)
 {
-    return c->ever_connected && c->opts.reconnect_max_ms >= 0;
+    return c->ever_connected && c->opts.reconnect_max_ms >= 0 && !c->closing;
 }
 
 int mqrpc_client_next_timeout_ms(const mqrpc_client *c)
@@ -281,8 +271,10 @@ int mqrpc_client_next_timeout_ms(const mqrpc_client *c)
     int64_t wait = -1, now = mqr_now_us();
     int hb;
 
-    if (c->head) {
-        wait = (c->head->deadline_us - now + 999) / 1000;
+    if (c->calls.dhead)
+        return 0; /* callbacks to run */
+    if (c->calls.head) {
+        wait = (c->calls.head->deadline_us - now + 999) / 1000;
         if (wait < 0)
             wait = 0;
     }
@@ -298,52 +290,14 @@ int mqrpc_client_next_timeout_ms(const mqrpc_client *c)
     }
     if (mqr_conn_buffered(c->conn))
         return 0;
+    if (c->unsent && !c->blocked && (wait < 0 || wait > UNSENT_RETRY_MS))
+        wait = UNSENT_RETRY_MS;
     /* rabbitmq-c sends heartbeats only from inside its read calls; half the
      * interval keeps us inside the broker's tolerance. */
     hb = mqr_conn_heartbeat_s(c->conn);
     if (hb > 0 && (wait < 0 || wait > hb * 500))
         wait = hb * 500;
     return (int)wait;
-}
-
-/* ------------------------------------------------------------ id map */
-
-static struct call **map_slot(mqrpc_client *c, uint64_t seq)
-{
-    return &c->map[seq & (c->map_size - 1)];
-}
-
-static void map_grow(mqrpc_client *c)
-{
-    size_t n = c->map_size * 2;
-    struct call **m = calloc(n, sizeof *m);
-
-    if (!m)
-        return; /* longer chains, still correct */
-    for (size_t i = 0; i < c->map_size; i++) {
-        struct call *k = c->map[i], *next;
-        for (; k; k = next) {
-            next = k->hnext;
-            k->hnext = m[k->seq & (n - 1)];
-            m[k->seq & (n - 1)] = k;
-        }
-    }
-    free(c->map);
-    c->map = m;
-    c->map_size = n;
-}
-
-/* Removes and returns the call with this seq, or NULL. */
-static struct call *map_take(mqrpc_client *c, uint64_t seq)
-{
-    for (struct call **p = map_slot(c, seq); *p; p = &(*p)->hnext) {
-        if ((*p)->seq == seq) {
-            struct call *k = *p;
-            *p = k->hnext;
-            return k;
-        }
-    }
-    return NULL;
 }
 
 /* Parses one of our correlation ids back into its sequence number. */
@@ -369,149 +323,161 @@ static bool parse_corr(const mqrpc_client *c, mqr_str id, uint64_t *seq)
 
 /* ---------------------------------------------------------- completion */
 
-static void list_unlink(mqrpc_client *c, struct call *k)
+/* Finishes k with a transport failure; its callback runs later, from
+ * run_finished. */
+static void fail_call(mqrpc_client *c, mqr_call *k, mqrpc_err status,
+                      const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static void fail_call(mqrpc_client *c, mqr_call *k, mqrpc_err status,
+                      const char *fmt, ...)
 {
-    if (k->prev)
-        k->prev->next = k->next;
-    else
-        c->head = k->next;
-    if (k->next)
-        k->next->prev = k->prev;
-    else
-        c->tail = k->prev;
+    char msg[768];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (k->state == MQR_CALL_UNSENT || k->state == MQR_CALL_RESEND)
+        c->unsent--;
+    free(k->text);
+    k->text = strdup(msg);
+    k->reply.status = status;
+    k->reply.error_message = k->text ? k->text : mqrpc_strerror(status);
+    mqr_calls_finish(&c->calls, k);
 }
 
-static void unconfirmed_unlink(mqrpc_client *c, struct call *k)
+/* Runs the callbacks of finished calls, oldest first. A callback may
+ * start calls (whose failures join the list and run in this same loop)
+ * or ask for the client to be freed (done by the caller of this function
+ * once it returns). */
+static void run_finished(mqrpc_client *c)
 {
-    if (!k->unconfirmed)
-        return;
-    if (k->cprev)
-        k->cprev->cnext = k->cnext;
-    else
-        c->chead = k->cnext;
-    if (k->cnext)
-        k->cnext->cprev = k->cprev;
-    else
-        c->ctail = k->cprev;
-    k->cprev = k->cnext = NULL;
-    k->unconfirmed = false;
-}
+    mqr_call *k;
 
-static void unconfirmed_append(mqrpc_client *c, struct call *k)
-{
-    k->cnext = NULL;
-    k->cprev = c->ctail;
-    if (c->ctail)
-        c->ctail->cnext = k;
-    else
-        c->chead = k;
-    c->ctail = k;
-    k->unconfirmed = true;
-}
-
-/* Removes k from every structure but the id map (the caller took it out
- * of there), runs its callback once, frees it. */
-static void complete(mqrpc_client *c, struct call *k, mqrpc_reply *r)
-{
-    list_unlink(c, k);
-    unconfirmed_unlink(c, k);
-    c->pending--;
-    c->completed++;
-    r->queue = k->queue;
-    if (r->status != MQRPC_OK && !r->error_code)
-        r->error_code = mqrpc_errname(r->status);
-    k->done(r, k->arg);
-    free(k->body);
-    free(k);
-}
-
-static void fail_call(mqrpc_client *c, struct call *k, mqrpc_err status,
-                      const char *message)
-{
-    mqrpc_reply r = {.status = status, .error_message = message};
-    complete(c, k, &r);
-}
-
-static void fail_all(mqrpc_client *c, mqrpc_err status, const char *message)
-{
-    while (c->head) {
-        struct call *k = c->head;
-        map_take(c, k->seq);
-        fail_call(c, k, status, message);
+    while ((k = mqr_calls_pop_finished(&c->calls))) {
+        mqrpc_reply *r = &k->reply;
+        r->queue = k->queue;
+        if (r->status != MQRPC_OK && !r->error_code)
+            r->error_code = mqrpc_errname(r->status);
+        c->completed++;
+        c->in_callback++;
+        k->done(r, k->arg);
+        c->in_callback--;
+        mqr_call_free(k);
     }
+}
+
+static void destroy(mqrpc_client *c);
+
+/* After callbacks ran: a free they asked for happens now. Returns true
+ * when c is gone. */
+static bool settle(mqrpc_client *c)
+{
+    run_finished(c);
+    if (c->free_requested) {
+        destroy(c);
+        return true;
+    }
+    if (c->zombie && !c->in_callback) {
+        mqr_conn_free(c->zombie);
+        c->zombie = NULL;
+    }
+    return false;
 }
 
 static void expire_due(mqrpc_client *c)
 {
     int64_t now = mqr_now_us();
-    char msg[768];
+    mqr_call *k;
 
-    while (c->head && c->head->deadline_us <= now) {
-        struct call *k = c->head;
-        map_take(c, k->seq);
-        if (k->state == CALL_RESEND) {
-            /* Waiting to be re-sent: the connection is what failed. */
-            snprintf(msg, sizeof msg,
-                     "connection to the broker lost and not regained "
-                     "within %d ms (%s)",
-                     k->timeout_ms, c->down);
-            fail_call(c, k, MQRPC_ECLOSED, msg);
+    while ((k = c->calls.head) && k->deadline_us <= now) {
+        if (k->state == MQR_CALL_RESEND || (k->state == MQR_CALL_UNSENT &&
+                                            !c->conn)) {
+            /* Waiting for a connection: that is what failed. */
+            fail_call(c, k, MQRPC_ECLOSED,
+                      "not connected to the broker within %d ms (%s)",
+                      k->timeout_ms, c->down);
+        } else if (c->conn && c->blocked) {
+            fail_call(c, k, MQRPC_EBLOCKED,
+                      "the broker is blocking publishers: %s (%s %s within "
+                      "%d ms)",
+                      c->blocked_reason,
+                      k->state == MQR_CALL_UNSENT ? "could not send to"
+                                                  : "no reply from",
+                      k->queue, k->timeout_ms);
+        } else if (k->state == MQR_CALL_UNSENT) {
+            fail_call(c, k, MQRPC_ETIMEOUT,
+                      "the request to %s could not be sent within %d ms "
+                      "(the broker does not read)",
+                      k->queue, k->timeout_ms);
         } else {
-            snprintf(msg, sizeof msg, "no reply from %s within %d ms",
-                     k->queue, k->timeout_ms);
-            fail_call(c, k, MQRPC_ETIMEOUT, msg);
+            fail_call(c, k, MQRPC_ETIMEOUT, "no reply from %s within %d ms",
+                      k->queue, k->timeout_ms);
         }
     }
 }
 
 static void on_reply(mqrpc_client *c, const mqr_msg *m)
 {
-    struct call *k;
+    mqr_call *k;
     uint64_t seq;
     mqrpc_fault fault;
-    mqrpc_reply r = {0};
-    char app_id[256];
+    mqrpc_reply *r;
 
-    if (!parse_corr(c, m->correlation_id, &seq) || !(k = map_take(c, seq))) {
+    if (!parse_corr(c, m->correlation_id, &seq) ||
+        !(k = mqr_calls_find(&c->calls, seq)) ||
+        k->state == MQR_CALL_UNSENT) {
         /* Late (after a timeout), duplicated, or not ours: never fatal. */
         c->st.dropped++;
         return;
     }
-    r.body = m->body.ptr;
-    r.body_len = m->body.len;
+    if (k->state == MQR_CALL_RESEND)
+        c->unsent--; /* the first attempt was answered after all */
+    r = &k->reply;
+    /* Borrowed from the connection's current message: the callback runs
+     * before the next read, and a lost connection is freed only after. */
+    r->body = m->body.ptr;
+    r->body_len = m->body.len;
     if (m->app_id.len) {
-        snprintf(app_id, sizeof app_id, "%.*s", (int)m->app_id.len,
+        snprintf(c->app_id, sizeof c->app_id, "%.*s", (int)m->app_id.len,
                  m->app_id.ptr);
-        r.app_id = app_id;
+        r->app_id = c->app_id;
     }
-    r.status = mqr_decode_reply(mqr_str_eq(m->type, "error"), m->body.ptr,
-                                m->body.len, &r.result, &fault);
-    if (r.status != MQRPC_OK) {
-        r.error_code = fault.code;
-        r.error_message = fault.message;
+    r->status = mqr_decode_reply(mqr_str_eq(m->type, "error"), m->body.ptr,
+                                 m->body.len, &r->result, &fault);
+    if (r->status != MQRPC_OK) {
+        size_t cl = strlen(fault.code), ml = strlen(fault.message);
+        k->text = malloc(cl + ml + 2);
+        if (k->text) {
+            memcpy(k->text, fault.code, cl + 1);
+            memcpy(k->text + cl + 1, fault.message, ml + 1);
+            r->error_code = k->text;
+            r->error_message = k->text + cl + 1;
+        } else {
+            r->error_message = mqrpc_strerror(r->status);
+        }
     }
-    complete(c, k, &r);
-    json_decref(r.result);
+    mqr_calls_finish(&c->calls, k);
 }
 
 static void on_return(mqrpc_client *c, const mqr_msg *m)
 {
-    struct call *k;
+    mqr_call *k;
     uint64_t seq;
-    char msg[512];
 
-    if (!parse_corr(c, m->correlation_id, &seq) || !(k = map_take(c, seq))) {
+    if (!parse_corr(c, m->correlation_id, &seq) ||
+        !(k = mqr_calls_find(&c->calls, seq))) {
         c->st.dropped++;
         return;
     }
     /* 312 NO_ROUTE: nothing declared the queue, so no service will ever
      * see the request; say so now instead of after the timeout. */
     if (m->reply_code == 312)
-        snprintf(msg, sizeof msg, "no service on queue %s", k->queue);
+        fail_call(c, k, MQRPC_ENOROUTE, "no service on queue %s", k->queue);
     else
-        snprintf(msg, sizeof msg, "the broker returned the request to %s: %.*s",
-                 k->queue, (int)m->reply_text.len, m->reply_text.ptr);
-    fail_call(c, k, MQRPC_ENOROUTE, msg);
+        fail_call(c, k, MQRPC_ENOROUTE,
+                  "the broker returned the request to %s: %.*s", k->queue,
+                  (int)m->reply_text.len, m->reply_text.ptr);
 }
 
 /* A publisher confirm: an ack means the broker took the request (for a
@@ -520,63 +486,71 @@ static void on_return(mqrpc_client *c, const mqr_msg *m)
  * publish order, so the calls concerned are at the front of the list. */
 static void on_confirm(mqrpc_client *c, const mqr_msg *m)
 {
-    struct call *k = c->chead, *next;
-    char msg[512];
+    mqr_call *k = c->calls.chead, *next;
 
     for (; k && k->pub_seq <= m->delivery_tag; k = next) {
         next = k->cnext;
         if (!m->multiple && k->pub_seq != m->delivery_tag)
             continue;
-        unconfirmed_unlink(c, k);
+        mqr_calls_unconfirmed_unlink(&c->calls, k);
         if (m->kind == MQR_ACK) {
-            k->state = CALL_CONFIRMED;
+            k->state = MQR_CALL_CONFIRMED;
             continue;
         }
-        map_take(c, k->seq);
-        snprintf(msg, sizeof msg,
-                 "%s is overloaded: the broker refused the request (the "
-                 "queue is full)",
-                 k->queue);
-        fail_call(c, k, MQRPC_EOVERLOAD, msg);
+        fail_call(c, k, MQRPC_EOVERLOAD,
+                  "%s is overloaded: the broker refused the request (the "
+                  "queue is full)",
+                  k->queue);
     }
 }
 
 /* The connection is gone: every call in flight learns it now. A call
- * that may be re-sent waits for the reconnection; a durable call the
- * broker confirmed waits for its reply, which goes to a queue that
- * outlives the connection; every other call fails. */
+ * that may be re-sent waits for the reconnection, as does one never sent;
+ * a durable call the broker confirmed waits for its reply, which goes to
+ * a queue that outlives the connection; every other call fails. The
+ * connection itself is kept until no callback can be reading its current
+ * message. */
 static mqrpc_err lost(mqrpc_client *c)
 {
-    char msg[600];
-    struct call *k, *next;
+    mqr_call *k, *next;
+    bool again = may_reconnect(c);
 
     snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
     snprintf(c->down, sizeof c->down, "%.399s", c->err);
-    mqr_conn_free(c->conn);
+    if (c->zombie)
+        mqr_conn_free(c->zombie); /* from an earlier loss: nobody reads it */
+    c->zombie = c->conn;
     c->conn = NULL;
+    c->blocked = false;
     c->st.lost++;
+    c->failed_attempts = 0;
+    c->lost_at_us = mqr_now_us();
     /* The first attempt is immediate: a killed connection to a live
      * broker is the common case. */
     c->backoff_ms = c->opts.reconnect_min_ms;
     c->reconnect_at_us = mqr_now_us();
-    snprintf(msg, sizeof msg, "connection lost: %s", c->err);
-    for (k = c->head; k; k = next) {
+    if (again)
+        mqr_log(&c->log, MQRPC_LOG_WARN, "connection lost: %s; reconnecting",
+                c->err);
+    for (k = c->calls.head; k; k = next) {
         next = k->next;
-        unconfirmed_unlink(c, k);
-        if (c->opts.durable && k->state == CALL_CONFIRMED &&
-            may_reconnect(c))
+        mqr_calls_unconfirmed_unlink(&c->calls, k);
+        if (again && (k->state == MQR_CALL_UNSENT ||
+                      k->state == MQR_CALL_RESEND))
             continue;
-        if (k->retries_left > 0 && may_reconnect(c)) {
-            k->state = CALL_RESEND;
+        if (again && c->opts.durable && k->state == MQR_CALL_CONFIRMED)
+            continue;
+        if (again && k->retries_left > 0) {
+            k->state = MQR_CALL_RESEND;
+            c->unsent++;
             continue;
         }
-        map_take(c, k->seq);
-        fail_call(c, k, MQRPC_ECLOSED, msg);
+        fail_call(c, k, MQRPC_ECLOSED, "connection lost: %s", c->err);
     }
     return MQRPC_ECLOSED;
 }
 
-static mqrpc_err send_call(mqrpc_client *c, struct call *k)
+static mqrpc_err send_call(mqrpc_client *c, mqr_call *k)
 {
     char corr[CORR_MAX], expiration[24];
     int64_t left = (k->deadline_us - mqr_now_us()) / 1000;
@@ -596,23 +570,74 @@ static mqrpc_err send_call(mqrpc_client *c, struct call *k)
                          k->body_len, true);
     if (e != MQRPC_OK)
         return e;
-    k->state = CALL_SENT;
+    k->state = MQR_CALL_SENT;
     k->pub_seq = mqr_conn_publish_seq(c->conn);
-    unconfirmed_append(c, k);
+    mqr_calls_unconfirmed_append(&c->calls, k);
     return MQRPC_OK;
 }
 
-/* Reconnects if disconnected and the backoff allows it now, then re-sends
- * what waits for it. Returns MQRPC_OK when connected. */
+/* Publishes the calls that wait for it, earliest deadline first, while the
+ * broker and the socket take them. */
+static void flush_unsent(mqrpc_client *c)
+{
+    mqr_call *k, *next;
+
+    for (k = c->calls.head; k && c->unsent && c->conn; k = next) {
+        next = k->next;
+        if (k->state != MQR_CALL_UNSENT && k->state != MQR_CALL_RESEND)
+            continue;
+        if (k->state == MQR_CALL_RESEND && k->retries_left <= 0) {
+            /* A durable call whose reply queue vanished meanwhile. */
+            fail_call(c, k, MQRPC_ECLOSED,
+                      "connection lost, and the reply queue with it");
+            continue;
+        }
+        if (!mqr_conn_can_publish(c->conn, k->body_len))
+            return;
+        c->unsent--;
+        if (k->state == MQR_CALL_RESEND) {
+            k->retries_left--;
+            c->st.retried++;
+        }
+        k->state = MQR_CALL_UNSENT; /* until send_call says otherwise */
+        if (send_call(c, k) != MQRPC_OK) {
+            c->unsent++;
+            k->state = k->retries_left > 0 ? MQR_CALL_RESEND : MQR_CALL_UNSENT;
+            lost(c);
+            return;
+        }
+    }
+}
+
+/* Reconnects if disconnected and the backoff allows it now; each
+ * handshake is bounded by the earliest deadline of the calls, so a
+ * reconnection never makes a call late. Returns MQRPC_OK when connected. */
 static mqrpc_err try_reconnect(mqrpc_client *c)
 {
-    struct call *k, *next;
+    int timeout = c->cfg.p.connect_timeout_ms > 0 ? c->cfg.p.connect_timeout_ms
+                                                  : 5000;
+    int64_t now = mqr_now_us();
 
     if (c->conn)
         return MQRPC_OK;
-    if (!may_reconnect(c) || mqr_now_us() < c->reconnect_at_us)
+    if (!may_reconnect(c) || now < c->reconnect_at_us)
         return MQRPC_ECLOSED;
-    if (open_session(c) != MQRPC_OK) {
+    if (c->calls.head) {
+        int64_t left = (c->calls.head->deadline_us - now) / 1000;
+        if (left <= 0)
+            return MQRPC_ECLOSED; /* expire it first */
+        if (left < timeout)
+            timeout = (int)left;
+    }
+    if (c->zombie) {
+        mqr_conn_free(c->zombie);
+        c->zombie = NULL;
+    }
+    if (open_session(c, timeout) != MQRPC_OK) {
+        /* Said once per outage, and again when the reason changes. */
+        if (c->failed_attempts++ == 0 || strcmp(c->down, c->err) != 0)
+            mqr_log(&c->log, MQRPC_LOG_WARN, "reconnection failed: %s",
+                    c->err);
         snprintf(c->down, sizeof c->down, "%.399s", c->err);
         c->reconnect_at_us =
             mqr_now_us() + (int64_t)mqr_jitter(&c->rng, c->backoff_ms) * 1000;
@@ -620,146 +645,150 @@ static mqrpc_err try_reconnect(mqrpc_client *c)
         return MQRPC_ECLOSED;
     }
     c->st.reconnects++;
-    for (k = c->head; k; k = next) {
-        next = k->next;
-        if (k->state != CALL_RESEND)
-            continue;
-        if (k->retries_left <= 0) {
-            /* A durable call whose reply queue vanished meanwhile. */
-            map_take(c, k->seq);
-            fail_call(c, k, MQRPC_ECLOSED,
-                      "connection lost, and the reply queue with it");
-            continue;
-        }
-        k->retries_left--;
-        c->st.retried++;
-        if (send_call(c, k) != MQRPC_OK)
-            return lost(c);
-    }
-    return MQRPC_OK;
+    mqr_log(&c->log, MQRPC_LOG_INFO,
+            "connection regained after %.1f s (%u failed attempts)",
+            (double)(mqr_now_us() - c->lost_at_us) / 1e6, c->failed_attempts);
+    flush_unsent(c);
+    return c->conn ? MQRPC_OK : MQRPC_ECLOSED;
 }
 
-/* Disconnected: reconnect when due, else sleep until the next thing that
- * can happen (a deadline, a reconnection attempt, timeout_ms). */
-static mqrpc_err process_offline(mqrpc_client *c, int timeout_ms)
+static void on_blocked(mqrpc_client *c, const mqr_msg *m)
 {
-    uint64_t before = c->completed;
-    int wait;
+    if (m->kind == MQR_BLOCKED) {
+        snprintf(c->blocked_reason, sizeof c->blocked_reason, "%.*s",
+                 (int)m->reply_text.len, m->reply_text.ptr);
+        if (!c->blocked) {
+            c->blocked = true;
+            c->st.blocked++;
+            mqr_log(&c->log, MQRPC_LOG_WARN,
+                    "the broker is blocking publishers: %s",
+                    c->blocked_reason);
+        }
+        return;
+    }
+    if (c->blocked) {
+        c->blocked = false;
+        mqr_log(&c->log, MQRPC_LOG_INFO, "the broker unblocked publishers");
+    }
+    flush_unsent(c);
+}
 
-    if (try_reconnect(c) == MQRPC_OK)
-        return MQRPC_OK;
-    expire_due(c);
-    if (c->completed != before)
-        return MQRPC_OK;
-    wait = mqrpc_client_next_timeout_ms(c);
+/* Disconnected: sleep until the next thing that can happen (a deadline, a
+ * reconnection attempt, timeout_ms), then do it. */
+static void wait_offline(mqrpc_client *c, int timeout_ms)
+{
+    int wait = mqrpc_client_next_timeout_ms(c);
+
     if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
         wait = timeout_ms;
-    if (wait < 0)
-        return MQRPC_ECLOSED; /* nothing will ever happen */
     if (wait > 0) {
         struct timespec ts = {wait / 1000, (long)(wait % 1000) * 1000000L};
         nanosleep(&ts, NULL);
     }
-    if (try_reconnect(c) == MQRPC_OK)
-        return MQRPC_OK;
-    expire_due(c);
-    return c->completed != before ? MQRPC_OK : MQRPC_ETIMEOUT;
+    if (try_reconnect(c) != MQRPC_OK)
+        expire_due(c);
 }
 
-mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
+/* Reads what the connection has, for up to wait ms for the first frame,
+ * dispatching each message and running its callbacks before the next
+ * read (a reply's body lives in the connection's current message). Returns
+ * MQRPC_OK if anything came, MQRPC_ETIMEOUT if not, MQRPC_ECANCELED when
+ * a callback freed the client, MQRPC_ECLOSED when the connection was
+ * lost. */
+static mqrpc_err read_messages(mqrpc_client *c, int wait)
 {
     mqr_msg m;
     mqrpc_err e;
     bool any = false, corked = false;
-    uint64_t before;
-    int wait;
+    mqr_conn *conn = c->conn;
 
-    if (!c->conn) {
-        if (!c->ever_connected)
-            return MQRPC_ESTATE;
-        return process_offline(c, timeout_ms);
-    }
-    /* A call that expired since the last visit has had its callback now:
-     * that is news, and waiting for a frame as well could mean waiting
-     * forever (mqrpc_call waits with -1 for that very call). */
-    before = c->completed;
-    expire_due(c);
-    if (c->completed != before)
-        return MQRPC_OK;
-    wait = timeout_ms;
-    if (c->head) {
-        int64_t left = (c->head->deadline_us - mqr_now_us() + 999) / 1000;
-        if (left < 0)
-            left = 0;
-        if (wait < 0 || wait > left)
-            wait = (int)left;
-    }
     for (;;) {
-        e = mqr_conn_wait(c->conn, wait, &m);
+        e = mqr_conn_wait(conn, wait, &m);
         if (e == MQRPC_ETIMEOUT)
             break;
         if (e != MQRPC_OK) {
-            if (corked)
-                mqr_conn_cork(c->conn, false);
-            return lost(c);
+            lost(c);
+            break;
         }
         any = true;
         /* More replies are already here: calls that their callbacks start
          * leave together, in one packet, once they are all handled. */
-        if (!corked && mqr_conn_buffered(c->conn)) {
-            mqr_conn_cork(c->conn, true);
+        if (!corked && mqr_conn_buffered(conn)) {
+            mqr_conn_cork(conn, true);
             corked = true;
         }
-        if (m.kind == MQR_DELIVERY)
-            on_reply(c, &m);
-        else if (m.kind == MQR_RETURN)
-            on_return(c, &m);
-        else if (m.kind == MQR_ACK || m.kind == MQR_NACK)
-            on_confirm(c, &m);
-        else if (m.kind == MQR_CANCEL) {
-            mqr_conn_abort(c->conn, "the broker cancelled the reply "
-                                    "consumer (reply queue deleted?)");
-            if (corked)
-                mqr_conn_cork(c->conn, false);
-            return lost(c);
+        switch (m.kind) {
+        case MQR_DELIVERY: on_reply(c, &m); break;
+        case MQR_RETURN: on_return(c, &m); break;
+        case MQR_ACK:
+        case MQR_NACK: on_confirm(c, &m); break;
+        case MQR_BLOCKED:
+        case MQR_UNBLOCKED: on_blocked(c, &m); break;
+        case MQR_CANCEL:
+            mqr_conn_abort(conn, "the broker cancelled the reply consumer "
+                                 "(reply queue deleted?)");
+            lost(c);
+            break;
         }
+        if (settle(c))
+            return MQRPC_ECANCELED;
         /* A callback's new call may have found the connection dead. */
-        if (!c->conn)
-            return MQRPC_ECLOSED;
+        if (c->conn != conn)
+            break;
         /* Drain what is already buffered, but do not block again. */
-        if (!mqr_conn_buffered(c->conn))
+        if (!mqr_conn_buffered(conn))
             break;
         wait = 0;
     }
-    if (corked)
-        mqr_conn_cork(c->conn, false);
-    expire_due(c);
+    if (corked && c->conn == conn)
+        mqr_conn_cork(conn, false);
+    if (c->conn != conn)
+        return MQRPC_ECLOSED;
     return any ? MQRPC_OK : MQRPC_ETIMEOUT;
 }
 
-/* Puts k into the id map and the deadline list. */
-static void track(mqrpc_client *c, struct call *k)
+mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
 {
-    struct call *at;
+    uint64_t before = c->completed, reconnects = c->st.reconnects;
+    mqrpc_err e;
+    int wait;
 
-    if (c->pending >= c->map_size)
-        map_grow(c);
-    k->hnext = *map_slot(c, k->seq);
-    *map_slot(c, k->seq) = k;
-    /* Deadlines mostly arrive in order: walk back from the tail. */
-    for (at = c->tail; at && at->deadline_us > k->deadline_us; at = at->prev)
-        ;
-    k->prev = at;
-    k->next = at ? at->next : c->head;
-    if (k->next)
-        k->next->prev = k;
-    else
-        c->tail = k;
-    if (at)
-        at->next = k;
-    else
-        c->head = k;
-    c->pending++;
+    if (c->in_callback || !c->ever_connected || c->closing)
+        return MQRPC_ESTATE;
+    /* Calls that expired or failed since the last visit have their
+     * callbacks now: that is news, and waiting for a frame as well could
+     * mean waiting forever (mqrpc_call waits with -1 for that very call). */
+    expire_due(c);
+    if (!c->conn)
+        try_reconnect(c);
+    else if (c->unsent)
+        flush_unsent(c);
+    if (settle(c))
+        return MQRPC_ECANCELED;
+    if (c->completed != before || c->st.reconnects != reconnects)
+        return MQRPC_OK;
+    if (!c->conn) {
+        if (!may_reconnect(c) && !c->calls.head)
+            return MQRPC_ECLOSED; /* nothing will ever happen */
+        wait_offline(c, timeout_ms);
+        if (settle(c))
+            return MQRPC_ECANCELED;
+        if (c->completed != before || c->st.reconnects != reconnects)
+            return MQRPC_OK;
+        return c->conn ? MQRPC_ETIMEOUT : MQRPC_ECLOSED;
+    }
+    wait = mqrpc_client_next_timeout_ms(c);
+    if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
+        wait = timeout_ms;
+    e = read_messages(c, wait);
+    if (e == MQRPC_ECANCELED)
+        return e;
+    expire_due(c);
+    if (settle(c))
+        return MQRPC_ECANCELED;
+    if (e == MQRPC_ETIMEOUT && c->completed != before)
+        e = MQRPC_OK;
+    return e;
 }
 
 mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
@@ -767,10 +796,12 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
                            mqrpc_done_fn done, void *arg)
 {
     size_t qlen;
-    struct call *k;
-    bool resendable;
+    mqr_call *k;
+    bool resendable, now;
     mqrpc_err e;
 
+    if (c->closing)
+        return MQRPC_ECANCELED;
     if (!queue || !done || timeout_ms <= 0 || (!body && len) ||
         (flags & ~MQRPC_CALL_IDEMPOTENT)) {
         snprintf(c->err, sizeof c->err, "invalid argument to mqrpc_call_async");
@@ -786,13 +817,16 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
         snprintf(c->err, sizeof c->err, "not connected");
         return MQRPC_ESTATE;
     }
-    if (try_reconnect(c) != MQRPC_OK) {
-        snprintf(c->err, sizeof c->err, "not connected to the broker (%s)%s",
-                 c->down, may_reconnect(c) ? "; reconnecting" : "");
+    if (!c->conn && !may_reconnect(c)) {
+        snprintf(c->err, sizeof c->err, "not connected to the broker (%s)",
+                 c->down);
         return MQRPC_ECLOSED;
     }
     resendable = (flags & MQRPC_CALL_IDEMPOTENT) && c->opts.retries > 0;
-    k = calloc(1, sizeof *k + qlen + 1);
+    /* Sent now only if that cannot wait on the broker, and behind nothing
+     * that waits already; otherwise queued for process. */
+    now = c->conn && !c->unsent && mqr_conn_can_publish(c->conn, len);
+    k = mqr_call_new(queue);
     if (!k)
         return MQRPC_ENOMEM;
     k->seq = c->next_seq++;
@@ -802,32 +836,45 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
     k->retries_left = resendable ? c->opts.retries : 0;
     k->done = done;
     k->arg = arg;
-    memcpy(k->queue, queue, qlen + 1);
-    /* send_call reads the body from the call; only a call that may be
-     * re-sent keeps its own copy after this function returns. */
-    k->body = (char *)body;
     k->body_len = len;
-    if (resendable && len) {
+    /* A call that may be published later keeps its own copy of the body;
+     * one sent now reads the caller's, which is valid until we return. */
+    if (len && (resendable || !now)) {
         k->body = malloc(len);
         if (!k->body) {
-            free(k);
+            mqr_call_free(k);
             return MQRPC_ENOMEM;
         }
         memcpy(k->body, body, len);
+        k->own_body = true;
+    } else if (len) {
+        k->body = (char *)body;
+    }
+    if (!now) {
+        k->state = MQR_CALL_UNSENT;
+        c->unsent++;
+        mqr_calls_add(&c->calls, k);
+        return MQRPC_OK;
     }
     e = send_call(c, k);
-    if (!resendable)
+    if (!k->own_body) {
         k->body = NULL;
+        k->body_len = 0;
+    }
     if (e != MQRPC_OK && !resendable) {
         /* Not sent and not to be re-sent: the caller hears it from us,
          * and done is never called. */
-        free(k);
+        mqr_call_free(k);
         lost(c);
+        snprintf(c->err, sizeof c->err, "connection lost: %s", c->down);
         return MQRPC_ECLOSED;
     }
-    track(c, k);
-    if (e != MQRPC_OK)
-        lost(c); /* k waits for the reconnection */
+    mqr_calls_add(&c->calls, k);
+    if (e != MQRPC_OK) {
+        k->state = MQR_CALL_RESEND; /* waits for the reconnection */
+        c->unsent++;
+        lost(c);
+    }
     return MQRPC_OK;
 }
 
@@ -888,12 +935,17 @@ mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
 
     if (out)
         *out = NULL;
-    e = mqrpc_call_async(c, queue, body, len, timeout_ms, flags, sync_done,
-                         &s);
+    e = c->in_callback ? MQRPC_ESTATE
+                       : mqrpc_call_async(c, queue, body, len, timeout_ms,
+                                          flags, sync_done, &s);
     if (e != MQRPC_OK) {
         if (out) {
             mqrpc_reply r = {.status = e,
-                             .error_message = c->err,
+                             .error_message = e == MQRPC_ESTATE &&
+                                                      c->in_callback
+                                                  ? "mqrpc_call inside a "
+                                                    "callback"
+                                                  : c->err,
                              .error_code = mqrpc_errname(e),
                              .queue = queue};
             *out = reply_copy(&r);
@@ -901,9 +953,11 @@ mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
         return e;
     }
     /* Every call completes by its deadline at the latest, whatever
-     * happens to the connection meanwhile. */
+     * happens to the connection meanwhile. When a callback frees the
+     * client, our call is among those cancelled, and c is gone. */
     while (!s.done)
-        mqrpc_client_process(c, -1);
+        if (mqrpc_client_process(c, -1) == MQRPC_ECANCELED)
+            break;
     if (out)
         *out = s.copy;
     return s.status;
@@ -914,7 +968,7 @@ mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
 {
     mqrpc_err e;
 
-    if (!c->ever_connected)
+    if (!c->ever_connected || c->in_callback || c->closing)
         return MQRPC_ESTATE;
     if (try_reconnect(c) != MQRPC_OK)
         return MQRPC_ECLOSED;
@@ -922,22 +976,43 @@ mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
     if (e != MQRPC_OK)
         snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
     if (mqr_conn_fd(c->conn) < 0)
-        lost(c);
+        lost(c); /* its calls' callbacks run in the next process */
     return e;
+}
+
+/* Cancels what is pending, runs every callback, closes and frees. */
+static void destroy(mqrpc_client *c)
+{
+    mqr_call *k;
+
+    c->closing = true;
+    c->free_requested = false;
+    while ((k = c->calls.head))
+        fail_call(c, k, MQRPC_ECANCELED, "the client was closed");
+    run_finished(c);
+    /* Nobody will come back for a durable reply queue's replies. */
+    if (c->conn && c->opts.durable && c->reply_queue[0] &&
+        !mqr_conn_blocked(c->conn))
+        mqr_conn_delete_queue(c->conn, c->reply_queue);
+    mqr_conn_free(c->conn);
+    mqr_conn_free(c->zombie);
+    mqr_calls_clear(&c->calls);
+    mqr_conn_cfg_clear(&c->cfg);
+    free(c);
 }
 
 void mqrpc_client_free(mqrpc_client *c)
 {
-    if (!c)
+    if (!c || c->closing)
         return;
-    fail_all(c, MQRPC_ECANCELED, "the client was closed");
-    /* Nobody will come back for a durable reply queue's replies. */
-    if (c->conn && c->opts.durable && c->reply_queue[0])
-        mqr_conn_delete_queue(c->conn, c->reply_queue);
-    mqr_conn_free(c->conn);
-    free(c->map);
-    mqr_conn_cfg_clear(&c->cfg);
-    free(c);
+    c->closing = true;
+    if (c->in_callback) {
+        /* hiredis's rule: the real free waits for the callback to
+         * return (settle), so nothing runs on freed memory. */
+        c->free_requested = true;
+        return;
+    }
+    destroy(c);
 }
 
 /* -------------------------------------------------------------- replies */

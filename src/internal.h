@@ -130,6 +130,87 @@ char *mqr_encode_fault(const mqrpc_fault *fault, size_t *len);
 mqrpc_err mqr_decode_reply(bool is_error, const char *body, size_t len,
                            json_t **result, mqrpc_fault *fault);
 
+/* ---------------------------------------------------------------- calls */
+/* The client's table of calls in flight (calls.c): no I/O, no callbacks.
+ * A call is in the id map and the deadline list from mqr_calls_add until
+ * mqr_calls_finish moves it to the list of finished calls, whose callbacks
+ * the client runs later, one by one, at a point where no list is being
+ * walked (hiredis and libuv do the same: callbacks are a re-entrancy
+ * boundary). */
+
+enum mqr_call_state {
+    MQR_CALL_UNSENT,    /* never published: waits for a connection, for the
+                           broker to unblock, or for room in the socket */
+    MQR_CALL_SENT,      /* published, not yet confirmed by the broker */
+    MQR_CALL_CONFIRMED, /* the broker took it */
+    MQR_CALL_RESEND     /* published on a lost connection; to publish again */
+};
+
+struct mqrpc_reply {
+    mqrpc_err status;
+    json_t *result;
+    const char *body;
+    size_t body_len;
+    const char *error_code;
+    const char *error_message;
+    const char *app_id;
+    const char *queue;
+    bool owned; /* strings and body are malloc'd (mqrpc_call's copy) */
+};
+
+typedef struct mqr_call mqr_call;
+struct mqr_call {
+    uint64_t seq;
+    uint64_t pub_seq; /* confirm sequence number on the current connection */
+    int64_t deadline_us;
+    int64_t deadline_wall_ms; /* the same deadline, for the header */
+    int timeout_ms;
+    int retries_left;
+    enum mqr_call_state state;
+    bool unconfirmed; /* linked in the publish-order list */
+    bool finished;    /* in the finished list */
+    mqrpc_done_fn done;
+    void *arg;
+    mqr_call *hnext;         /* id map chain */
+    mqr_call *prev, *next;   /* deadline order; then the finished list */
+    mqr_call *cprev, *cnext; /* publish order, while unconfirmed */
+    char *body;              /* owned when own_body; else the caller's */
+    size_t body_len;
+    bool own_body;
+    mqrpc_reply reply; /* the outcome, once finished (points into the
+                          call; for a reply, into the current message) */
+    char *text;         /* owned message the outcome points to */
+    char queue[];
+};
+
+typedef struct mqr_calls {
+    mqr_call **map; /* open hashing on seq; size is a power of two */
+    size_t map_size;
+    size_t pending;            /* in the map */
+    mqr_call *head, *tail;     /* earliest deadline first */
+    mqr_call *chead, *ctail;   /* unconfirmed, oldest publish first */
+    mqr_call *dhead, *dtail;   /* finished, callbacks not yet run */
+} mqr_calls;
+
+bool mqr_calls_init(mqr_calls *t);
+/* Frees the map and any call still in a list (without callbacks). */
+void mqr_calls_clear(mqr_calls *t);
+/* mqr_call_new allocates a call for queue with its reply slot. */
+mqr_call *mqr_call_new(const char *queue);
+/* mqr_call_free frees k, its owned body and outcome. */
+void mqr_call_free(mqr_call *k);
+/* Puts k into the id map and the deadline list. */
+void mqr_calls_add(mqr_calls *t, mqr_call *k);
+/* The live call with this seq, or NULL. */
+mqr_call *mqr_calls_find(const mqr_calls *t, uint64_t seq);
+void mqr_calls_unconfirmed_append(mqr_calls *t, mqr_call *k);
+void mqr_calls_unconfirmed_unlink(mqr_calls *t, mqr_call *k);
+/* Takes k out of the map and the live lists and appends it to the
+ * finished list; its reply must be filled. */
+void mqr_calls_finish(mqr_calls *t, mqr_call *k);
+/* The oldest finished call, unlinked, or NULL. */
+mqr_call *mqr_calls_pop_finished(mqr_calls *t);
+
 /* ----------------------------------------------------------------- conn */
 /* The AMQP connection: the only code that speaks rabbitmq-c. One channel
  * (1) carries all traffic; channel 2 is a side channel for passive queue
@@ -246,7 +327,7 @@ bool mqr_conn_blocked(const mqr_conn *c);
 /* mqr_conn_can_publish: a publish of a len-byte body would return at once:
  * the broker does not block us and the socket's send buffer has room for
  * it. rabbitmq-c waits, without a deadline, for a full buffer to drain. */
-bool mqr_conn_can_publish(const mqr_conn *c, size_t len);
+bool mqr_conn_can_publish(mqr_conn *c, size_t len);
 
 /* mqr_conn_abort gives the connection up (it is then closed; later calls
  * fail with MQRPC_ECLOSED) with why as its error message. */

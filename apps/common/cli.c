@@ -146,6 +146,7 @@ int cli_exit_code(mqrpc_err e)
     case MQRPC_ETIMEOUT: return CLI_EXIT_TIMEOUT;
     case MQRPC_ENOROUTE: return CLI_EXIT_NOSERVICE;
     case MQRPC_EOVERLOAD: return CLI_EXIT_OVERLOAD;
+    case MQRPC_EBLOCKED: return CLI_EXIT_BLOCKED;
     default: return CLI_EXIT_FAILURE;
     }
 }
@@ -267,7 +268,9 @@ static void usage(const struct cli *c, FILE *f)
                           "unreachable or lost,\n"
                           "            4 timeout, 5 no service on the queue, "
                           "6 other failure,\n"
-                          "            7 overloaded (the service's queue is full).\n",
+                          "            7 overloaded (the service's queue is full),\n"
+                          "            8 the broker is blocking publishers "
+                          "(a resource alarm).\n",
           f);
 }
 

@@ -19,7 +19,8 @@ enum cli_exit {
     CLI_EXIT_TIMEOUT = 4,   /* no reply in time */
     CLI_EXIT_NOSERVICE = 5, /* no service on that queue */
     CLI_EXIT_FAILURE = 6,   /* anything else (bad reply, setup failure) */
-    CLI_EXIT_OVERLOAD = 7   /* the service's queue is full (--max-queue) */
+    CLI_EXIT_OVERLOAD = 7,  /* the service's queue is full (--max-queue) */
+    CLI_EXIT_BLOCKED = 8    /* the broker blocks publishers (resource alarm) */
 };
 
 /* Upper bound of --workers: each worker is a thread and a connection. */

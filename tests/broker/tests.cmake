@@ -23,3 +23,7 @@ mqrpc_broker_test(security bash ${CMAKE_CURRENT_SOURCE_DIR}/security_test.sh)
 # other broker tests from running meanwhile.
 mqrpc_broker_test(reliability bash ${CMAKE_CURRENT_SOURCE_DIR}/reliability_test.sh)
 set_tests_properties(broker.reliability PROPERTIES TIMEOUT 400)
+
+# Broker flow control (a memory alarm): calls end by their deadline with the
+# broker's reason. Sets the test broker's memory watermark and restores it.
+mqrpc_broker_test(flow bash ${CMAKE_CURRENT_SOURCE_DIR}/flow_test.sh)

@@ -730,6 +730,8 @@ static void exit_codes_are_the_documented_ones(void **state)
     assert_int_equal(cli_exit_code(MQRPC_ETIMEOUT), 4);
     assert_int_equal(cli_exit_code(MQRPC_ENOROUTE), 5);
     assert_int_equal(cli_exit_code(MQRPC_EBADREPLY), 6);
+    assert_int_equal(cli_exit_code(MQRPC_EOVERLOAD), 7);
+    assert_int_equal(cli_exit_code(MQRPC_EBLOCKED), 8);
 }
 
 /* Reconnection delays: each drawn within [d/2, d], not all the same (so
