@@ -10,15 +10,16 @@
  * The input is a URL; or, with two NUL bytes in it, USER NUL PASSWORD NUL
  * REST, which becomes amqp://USER:PASSWORD@REST with the password as a
  * person would type it: raw, any byte. The redaction must hide that
- * password too: rabbitmq-c refuses such a URL, and mqr_url_parse's error
- * message then quotes it through mqrpc_url_redact.
+ * password too: mqr_url_parse refuses such a URL when the password holds
+ * a delimiter, and its error message then quotes it through
+ * mqrpc_url_redact.
  */
 #include "fuzz.h"
 
 /* Exact-size heap buffers, so ASan sees a byte written past any of them. */
 static const size_t redact_sizes[] = {1, 2, 8, 64, 512, 4096};
 
-/* password_span finds the password's bytes in a URL that rabbitmq-c
+/* password_span finds the password's bytes in a URL that mqr_url_parse
  * accepted: its userinfo is "user:password@", neither part holding one of
  * ":/?#[]@" raw. False when the URL has no password (the default is used). */
 static bool password_span(const char *url, const char **start,
@@ -136,7 +137,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     e = mqr_url_parse(url, &u, err, sizeof err);
     if (e == MQRPC_OK) {
         check_parsed(url, &u);
-        /* The password rabbitmq-c found, where the input did not say. */
+        /* The password the parser found, where the input did not say. */
         if (!password && password_span(url, &start, &end))
             password = strdup(u.password);
         mqr_url_clear(&u);

@@ -74,68 +74,6 @@ static struct timeval tv_of_ms(int ms)
     return tv;
 }
 
-mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err, size_t errlen)
-{
-    struct amqp_connection_info info;
-    char *copy, *query;
-    mqrpc_err e;
-
-    memset(out, 0, sizeof *out);
-    if (!url || !*url) {
-        snprintf(err, errlen, "empty broker URL");
-        return MQRPC_EURL;
-    }
-    /* amqp_parse_url writes into its argument, and the fields point there;
-     * it does not know query parameters, so they are cut off first. */
-    copy = strdup(url);
-    if (!copy)
-        return MQRPC_ENOMEM;
-    query = strchr(copy, '?');
-    if (query)
-        *query++ = '\0';
-    amqp_default_connection_info(&info);
-    if (amqp_parse_url(copy, &info) != AMQP_STATUS_OK) {
-        char shown[512];
-        mqrpc_url_redact(url, shown, sizeof shown);
-        snprintf(err, errlen,
-                 "malformed broker URL \"%s\" (expected "
-                 "amqp[s]://USER:PASSWORD@HOST:PORT/VHOST)",
-                 shown);
-        free(copy);
-        return MQRPC_EURL;
-    }
-    out->buf_ = copy;
-    out->host = info.host;
-    out->port = info.port;
-    out->user = info.user;
-    out->password = info.password;
-    /* "amqp://host:5672/" has an empty path, which the AMQP URI spec reads
-     * as vhost "". Nobody means that (no broker has such a vhost by default)
-     * and pika reads it as "/": so do we. */
-    out->vhost = *info.vhost ? info.vhost : "/";
-    out->tls = info.ssl != 0;
-    if (query && *query) {
-        e = mqr_url_parse_query(query, out, err, errlen);
-        if (e == MQRPC_OK && !out->tls) {
-            snprintf(err, errlen,
-                     "URL parameters cacertfile, certfile and "
-                     "keyfile need an amqps:// URL");
-            e = MQRPC_EURL;
-        }
-        if (e != MQRPC_OK) {
-            mqr_url_clear(out);
-            return e;
-        }
-    }
-    return MQRPC_OK;
-}
-
-void mqr_url_clear(mqr_url *u)
-{
-    free(u->buf_);
-    memset(u, 0, sizeof *u);
-}
-
 static mqrpc_err from_status(int status)
 {
     switch (status) {

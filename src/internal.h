@@ -53,10 +53,14 @@ typedef struct mqr_url {
     char *buf_;      /* owned copy the fields point into */
 } mqr_url;
 
-/* mqr_url_parse parses an amqp:// or amqps:// URL (rabbitmq-c's rules:
- * defaults guest/guest, localhost, 5672, vhost "/") with optional query
- * parameters cacertfile, certfile, keyfile. On failure returns MQRPC_EURL
- * and writes one line into err. Free with mqr_url_clear. */
+/* mqr_url_parse parses an amqp:// or amqps:// URL by the RabbitMQ AMQP URI
+ * spec (defaults guest/guest, localhost, 5672 or 5671; an empty path is
+ * vhost "/") with optional query parameters cacertfile, certfile, keyfile.
+ * It takes every URL rabbitmq-c's amqp_parse_url takes, but for odd ports
+ * ("+1", "0", "h:1:2"), %00, '%' without two hex digits, "[]" and '@' in
+ * []; it also takes %80 to %FF (mqr_url_parse in url.c says why). On failure
+ * returns MQRPC_EURL and writes one line into err that never shows the
+ * password. Free with mqr_url_clear. */
 mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err,
                         size_t errlen);
 void mqr_url_clear(mqr_url *u);
