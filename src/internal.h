@@ -66,7 +66,8 @@ mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err,
 void mqr_url_clear(mqr_url *u);
 
 /* mqr_url_parse_query fills out's TLS file fields from "k=v&k=v" (decoded
- * in place; the fields point into query). Unknown names are errors. */
+ * in place; the fields point into query). Unknown names are errors; err
+ * quotes none of the query before its last '@' (a password's tail). */
 mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
                               size_t errlen);
 

@@ -448,14 +448,27 @@ void mqr_url_clear(mqr_url *u)
 mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
                               size_t errlen)
 {
+    /* A '?' typed raw in a password ("amqp://u:12?secret=x@h/") starts the
+     * query too early: the password's tail is read as a parameter. Any
+     * text before the URL's last '@' may be such a tail, so it is never
+     * quoted; the password ends before some '@', so text after the last one
+     * is not part of it. */
+    const char *last_at = strrchr(query, '@');
+    const char *hint = " (write a '?' in a password as %3F)";
     char *save = NULL, *kv;
 
     for (kv = strtok_r(query, "&", &save); kv;
          kv = strtok_r(NULL, "&", &save)) {
+        bool quotable = !last_at || kv > last_at;
         char *eq = strchr(kv, '=');
         char **slot;
         if (!eq) {
-            snprintf(err, errlen, "URL parameter \"%.64s\" has no value", kv);
+            if (quotable)
+                snprintf(err, errlen, "URL parameter \"%.64s\" has no value",
+                         kv);
+            else
+                snprintf(err, errlen, "URL parameter without a value%s",
+                         hint);
             return MQRPC_EURL;
         }
         *eq = '\0';
@@ -468,10 +481,16 @@ mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
         else if (strcmp(kv, "keyfile") == 0)
             slot = &out->key_file;
         else {
-            snprintf(err, errlen,
-                     "unknown URL parameter \"%.64s\" (known: cacertfile, "
-                     "certfile, keyfile)",
-                     kv);
+            if (quotable)
+                snprintf(err, errlen,
+                         "unknown URL parameter \"%.64s\" (known: "
+                         "cacertfile, certfile, keyfile)",
+                         kv);
+            else
+                snprintf(err, errlen,
+                         "unknown URL parameter (known: cacertfile, "
+                         "certfile, keyfile)%s",
+                         hint);
             return MQRPC_EURL;
         }
         if (!percent_decode(eq + 1) || !eq[1]) {

@@ -637,6 +637,35 @@ static void url_tls_parameters(void **state)
         MQRPC_EURL);
 }
 
+/* A '?' typed raw in a password starts the query inside the password: the
+ * error about its parameters must not quote the password's tail. */
+static void url_query_error_hides_password(void **state)
+{
+    mqr_url u;
+    char err[256];
+    (void)state;
+    assert_int_equal(
+        mqr_url_parse("amqp://u:12?secret=x@h/", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "unknown URL parameter"));
+    assert_non_null(strstr(err, "%3F"));
+    assert_null(strstr(err, "secret"));
+    assert_int_equal(
+        mqr_url_parse("amqps://u:12?secret@h/", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "without a value"));
+    assert_null(strstr(err, "secret"));
+    /* After the last '@' nothing is password: the name is quoted. */
+    assert_int_equal(mqr_url_parse("amqps://u:p@h/?cacertfile=/a@b&bogus=1", &u,
+                                   err, sizeof err),
+                     MQRPC_EURL);
+    assert_non_null(strstr(err, "unknown URL parameter \"bogus\""));
+    assert_int_equal(
+        mqr_url_parse("amqps://u:p@h/?cacertfile=/a&nil", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "URL parameter \"nil\" has no value"));
+}
+
 static void url_plaintext_remote(void **state)
 {
     (void)state;
@@ -868,6 +897,7 @@ int main(void)
         cmocka_unit_test(default_url_precedence),
         cmocka_unit_test(url_file_owner_only),
         cmocka_unit_test(url_tls_parameters),
+        cmocka_unit_test(url_query_error_hides_password),
         cmocka_unit_test(url_plaintext_remote),
         cmocka_unit_test(cli_caller_options),
         cmocka_unit_test(cli_service_options),
