@@ -41,7 +41,9 @@ mqrpc_err mqrpc_url_file_read(const char *path, char *buf, size_t len,
         snprintf(err, errlen, "no URL file given");
         return MQRPC_EINVAL;
     }
-    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    /* O_NONBLOCK: opening a FIFO would otherwise wait for a writer,
+     * forever; it is refused below like any file that is not regular. */
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) {
         snprintf(err, errlen, "cannot open URL file %s: %s", path,
                  strerror(errno));

@@ -591,6 +591,16 @@ static void url_file_owner_only(void **state)
     /* A directory is not a URL file. */
     assert_int_equal(mqrpc_url_file_read(dir, buf, sizeof buf, err, sizeof err),
                      MQRPC_EINVAL);
+    /* Nor is a FIFO, and it is refused at once, not when a writer comes:
+     * without one, SIGALRM ends the test. */
+    assert_int_equal(mkfifo(path, 0600), 0);
+    alarm(10);
+    assert_int_equal(
+        mqrpc_url_file_read(path, buf, sizeof buf, err, sizeof err),
+        MQRPC_EINVAL);
+    alarm(0);
+    assert_non_null(strstr(err, "is not a regular file"));
+    unlink(path);
     rmdir(dir);
 }
 
