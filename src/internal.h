@@ -77,6 +77,45 @@ mqrpc_err mqr_resolve_url(const char *explicit_url, mqrpc_role role, char *buf,
                           size_t len, const char **source, char *err,
                           size_t errlen);
 
+/* ------------------------------------------------------------------ tls */
+/* TLS with OpenSSL alone: amqp_conn.c makes the socket and passes its
+ * SSL_CTX (OpenSSL's SSL_CTX, named by its struct tag so that this header
+ * needs no OpenSSL header). */
+
+struct ssl_ctx_st;
+
+/* mqr_tls_setup prepares ctx for a client: at least TLS 1.2; trusting the
+ * CAs in ca_file, or the system store when NULL; presenting cert_file with
+ * its key_file (both or neither); recording the first certificate problem
+ * of each handshake for mqr_tls_open_error. Verifying the peer and its
+ * host name is the socket's business. Returns MQRPC_EINVAL with one line
+ * in err when a file cannot be loaded. */
+mqrpc_err mqr_tls_setup(struct ssl_ctx_st *ctx, const char *ca_file,
+                        const char *cert_file, const char *key_file, char *err,
+                        size_t errlen);
+
+/* mqr_tls_begin: call before a handshake. Forgets the calling thread's
+ * last certificate problem and OpenSSL errors. */
+void mqr_tls_begin(void);
+
+/* mqr_tls_reason writes OpenSSL's reason for the calling thread's last
+ * failure ("certificate verify failed"), or "", and clears its errors. */
+void mqr_tls_reason(char *buf, size_t len);
+
+/* How a TLS connect failed, as the socket reported it. */
+enum mqr_tls_failure {
+    MQR_TLS_PEER_UNVERIFIED = 1, /* the broker's certificate chain */
+    MQR_TLS_HOST_MISMATCH,       /* the certificate is for another name */
+    MQR_TLS_OTHER                /* the handshake */
+};
+
+/* mqr_tls_open_error explains a failed TLS connect to host in words the
+ * user can act on, into why (one line, "TLS: ..."); fallback is said when
+ * OpenSSL gives no reason; ca is the CA file used, or NULL. */
+void mqr_tls_open_error(enum mqr_tls_failure kind, const char *fallback,
+                        const char *host, const char *ca, char *why,
+                        size_t len);
+
 /* ---------------------------------------------------------------- codec */
 /* The message codec is pure: bytes in, JSON out, no AMQP. */
 
