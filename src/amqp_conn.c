@@ -10,9 +10,6 @@
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
-#include <openssl/err.h>
-#include <openssl/ssl.h>
-#include <openssl/x509.h>
 
 #include <ctype.h>
 #include <errno.h>
@@ -79,68 +76,6 @@ static struct timeval tv_of_ms(int ms)
 {
     struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
     return tv;
-}
-
-mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err, size_t errlen)
-{
-    struct amqp_connection_info info;
-    char *copy, *query;
-    mqrpc_err e;
-
-    memset(out, 0, sizeof *out);
-    if (!url || !*url) {
-        snprintf(err, errlen, "empty broker URL");
-        return MQRPC_EURL;
-    }
-    /* amqp_parse_url writes into its argument, and the fields point there;
-     * it does not know query parameters, so they are cut off first. */
-    copy = strdup(url);
-    if (!copy)
-        return MQRPC_ENOMEM;
-    query = strchr(copy, '?');
-    if (query)
-        *query++ = '\0';
-    amqp_default_connection_info(&info);
-    if (amqp_parse_url(copy, &info) != AMQP_STATUS_OK) {
-        char shown[512];
-        mqrpc_url_redact(url, shown, sizeof shown);
-        snprintf(err, errlen,
-                 "malformed broker URL \"%s\" (expected "
-                 "amqp[s]://USER:PASSWORD@HOST:PORT/VHOST)",
-                 shown);
-        free(copy);
-        return MQRPC_EURL;
-    }
-    out->buf_ = copy;
-    out->host = info.host;
-    out->port = info.port;
-    out->user = info.user;
-    out->password = info.password;
-    /* "amqp://host:5672/" has an empty path, which the AMQP URI spec reads
-     * as vhost "". Nobody means that (no broker has such a vhost by default)
-     * and pika reads it as "/": so do we. */
-    out->vhost = *info.vhost ? info.vhost : "/";
-    out->tls = info.ssl != 0;
-    if (query && *query) {
-        e = mqr_url_parse_query(query, out, err, errlen);
-        if (e == MQRPC_OK && !out->tls) {
-            snprintf(err, errlen,
-                     "URL parameters cacertfile, certfile and "
-                     "keyfile need an amqps:// URL");
-            e = MQRPC_EURL;
-        }
-        if (e != MQRPC_OK) {
-            mqr_url_clear(out);
-            return e;
-        }
-    }
-    return MQRPC_OK;
-}
-
-void mqr_url_clear(mqr_url *u)
-{
-    free(u->buf_);
-    memset(u, 0, sizeof *u);
 }
 
 static mqrpc_err from_status(int status)
@@ -286,108 +221,13 @@ static void lower_first(char *s)
         s[0] = (char)tolower((unsigned char)s[0]);
 }
 
-/* OpenSSL's reason for the last failure, or "" ("certificate verify
- * failed", "tlsv13 alert certificate required"). Clears the queue. */
-static void ssl_reason(char *buf, size_t len)
+/* What tls.c needs to know of a failed TLS connect. */
+static enum mqr_tls_failure tls_failure(int status)
 {
-    unsigned long e, last = 0;
-    const char *r;
-
-    while ((e = ERR_get_error()) != 0)
-        last = e;
-    r = last ? ERR_reason_error_string(last) : NULL;
-    snprintf(buf, len, "%s", r ? r : "");
-}
-
-/* The first certificate problem found during this thread's handshake:
- * rabbitmq-c only says "peer verify failed", not why. */
-static _Thread_local char verify_problem[200];
-
-static int record_verify_error(int ok, X509_STORE_CTX *store)
-{
-    if (!ok && !verify_problem[0]) {
-        snprintf(
-            verify_problem, sizeof verify_problem, "%s",
-            X509_verify_cert_error_string(X509_STORE_CTX_get_error(store)));
-    }
-    return ok;
-}
-
-/* Sets up rabbitmq-c's OpenSSL socket: CA (file, else the system store),
- * client certificate, at least TLS 1.2, and peer and host name checks
- * unless insecure. */
-static mqrpc_err tls_setup(amqp_socket_t *sock, const char *ca,
-                           const char *cert, const char *key, bool insecure,
-                           char *err, size_t errlen)
-{
-    SSL_CTX *ctx = amqp_ssl_socket_get_context(sock);
-    char why[160];
-
-    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    if (ca) {
-        if (amqp_ssl_socket_set_cacert(sock, ca) != AMQP_STATUS_OK) {
-            ssl_reason(why, sizeof why);
-            snprintf(err, errlen, "cannot load CA file %s: %s", ca,
-                     access(ca, R_OK) != 0 ? strerror(errno) : why);
-            return MQRPC_EINVAL;
-        }
-    } else if (SSL_CTX_set_default_verify_paths(ctx) != 1) {
-        ssl_reason(why, sizeof why);
-        snprintf(err, errlen, "cannot load the system CA store: %s", why);
-        return MQRPC_EINVAL;
-    }
-    if ((cert != NULL) != (key != NULL)) {
-        snprintf(err, errlen,
-                 "a client certificate needs its key and a key "
-                 "its certificate: give both or neither");
-        return MQRPC_EINVAL;
-    }
-    if (cert && amqp_ssl_socket_set_key(sock, cert, key) != AMQP_STATUS_OK) {
-        ssl_reason(why, sizeof why);
-        snprintf(err, errlen,
-                 "cannot load client certificate %s with key %s: %s", cert, key,
-                 access(cert, R_OK) != 0 || access(key, R_OK) != 0
-                     ? strerror(errno)
-                     : why);
-        return MQRPC_EINVAL;
-    }
-    X509_STORE_set_verify_cb(SSL_CTX_get_cert_store(ctx), record_verify_error);
-    amqp_ssl_socket_set_verify_peer(sock, !insecure);
-    amqp_ssl_socket_set_verify_hostname(sock, !insecure);
-    return MQRPC_OK;
-}
-
-/* Explains a failed TLS connect in words the user can act on. */
-static void tls_open_error(int status, const char *host, const char *ca,
-                           char *why, size_t len)
-{
-    char reason[160];
-
-    ssl_reason(reason, sizeof reason);
     switch (status) {
-    case AMQP_STATUS_SSL_PEER_VERIFY_FAILED:
-        snprintf(why, len,
-                 "TLS: cannot verify the broker's certificate: %s (%s)",
-                 verify_problem[0] ? verify_problem : "no certificate",
-                 ca ? "is it signed by the CA in the CA file?"
-                    : "give the CA that signed it with --cacert or the "
-                      "cacertfile URL parameter");
-        break;
-    case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED:
-        snprintf(why, len,
-                 "TLS: the broker's certificate is not valid for host name "
-                 "\"%s\" (connect with a name the certificate lists)",
-                 host);
-        break;
-    default:
-        if (verify_problem[0])
-            snprintf(why, len,
-                     "TLS: cannot verify the broker's certificate: %s",
-                     verify_problem);
-        else
-            snprintf(why, len, "TLS handshake failed: %s",
-                     reason[0] ? reason : amqp_error_string2(status));
-        break;
+    case AMQP_STATUS_SSL_PEER_VERIFY_FAILED: return MQR_TLS_PEER_UNVERIFIED;
+    case AMQP_STATUS_SSL_HOSTNAME_VERIFY_FAILED: return MQR_TLS_HOST_MISMATCH;
+    default: return MQR_TLS_OTHER;
     }
 }
 
@@ -492,12 +332,14 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
             e = MQRPC_ENOMEM;
             goto fail;
         }
-        e = tls_setup(sock, ca,
-                      p->tls.cert_file ? p->tls.cert_file : u.cert_file,
-                      p->tls.key_file ? p->tls.key_file : u.key_file,
-                      p->tls.insecure, err, errlen);
+        e = mqr_tls_setup(amqp_ssl_socket_get_context(sock), ca,
+                          p->tls.cert_file ? p->tls.cert_file : u.cert_file,
+                          p->tls.key_file ? p->tls.key_file : u.key_file, err,
+                          errlen);
         if (e != MQRPC_OK)
             goto fail;
+        amqp_ssl_socket_set_verify_peer(sock, !p->tls.insecure);
+        amqp_ssl_socket_set_verify_hostname(sock, !p->tls.insecure);
     } else {
         sock = amqp_tcp_socket_new(c->state);
         if (!sock) {
@@ -505,8 +347,7 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
             goto fail;
         }
     }
-    verify_problem[0] = '\0';
-    ERR_clear_error();
+    mqr_tls_begin();
     st = amqp_socket_open_noblock(sock, u.host, u.port, &tv);
     if (st != AMQP_STATUS_OK) {
         char why[400];
@@ -517,7 +358,8 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
                      connect_timeout_ms);
         } else if (u.tls && st <= AMQP_STATUS_SSL_ERROR &&
                    st > _AMQP_STATUS_SSL_NEXT_VALUE) {
-            tls_open_error(st, u.host, ca, why, sizeof why);
+            mqr_tls_open_error(tls_failure(st), amqp_error_string2(st), u.host,
+                               ca, why, sizeof why);
             e = MQRPC_ETLS;
         } else {
             int en = connect_errno(u.host, u.port, connect_timeout_ms);
@@ -548,7 +390,7 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
                             r.library_error == AMQP_STATUS_CONNECTION_CLOSED ||
                             r.library_error == AMQP_STATUS_SOCKET_ERROR);
         if (tls_refused)
-            ssl_reason(reason, sizeof reason);
+            mqr_tls_reason(reason, sizeof reason);
         check_reply(c, 0, r, "login");
         if (tls_refused) {
             /* With TLS 1.3 the broker judges the client's certificate

@@ -79,16 +79,21 @@ typedef struct mqr_url {
     char *buf_;      /* owned copy the fields point into */
 } mqr_url;
 
-/* mqr_url_parse parses an amqp:// or amqps:// URL (rabbitmq-c's rules:
- * defaults guest/guest, localhost, 5672, vhost "/") with optional query
- * parameters cacertfile, certfile, keyfile. On failure returns MQRPC_EURL
- * and writes one line into err. Free with mqr_url_clear. */
+/* mqr_url_parse parses an amqp:// or amqps:// URL by the RabbitMQ AMQP URI
+ * spec (defaults guest/guest, localhost, 5672 or 5671; an empty path is
+ * vhost "/") with optional query parameters cacertfile, certfile, keyfile.
+ * It takes every URL rabbitmq-c's amqp_parse_url takes, but for odd ports
+ * ("+1", "0", "h:1:2"), %00, '%' without two hex digits, "[]" and '@' in
+ * []; it also takes %80 to %FF (mqr_url_parse in url.c says why). On failure
+ * returns MQRPC_EURL and writes one line into err that never shows the
+ * password. Free with mqr_url_clear. */
 mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err,
                         size_t errlen);
 void mqr_url_clear(mqr_url *u);
 
 /* mqr_url_parse_query fills out's TLS file fields from "k=v&k=v" (decoded
- * in place; the fields point into query). Unknown names are errors. */
+ * in place; the fields point into query). Unknown names are errors; err
+ * quotes none of the query before its last '@' (a password's tail). */
 mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
                               size_t errlen);
 
@@ -97,6 +102,45 @@ mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
 mqrpc_err mqr_resolve_url(const char *explicit_url, mqrpc_role role, char *buf,
                           size_t len, const char **source, char *err,
                           size_t errlen);
+
+/* ------------------------------------------------------------------ tls */
+/* TLS with OpenSSL alone: amqp_conn.c makes the socket and passes its
+ * SSL_CTX (OpenSSL's SSL_CTX, named by its struct tag so that this header
+ * needs no OpenSSL header). */
+
+struct ssl_ctx_st;
+
+/* mqr_tls_setup prepares ctx for a client: at least TLS 1.2; trusting the
+ * CAs in ca_file, or the system store when NULL; presenting cert_file with
+ * its key_file (both or neither); recording the first certificate problem
+ * of each handshake for mqr_tls_open_error. Verifying the peer and its
+ * host name is the socket's business. Returns MQRPC_EINVAL with one line
+ * in err when a file cannot be loaded. */
+mqrpc_err mqr_tls_setup(struct ssl_ctx_st *ctx, const char *ca_file,
+                        const char *cert_file, const char *key_file, char *err,
+                        size_t errlen);
+
+/* mqr_tls_begin: call before a handshake. Forgets the calling thread's
+ * last certificate problem and OpenSSL errors. */
+void mqr_tls_begin(void);
+
+/* mqr_tls_reason writes OpenSSL's reason for the calling thread's last
+ * failure ("certificate verify failed"), or "", and clears its errors. */
+void mqr_tls_reason(char *buf, size_t len);
+
+/* How a TLS connect failed, as the socket reported it. */
+enum mqr_tls_failure {
+    MQR_TLS_PEER_UNVERIFIED = 1, /* the broker's certificate chain */
+    MQR_TLS_HOST_MISMATCH,       /* the certificate is for another name */
+    MQR_TLS_OTHER                /* the handshake */
+};
+
+/* mqr_tls_open_error explains a failed TLS connect to host in words the
+ * user can act on, into why (one line, "TLS: ..."); fallback is said when
+ * OpenSSL gives no reason; ca is the CA file used, or NULL. */
+void mqr_tls_open_error(enum mqr_tls_failure kind, const char *fallback,
+                        const char *host, const char *ca, char *why,
+                        size_t len);
 
 /* ---------------------------------------------------------------- codec */
 /* The message codec is pure: bytes in, JSON out, no AMQP. */

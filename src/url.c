@@ -1,6 +1,8 @@
-/* Broker URL resolution, URL files, TLS query parameters and redaction:
- * string handling only. The authority part is parsed by rabbitmq-c
- * (amqp_conn.c), so there is one set of rules for it. */
+/* Broker URLs: parsing, resolution, URL files, TLS query parameters and
+ * redaction. String handling only: no rabbitmq-c, so the rules are ours and
+ * tested here. The parser follows the RabbitMQ AMQP URI spec and accepts
+ * every URL rabbitmq-c's amqp_parse_url accepts, with the same meaning, but
+ * a few it took in a surprising way (see mqr_url_parse). */
 #include "internal.h"
 
 #include <errno.h>
@@ -39,7 +41,9 @@ mqrpc_err mqrpc_url_file_read(const char *path, char *buf, size_t len,
         snprintf(err, errlen, "no URL file given");
         return MQRPC_EINVAL;
     }
-    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    /* O_NONBLOCK: opening a FIFO would otherwise wait for a writer,
+     * forever; it is refused below like any file that is not regular. */
+    fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
     if (fd < 0) {
         snprintf(err, errlen, "cannot open URL file %s: %s", path,
                  strerror(errno));
@@ -228,16 +232,21 @@ static int hexval(int ch)
     return -1;
 }
 
-/* Decodes %XX in place; false on a malformed escape or an encoded NUL. */
-static bool percent_decode(char *s)
+/* url_decode decodes %XX in place. Returns NULL, or what is wrong: a '%'
+ * without two hex digits, or an encoded NUL, which would cut the string
+ * short where C reads it (rabbitmq-c did exactly that). */
+static const char *url_decode(char *s)
 {
     char *w = s;
     for (; *s; s++) {
         if (*s == '%') {
             int hi = hexval((unsigned char)s[1]);
             int lo = hi < 0 ? -1 : hexval((unsigned char)s[2]);
-            if (lo < 0 || (hi == 0 && lo == 0))
-                return false;
+            if (lo < 0)
+                return "'%' must be followed by two hex digits (write a "
+                       "'%' itself as %25)";
+            if (hi == 0 && lo == 0)
+                return "%00 (a NUL byte) is not allowed";
             *w++ = (char)(hi * 16 + lo);
             s += 2;
         } else {
@@ -245,20 +254,223 @@ static bool percent_decode(char *s)
         }
     }
     *w = '\0';
-    return true;
+    return NULL;
+}
+
+static bool percent_decode(char *s)
+{
+    return url_decode(s) == NULL;
+}
+
+/* parse_port reads a port: decimal digits only, 1 to 65535. */
+static const char *parse_port(const char *s, int *port)
+{
+    long v = 0;
+
+    if (!*s)
+        return "no port after ':'";
+    for (; *s; s++) {
+        if (*s < '0' || *s > '9')
+            return "port must be a decimal number";
+        if (v <= 65535) /* stays in range however many digits follow */
+            v = v * 10 + (*s - '0');
+    }
+    if (v < 1 || v > 65535)
+        return "port must be 1 to 65535";
+    *port = (int)v;
+    return NULL;
+}
+
+/* parse_authority splits [user[:password]@]host[:port] (a, written into)
+ * and fills out's fields that it names. Delimiters are found before
+ * anything is decoded, so an encoded one (%40, %3A) is data. */
+static const char *parse_authority(char *a, mqr_url *out)
+{
+    char *at = strchr(a, '@'), *host = a, *port = NULL, *colon;
+    const char *why;
+
+    if (at) {
+        /* A second '@' is a password typed raw, or a host with a '@':
+         * either way we cannot tell where the password ends. */
+        if (strchr(at + 1, '@'))
+            return "'@' in a user name or password must be written %40";
+        *at = '\0';
+        host = at + 1;
+        if (a[strcspn(a, "[]")])
+            return "'[' or ']' in a user name or password must be written "
+                   "%5B or %5D";
+        colon = strchr(a, ':');
+        if (colon) {
+            *colon = '\0';
+            if (strchr(colon + 1, ':'))
+                return "':' in a password must be written %3A";
+            if ((why = url_decode(colon + 1)) != NULL)
+                return why;
+            out->password = colon + 1;
+        }
+        if ((why = url_decode(a)) != NULL)
+            return why;
+        out->user = a;
+    }
+    if (*host == '[') {
+        char *close = strchr(host, ']');
+        if (!close)
+            return "'[' opens an IPv6 address that no ']' closes";
+        *close = '\0';
+        host++;
+        if (!*host)
+            return "empty IPv6 address in []";
+        if (strchr(host, '['))
+            return "'[' inside an IPv6 address";
+        if (close[1] == ':')
+            port = close + 2;
+        else if (close[1])
+            return "only :PORT may follow an IPv6 address in []";
+    } else {
+        colon = strchr(host, ':');
+        if (colon) {
+            *colon = '\0';
+            port = colon + 1;
+        }
+        if (host[strcspn(host, "[]")])
+            return "'[' and ']' may only enclose a whole IPv6 address";
+    }
+    if (port && (why = parse_port(port, &out->port)) != NULL)
+        return why;
+    if ((why = url_decode(host)) != NULL)
+        return why;
+    if (*host)
+        out->host = host; /* empty: localhost, as in the spec */
+    return NULL;
+}
+
+/* parse_base parses url without its query (written into) into out. */
+static const char *parse_base(char *url, mqr_url *out)
+{
+    char *rest, *slash;
+    const char *why;
+
+    out->user = "guest";
+    out->password = "guest";
+    out->host = "localhost";
+    out->vhost = "/";
+    if (strncmp(url, "amqp://", 7) == 0) {
+        out->port = 5672;
+        rest = url + 7;
+    } else if (strncmp(url, "amqps://", 8) == 0) {
+        out->port = 5671;
+        out->tls = true;
+        rest = url + 8;
+    } else {
+        return "it must start with amqp:// or amqps://";
+    }
+    if (strchr(rest, '#'))
+        return "'#' must be written %23";
+    slash = strchr(rest, '/');
+    if (slash)
+        *slash = '\0';
+    if ((why = parse_authority(rest, out)) != NULL)
+        return why;
+    if (!slash)
+        return NULL;
+    /* The path is the vhost, one segment. ':' and '@' are legal in a
+     * segment, but rabbitmq-c refuses them, and "amqp://u:1/x@h" is a
+     * password with a raw '/' far more often than host u, vhost "x@h". */
+    if (strchr(slash + 1, '/'))
+        return "the vhost is one path segment: write a '/' in it as %2F";
+    if (slash[1 + strcspn(slash + 1, ":@[]")])
+        return "':', '@', '[' and ']' in a vhost must be written %3A, %40, "
+               "%5B and %5D";
+    if ((why = url_decode(slash + 1)) != NULL)
+        return why;
+    /* "amqp://host:5672/" has an empty path, which the AMQP URI spec reads
+     * as vhost "". Nobody means that (no broker has such a vhost by
+     * default) and pika reads it as "/": so do we. */
+    if (slash[1])
+        out->vhost = slash + 1;
+    return NULL;
+}
+
+/* mqr_url_parse parses by the RabbitMQ AMQP URI spec, and takes every URL
+ * rabbitmq-c's amqp_parse_url takes, the same way, except where it was
+ * surprising: a port must be digits only, 1 to 65535 (rabbitmq-c took
+ * "+5672", " 5672", port 0, "%35672", and "h:1:2" as port 2); %00 is
+ * refused (it cut the string short), and so is a '%' without two hex
+ * digits (sscanf let it take "% f" and "%+f"); %80 to %FF are bytes (it
+ * refused them, and so UTF-8 passwords); "[]" and a '@' in [] are refused.
+ * The query, from the first '?', is ours: rabbitmq-c never saw it. */
+mqrpc_err mqr_url_parse(const char *url, mqr_url *out, char *err, size_t errlen)
+{
+    char *copy, *query;
+    const char *why;
+    mqrpc_err e;
+
+    memset(out, 0, sizeof *out);
+    if (!url || !*url) {
+        snprintf(err, errlen, "empty broker URL");
+        return MQRPC_EURL;
+    }
+    copy = strdup(url);
+    if (!copy)
+        return MQRPC_ENOMEM;
+    out->buf_ = copy;
+    query = strchr(copy, '?');
+    if (query)
+        *query++ = '\0';
+    why = parse_base(copy, out);
+    if (why) {
+        char shown[512];
+        mqrpc_url_redact(url, shown, sizeof shown);
+        snprintf(err, errlen, "malformed broker URL \"%s\": %s", shown, why);
+        mqr_url_clear(out);
+        return MQRPC_EURL;
+    }
+    if (query && *query) {
+        e = mqr_url_parse_query(query, out, err, errlen);
+        if (e == MQRPC_OK && !out->tls) {
+            snprintf(err, errlen,
+                     "URL parameters cacertfile, certfile and "
+                     "keyfile need an amqps:// URL");
+            e = MQRPC_EURL;
+        }
+        if (e != MQRPC_OK) {
+            mqr_url_clear(out);
+            return e;
+        }
+    }
+    return MQRPC_OK;
+}
+
+void mqr_url_clear(mqr_url *u)
+{
+    free(u->buf_);
+    memset(u, 0, sizeof *u);
 }
 
 mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
                               size_t errlen)
 {
+    /* A '?' typed raw in a password ("amqp://u:12?secret=x@h/") starts the
+     * query too early: the password's tail is read as a parameter. Any
+     * text before the URL's last '@' may be such a tail, so it is never
+     * quoted; the password ends before some '@', so text after the last one
+     * is not part of it. */
+    const char *last_at = strrchr(query, '@');
+    const char *hint = " (write a '?' in a password as %3F)";
     char *save = NULL, *kv;
 
     for (kv = strtok_r(query, "&", &save); kv;
          kv = strtok_r(NULL, "&", &save)) {
+        bool quotable = !last_at || kv > last_at;
         char *eq = strchr(kv, '=');
         char **slot;
         if (!eq) {
-            snprintf(err, errlen, "URL parameter \"%.64s\" has no value", kv);
+            if (quotable)
+                snprintf(err, errlen, "URL parameter \"%.64s\" has no value",
+                         kv);
+            else
+                snprintf(err, errlen, "URL parameter without a value%s",
+                         hint);
             return MQRPC_EURL;
         }
         *eq = '\0';
@@ -271,10 +483,16 @@ mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
         else if (strcmp(kv, "keyfile") == 0)
             slot = &out->key_file;
         else {
-            snprintf(err, errlen,
-                     "unknown URL parameter \"%.64s\" (known: cacertfile, "
-                     "certfile, keyfile)",
-                     kv);
+            if (quotable)
+                snprintf(err, errlen,
+                         "unknown URL parameter \"%.64s\" (known: "
+                         "cacertfile, certfile, keyfile)",
+                         kv);
+            else
+                snprintf(err, errlen,
+                         "unknown URL parameter (known: cacertfile, "
+                         "certfile, keyfile)%s",
+                         hint);
             return MQRPC_EURL;
         }
         if (!percent_decode(eq + 1) || !eq[1]) {

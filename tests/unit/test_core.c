@@ -391,6 +391,100 @@ static void url_parse_rejects_and_hides_the_password(void **state)
     assert_int_equal(mqr_url_parse("", &u, err, sizeof err), MQRPC_EURL);
 }
 
+/* parse_ok parses url, which must succeed, and checks its fields. */
+static void parse_ok(const char *url, const char *user, const char *password,
+                     const char *host, int port, const char *vhost)
+{
+    mqr_url u;
+    char err[256];
+    assert_int_equal(mqr_url_parse(url, &u, err, sizeof err), MQRPC_OK);
+    assert_string_equal(u.user, user);
+    assert_string_equal(u.password, password);
+    assert_string_equal(u.host, host);
+    assert_int_equal(u.port, port);
+    assert_string_equal(u.vhost, vhost);
+    mqr_url_clear(&u);
+}
+
+/* parse_bad parses url, which must fail with a one-line message holding
+ * why and never secret (when not NULL). */
+static void parse_bad(const char *url, const char *why, const char *secret)
+{
+    mqr_url u;
+    char err[256];
+    assert_int_equal(mqr_url_parse(url, &u, err, sizeof err), MQRPC_EURL);
+    assert_non_null(strstr(err, "malformed broker URL \""));
+    if (!strstr(err, why))
+        fail_msg("\"%s\": \"%s\" does not say \"%s\"", url, err, why);
+    assert_null(strchr(err, '\n'));
+    if (secret)
+        assert_null(strstr(err, secret));
+    assert_null(u.buf_);
+}
+
+/* The cases the URL parser must agree on with rabbitmq-c's amqp_parse_url,
+ * and those where it refuses what rabbitmq-c took in a surprising way. */
+static void url_parse_edge_cases(void **state)
+{
+    (void)state;
+    /* IPv6 in brackets, with a port, a user, a zone (%25 is '%'). */
+    parse_ok("amqp://[::1]", "guest", "guest", "::1", 5672, "/");
+    parse_ok("amqps://u:p@[2001:db8::7]:5681/v", "u", "p", "2001:db8::7", 5681,
+             "v");
+    parse_ok("amqp://[fe80::1%25eth0]:1/", "guest", "guest", "fe80::1%eth0", 1,
+             "/");
+    /* Percent-encoded user, password, host and vhost; the delimiters
+     * encoded are data, '@' and ':' in a password included. */
+    parse_ok("amqp://us%65r%40x:p%40ss%3Aw%2F%3F%23@ho%73t/v%2fh", "user@x",
+             "p@ss:w/?#", "host", 5672, "v/h");
+    parse_ok("amqp://u:%C3%A9t%C3%A9@h/", "u", "\xC3\xA9t\xC3\xA9", "h", 5672,
+             "/");
+    parse_ok("amqp://u:!$&'()*+,;=@h/%2f", "u", "!$&'()*+,;=", "h", 5672, "/");
+    /* Missing parts take the defaults; a user without a password gets
+     * guest's, as in rabbitmq-c; an empty host is localhost. */
+    parse_ok("amqp://u@h", "u", "guest", "h", 5672, "/");
+    parse_ok("amqp://u:@h", "u", "", "h", 5672, "/");
+    parse_ok("amqp://:p@h", "", "p", "h", 5672, "/");
+    parse_ok("amqp://u:p@", "u", "p", "localhost", 5672, "/");
+    parse_ok("amqp://:5673", "guest", "guest", "localhost", 5673, "/");
+    parse_ok("amqp:///v", "guest", "guest", "localhost", 5672, "v");
+    parse_ok("amqps://h:65535", "guest", "guest", "h", 65535, "/");
+    parse_ok("amqp://h:005672/", "guest", "guest", "h", 5672, "/");
+
+    parse_bad("amqp://u:p@h:99999/", "port must be 1 to 65535", NULL);
+    parse_bad("amqp://u:secret@h:0/", "port must be 1 to 65535", "secret");
+    parse_bad("amqp://h:65536/", "port must be 1 to 65535", NULL);
+    parse_bad("amqp://h:99999999999999999999999/", "1 to 65535", NULL);
+    parse_bad("amqp://h:/", "no port after ':'", NULL);
+    parse_bad("amqp://h:+5672/", "port must be a decimal number", NULL);
+    parse_bad("amqp://h: 5672/", "port must be a decimal number", NULL);
+    parse_bad("amqp://h:%35672/", "port must be a decimal number", NULL);
+    parse_bad("amqp://h:1:2/", "port must be a decimal number", NULL);
+    parse_bad("amqp://[::1]:0/", "port must be 1 to 65535", NULL);
+    parse_bad("amqp://[]/", "empty IPv6 address", NULL);
+    parse_bad("amqp://[::1/", "no ']' closes", NULL);
+    parse_bad("amqp://[::1]x/", "only :PORT may follow", NULL);
+    parse_bad("amqp://x[::1]/", "may only enclose a whole IPv6", NULL);
+    /* Trailing garbage, and delimiters that must be encoded. */
+    parse_bad("amqp://h/v/x", "one path segment", NULL);
+    parse_bad("amqp://h//", "one path segment", NULL);
+    parse_bad("amqp://h/v@x", "in a vhost must be written", NULL);
+    parse_bad("amqp://h/v#x", "'#' must be written %23", NULL);
+    parse_bad("amqp://u:top#secret@h/", "'#'", "top#secret");
+    parse_bad("amqp://u:p@ss@h/", "'@' in a user name or password", "p@ss");
+    parse_bad("amqp://u:ab:cd@h/", "':' in a password", "ab:cd");
+    /* A raw '/' in a password ends the authority early: whatever the
+     * rest then looks like, it is refused and the password masked. */
+    parse_bad("amqp://u:pw/x@h/", "port must be a decimal number", "pw/x");
+    parse_bad("amqp://u:12/xyzw@h/", "one path segment", "12/xyzw");
+    parse_bad("amqp://u:12/xyzw@h", "in a vhost must be written", "12/xyzw");
+    parse_bad("amqp://h/%zz", "two hex digits", NULL);
+    parse_bad("amqp://h/%4", "two hex digits", NULL);
+    parse_bad("amqp://u:a%00bcdef@h/", "%00", "bcdef");
+    parse_bad("AMQP://h/", "must start with amqp:// or amqps://", NULL);
+    parse_bad("amqp:/h/", "must start with amqp:// or amqps://", NULL);
+}
+
 static void url_redact(void **state)
 {
     char buf[128];
@@ -502,6 +596,16 @@ static void url_file_owner_only(void **state)
     /* A directory is not a URL file. */
     assert_int_equal(mqrpc_url_file_read(dir, buf, sizeof buf, err, sizeof err),
                      MQRPC_EINVAL);
+    /* Nor is a FIFO, and it is refused at once, not when a writer comes:
+     * without one, SIGALRM ends the test. */
+    assert_int_equal(mkfifo(path, 0600), 0);
+    alarm(10);
+    assert_int_equal(
+        mqrpc_url_file_read(path, buf, sizeof buf, err, sizeof err),
+        MQRPC_EINVAL);
+    alarm(0);
+    assert_non_null(strstr(err, "is not a regular file"));
+    unlink(path);
     rmdir(dir);
 }
 
@@ -546,6 +650,35 @@ static void url_tls_parameters(void **state)
     assert_int_equal(
         mqr_url_parse("amqps://h/?cacertfile=a%00b", &u, err, sizeof err),
         MQRPC_EURL);
+}
+
+/* A '?' typed raw in a password starts the query inside the password: the
+ * error about its parameters must not quote the password's tail. */
+static void url_query_error_hides_password(void **state)
+{
+    mqr_url u;
+    char err[256];
+    (void)state;
+    assert_int_equal(
+        mqr_url_parse("amqp://u:12?secret=x@h/", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "unknown URL parameter"));
+    assert_non_null(strstr(err, "%3F"));
+    assert_null(strstr(err, "secret"));
+    assert_int_equal(
+        mqr_url_parse("amqps://u:12?secret@h/", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "without a value"));
+    assert_null(strstr(err, "secret"));
+    /* After the last '@' nothing is password: the name is quoted. */
+    assert_int_equal(mqr_url_parse("amqps://u:p@h/?cacertfile=/a@b&bogus=1", &u,
+                                   err, sizeof err),
+                     MQRPC_EURL);
+    assert_non_null(strstr(err, "unknown URL parameter \"bogus\""));
+    assert_int_equal(
+        mqr_url_parse("amqps://u:p@h/?cacertfile=/a&nil", &u, err, sizeof err),
+        MQRPC_EURL);
+    assert_non_null(strstr(err, "URL parameter \"nil\" has no value"));
 }
 
 static void url_plaintext_remote(void **state)
@@ -776,10 +909,12 @@ int main(void)
         cmocka_unit_test(decode_reply_cases),
         cmocka_unit_test(url_parse_defaults_and_vhost),
         cmocka_unit_test(url_parse_rejects_and_hides_the_password),
+        cmocka_unit_test(url_parse_edge_cases),
         cmocka_unit_test(url_redact),
         cmocka_unit_test(default_url_precedence),
         cmocka_unit_test(url_file_owner_only),
         cmocka_unit_test(url_tls_parameters),
+        cmocka_unit_test(url_query_error_hides_password),
         cmocka_unit_test(url_plaintext_remote),
         cmocka_unit_test(cli_caller_options),
         cmocka_unit_test(cli_service_options),
