@@ -466,13 +466,21 @@ static size_t shipped_people(void)
     return n;
 }
 
+/* str_or_null: s for a message; data_path may be NULL on purpose, and %s of
+ * NULL is undefined behaviour (glibc prints "(null)", gcc -O2 rejects it). */
+static const char *str_or_null(const char *s)
+{
+    return s ? s : "(null)";
+}
+
 static busca_db *open_ok(const char *db_path, const char *data_path)
 {
     char err[512] = "";
     busca_db *db = busca_open(db_path, data_path, err, sizeof err);
 
     if (db == NULL)
-        fail_msg("busca_open(%s, %s): %s", db_path, data_path, err);
+        fail_msg("busca_open(%s, %s): %s", str_or_null(db_path),
+                 str_or_null(data_path), err);
     return db;
 }
 
@@ -485,7 +493,8 @@ static void open_fails(const char *db_path, const char *data_path,
 
     if (db != NULL) {
         busca_close(db);
-        fail_msg("busca_open(%s, %s) succeeded", db_path, data_path);
+        fail_msg("busca_open(%s, %s) succeeded", str_or_null(db_path),
+                 str_or_null(data_path));
     }
     assert_string_equal(err, want);
 }
