@@ -81,7 +81,7 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------------ build
 step "dependencies and build"
 scripts/deps.sh
-[ -f build/CMakeCache.txt ] || cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+[ -f build/CMakeCache.txt ] || cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMQRPC_WERROR=ON
 # Only what the demo runs: a test that does not compile must not stop it.
 cmake --build build -j"$(nproc)" --target rpc_client service_soma service_media \
     service_busca service_info

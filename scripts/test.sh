@@ -18,7 +18,7 @@ build=$repo/build
 
 "$repo/scripts/deps.sh"
 
-cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DMQRPC_SANITIZE=ON
+cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DMQRPC_SANITIZE=ON -DMQRPC_WERROR=ON
 cmake --build "$build" -j"$(nproc)"
 
 cd "$build"
