@@ -457,7 +457,7 @@ static void sql_exec(const char *db_path, const char *sql)
 
 static size_t shipped_people(void)
 {
-    json_t *people = json_load_file(BUSCA_DEFAULT_DATA, 0, NULL);
+    json_t *people = json_load_file(BUSCA_DATA_FILE, 0, NULL);
     size_t n;
 
     assert_non_null(people);
@@ -559,7 +559,7 @@ static void busca_finds_shipped_people(void **state)
 
     /* Two missing directory levels: busca_open creates them. */
     path_in(*state, "var/busca/pessoas.db", db_path, sizeof db_path);
-    db = open_ok(db_path, BUSCA_DEFAULT_DATA);
+    db = open_ok(db_path, BUSCA_DATA_FILE);
     assert_int_equal(sql_int(db_path, "SELECT count(*) FROM pessoas"),
                      shipped_people());
 
@@ -588,7 +588,7 @@ static void busca_unknown_and_bad_names(void **state)
     busca_db *db;
 
     db = open_ok(path_in(*state, "p.db", db_path, sizeof db_path),
-                 BUSCA_DEFAULT_DATA);
+                 BUSCA_DATA_FILE);
     expect_fault(busca_handle, db, "{\"nome\": \"maria\"}", MQRPC_NOT_FOUND,
                  "no person named \"maria\"");
     expect_fault(busca_handle, db, "{\"nome\": \" Maria \"}", MQRPC_NOT_FOUND,
@@ -732,7 +732,7 @@ static void busca_rejects_bad_data_files(void **state)
 
     open_fails(db_path, NULL,
                "the database is empty and no data file was given");
-    open_fails("", BUSCA_DEFAULT_DATA, "no database path given");
+    open_fails("", BUSCA_DATA_FILE, "no database path given");
 }
 
 static void busca_concurrent_start_imports_once(void **state)
@@ -749,7 +749,7 @@ static void busca_concurrent_start_imports_once(void **state)
         if (pids[i] == 0) {
             char err[512];
             busca_db *db =
-                busca_open(db_path, BUSCA_DEFAULT_DATA, err, sizeof err);
+                busca_open(db_path, BUSCA_DATA_FILE, err, sizeof err);
 
             if (db == NULL)
                 fprintf(stderr, "child %d: %s\n", i, err);
