@@ -18,7 +18,8 @@ build=$repo/build
 
 "$repo/scripts/deps.sh"
 
-cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DMQRPC_SANITIZE=ON -DMQRPC_WERROR=ON
+cmake -S "$repo" -B "$build" -DCMAKE_BUILD_TYPE=Debug -DMQRPC_SANITIZE=ON -DMQRPC_WERROR=ON \
+    -DMQRPC_STATE_DIR="$repo/var"
 cmake --build "$build" -j"$(nproc)"
 
 cd "$build"
