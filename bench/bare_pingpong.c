@@ -22,8 +22,20 @@
  * $AMQP_URL, else amqp://guest:guest@localhost:5672/. Usage error: exit 2;
  * any other failure: one line on stderr, exit 3.
  */
+/* rabbitmq-c 0.12 moved its headers into rabbitmq-c/ and made the old names
+ * #warning; 0.11 (Debian bookworm) has only the old names. */
+#if defined(__has_include)
+#if __has_include(<rabbitmq-c/amqp.h>)
+#define BARE_RABBITMQ_C_DIR 1
+#endif
+#endif
+#ifdef BARE_RABBITMQ_C_DIR
+#include <rabbitmq-c/amqp.h>
+#include <rabbitmq-c/tcp_socket.h>
+#else
 #include <amqp.h>
 #include <amqp_tcp_socket.h>
+#endif
 
 #include <inttypes.h>
 #include <signal.h>

@@ -22,7 +22,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
 
     /* Opened once, as a service does at start; in memory, so runs share
      * nothing and leave nothing behind. */
-    db = busca_open(":memory:", BUSCA_DEFAULT_DATA, err, sizeof err);
+    db = busca_open(":memory:", BUSCA_DATA_FILE, err, sizeof err);
     if (!db) {
         dprintf(2, "fuzz_handlers: busca_open: %s\n", err);
         abort();

@@ -152,7 +152,8 @@ peak_rss_kib() {
 # ------------------------------------------------------------------- setup
 "$repo/scripts/deps.sh" --bench
 say "building Release into build-bench/"
-cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Release -DMQRPC_TESTS=OFF \
+cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Release -DMQRPC_TESTS=OFF -DMQRPC_WERROR=ON \
+    -DMQRPC_STATE_DIR="$repo/var" \
     >"$out.cmake.log" 2>&1 || {
     cat "$out.cmake.log" >&2
     die "cmake failed"

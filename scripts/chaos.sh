@@ -195,7 +195,8 @@ else
     "$repo/scripts/deps.sh"
     say "building Debug with ASan + UBSan into build-chaos/"
     mkdir -p "$out"
-    cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Debug -DMQRPC_SANITIZE=ON \
+    cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Debug -DMQRPC_SANITIZE=ON -DMQRPC_WERROR=ON \
+        -DMQRPC_STATE_DIR="$repo/var" \
         >"$out/chaos-cmake.log" 2>&1 || {
         tail -n 30 "$out/chaos-cmake.log" >&2
         die "cmake failed"

@@ -14,6 +14,9 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$repo"
 bin=$repo/build/bin
 state=${MQRPC_STATE_DIR:-$repo/var}
+# The programs find the broker's URL files there, whatever state directory
+# build/ was configured with (MQRPC_STATE_DIR in CMake).
+export MQRPC_STATE_DIR=$state
 log_dir=$state/log
 ready_timeout=15
 
@@ -81,7 +84,8 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------------ build
 step "dependencies and build"
 scripts/deps.sh
-[ -f build/CMakeCache.txt ] || cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+[ -f build/CMakeCache.txt ] || cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMQRPC_WERROR=ON \
+    -DMQRPC_STATE_DIR="$repo/var"
 # Only what the demo runs: a test that does not compile must not stop it.
 cmake --build build -j"$(nproc)" --target rpc_client service_soma service_media \
     service_busca service_info

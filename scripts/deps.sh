@@ -18,7 +18,7 @@
 set -euo pipefail
 
 packages=(
-    gcc libc6-dev make cmake pkg-config
+    gcc g++ clang libc6-dev make cmake pkg-config
     librabbitmq-dev libjansson-dev libsqlite3-dev libcmocka-dev
     libssl-dev openssl
     rabbitmq-server

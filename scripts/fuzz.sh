@@ -39,7 +39,7 @@ done
 # clang-14 matches libclang-rt-14-dev's libFuzzer (scripts/deps.sh --fuzz).
 mkdir -p "$out/logs"
 if ! cmake -S "$repo" -B "$out" -DCMAKE_C_COMPILER=clang-14 \
-    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMQRPC_FUZZ=ON -DMQRPC_TESTS=OFF \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMQRPC_FUZZ=ON -DMQRPC_TESTS=OFF -DMQRPC_WERROR=ON \
     >"$out/logs/configure.log" 2>&1; then
     cat "$out/logs/configure.log" >&2
     die "configuring $out failed"

@@ -7,9 +7,22 @@
 #define _DEFAULT_SOURCE
 #include "internal.h"
 
+/* rabbitmq-c 0.12 moved its headers into rabbitmq-c/ and made the old names
+ * #warning; 0.11 (Debian bookworm) has only the old names. */
+#if defined(__has_include)
+#if __has_include(<rabbitmq-c/amqp.h>)
+#define MQR_RABBITMQ_C_DIR 1
+#endif
+#endif
+#ifdef MQR_RABBITMQ_C_DIR
+#include <rabbitmq-c/amqp.h>
+#include <rabbitmq-c/ssl_socket.h>
+#include <rabbitmq-c/tcp_socket.h>
+#else
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#endif
 
 #include <ctype.h>
 #include <errno.h>

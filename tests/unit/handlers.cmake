@@ -4,7 +4,9 @@
 
 add_executable(test_handlers ${CMAKE_CURRENT_LIST_DIR}/test_handlers.c)
 target_link_libraries(test_handlers PRIVATE
-  svc_soma svc_media svc_info svc_busca PkgConfig::CMOCKA)
+  svc_soma svc_media svc_info svc_busca mqrpc::mqrpc PkgConfig::CMOCKA)
+target_compile_definitions(test_handlers PRIVATE
+  BUSCA_DATA_FILE="${PROJECT_SOURCE_DIR}/services/busca/pessoas.json")
 
 foreach(svc soma media info busca)
   add_test(NAME unit.${svc} COMMAND test_handlers ${svc})

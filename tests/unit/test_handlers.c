@@ -457,7 +457,7 @@ static void sql_exec(const char *db_path, const char *sql)
 
 static size_t shipped_people(void)
 {
-    json_t *people = json_load_file(BUSCA_DEFAULT_DATA, 0, NULL);
+    json_t *people = json_load_file(BUSCA_DATA_FILE, 0, NULL);
     size_t n;
 
     assert_non_null(people);
@@ -466,13 +466,21 @@ static size_t shipped_people(void)
     return n;
 }
 
+/* str_or_null: s for a message; data_path may be NULL on purpose, and %s of
+ * NULL is undefined behaviour (glibc prints "(null)", gcc -O2 rejects it). */
+static const char *str_or_null(const char *s)
+{
+    return s ? s : "(null)";
+}
+
 static busca_db *open_ok(const char *db_path, const char *data_path)
 {
     char err[512] = "";
     busca_db *db = busca_open(db_path, data_path, err, sizeof err);
 
     if (db == NULL)
-        fail_msg("busca_open(%s, %s): %s", db_path, data_path, err);
+        fail_msg("busca_open(%s, %s): %s", str_or_null(db_path),
+                 str_or_null(data_path), err);
     return db;
 }
 
@@ -485,7 +493,8 @@ static void open_fails(const char *db_path, const char *data_path,
 
     if (db != NULL) {
         busca_close(db);
-        fail_msg("busca_open(%s, %s) succeeded", db_path, data_path);
+        fail_msg("busca_open(%s, %s) succeeded", str_or_null(db_path),
+                 str_or_null(data_path));
     }
     assert_string_equal(err, want);
 }
@@ -550,7 +559,7 @@ static void busca_finds_shipped_people(void **state)
 
     /* Two missing directory levels: busca_open creates them. */
     path_in(*state, "var/busca/pessoas.db", db_path, sizeof db_path);
-    db = open_ok(db_path, BUSCA_DEFAULT_DATA);
+    db = open_ok(db_path, BUSCA_DATA_FILE);
     assert_int_equal(sql_int(db_path, "SELECT count(*) FROM pessoas"),
                      shipped_people());
 
@@ -579,7 +588,7 @@ static void busca_unknown_and_bad_names(void **state)
     busca_db *db;
 
     db = open_ok(path_in(*state, "p.db", db_path, sizeof db_path),
-                 BUSCA_DEFAULT_DATA);
+                 BUSCA_DATA_FILE);
     expect_fault(busca_handle, db, "{\"nome\": \"maria\"}", MQRPC_NOT_FOUND,
                  "no person named \"maria\"");
     expect_fault(busca_handle, db, "{\"nome\": \" Maria \"}", MQRPC_NOT_FOUND,
@@ -723,7 +732,7 @@ static void busca_rejects_bad_data_files(void **state)
 
     open_fails(db_path, NULL,
                "the database is empty and no data file was given");
-    open_fails("", BUSCA_DEFAULT_DATA, "no database path given");
+    open_fails("", BUSCA_DATA_FILE, "no database path given");
 }
 
 static void busca_concurrent_start_imports_once(void **state)
@@ -740,7 +749,7 @@ static void busca_concurrent_start_imports_once(void **state)
         if (pids[i] == 0) {
             char err[512];
             busca_db *db =
-                busca_open(db_path, BUSCA_DEFAULT_DATA, err, sizeof err);
+                busca_open(db_path, BUSCA_DATA_FILE, err, sizeof err);
 
             if (db == NULL)
                 fprintf(stderr, "child %d: %s\n", i, err);

@@ -1,0 +1,12 @@
+/*
+ * Test shim (tests/unit/rabbitmq_layout_test.sh): rabbitmq-c 0.12+'s
+ * <rabbitmq-c/ssl_socket.h>, forwarding to the system's <amqp_ssl_socket.h>
+ * without the warning the shim's amqp_ssl_socket.h gives other includers.
+ */
+#ifdef MQRPC_SHIM_FORWARDING
+#include <amqp_ssl_socket.h>
+#else
+#define MQRPC_SHIM_FORWARDING
+#include <amqp_ssl_socket.h>
+#undef MQRPC_SHIM_FORWARDING
+#endif
