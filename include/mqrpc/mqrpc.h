@@ -607,6 +607,10 @@ typedef struct mqrpc_service_stats {
     uint64_t blocked;       /* times the broker blocked the connection */
     uint64_t cancelled;     /* consumer cancelled by the broker (queue
                                deleted), then consuming again */
+    uint64_t handed_back;   /* unstarted deliveries re-published unchanged
+                               at a stop (not counted as failed) */
+    uint64_t refused;       /* re-publishes or dead letters the broker
+                               refused (a full queue): caller got an error */
 } mqrpc_service_stats;
 
 /* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out); call it
