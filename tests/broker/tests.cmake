@@ -23,3 +23,9 @@ mqrpc_broker_test(security bash ${CMAKE_CURRENT_SOURCE_DIR}/security_test.sh)
 # other broker tests from running meanwhile.
 mqrpc_broker_test(reliability bash ${CMAKE_CURRENT_SOURCE_DIR}/reliability_test.sh)
 set_tests_properties(broker.reliability PROPERTIES TIMEOUT 400)
+
+# The service runtime and the broker's own events: a cancelled consumer, a
+# memory alarm (connection.blocked), refused re-publishes (policies),
+# hand-back at a stop, batch replies, long instance ids. Raises and lowers
+# the broker's memory alarm: the resource lock keeps others out meanwhile.
+mqrpc_broker_test(service bash ${CMAKE_CURRENT_SOURCE_DIR}/service_test.sh)
