@@ -43,6 +43,7 @@
 
 #define CH_MAIN 1
 #define CH_SIDE 2
+#define CH_CONFIRM MQR_CONFIRM_CHANNEL
 #define FRAME_MAX 131072
 /* Bytes a publish adds to its body at most: method, header with our
  * properties, frame ends. */
@@ -55,8 +56,11 @@ struct mqr_conn {
     bool have_msg;  /* msg must be destroyed before the next read */
     bool blocked;   /* connection.blocked until connection.unblocked */
     size_t room;    /* known free bytes in the socket's send buffer */
+    bool confirm_open; /* CH_CONFIRM is open, in confirm mode */
     amqp_message_t msg;
     uint64_t pub_seq; /* publishes on CH_MAIN since confirm.select */
+    uint64_t confirm_seq; /* publishes on CH_CONFIRM */
+    char consumer_tag[256]; /* of the last basic.consume; "" when none */
     int heartbeat;
     char where[300]; /* "host:port", for messages */
     char err[512];
@@ -595,16 +599,44 @@ mqrpc_err mqr_conn_qos(mqr_conn *c, unsigned prefetch)
 
 mqrpc_err mqr_conn_consume(mqr_conn *c, const char *queue, bool no_ack)
 {
+    amqp_basic_consume_ok_t *ok;
+    mqrpc_err e;
+
     if (!c->open)
         return MQRPC_ECLOSED;
-    amqp_basic_consume(c->state, CH_MAIN, amqp_cstring_bytes(queue),
-                       amqp_empty_bytes, 0, no_ack, 0, amqp_empty_table);
-    return check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state),
-                       "basic.consume");
+    ok = amqp_basic_consume(c->state, CH_MAIN, amqp_cstring_bytes(queue),
+                            amqp_empty_bytes, 0, no_ack, 0, amqp_empty_table);
+    e = check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state),
+                    "basic.consume");
+    if (e == MQRPC_OK) {
+        size_t n = ok->consumer_tag.len < 255 ? ok->consumer_tag.len : 255;
+        memcpy(c->consumer_tag, ok->consumer_tag.bytes, n);
+        c->consumer_tag[n] = '\0';
+    }
+    return e;
 }
 
-mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
-                           const void *body, size_t len, bool mandatory)
+mqrpc_err mqr_conn_cancel(mqr_conn *c)
+{
+    mqrpc_err e;
+
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    if (!c->consumer_tag[0])
+        return MQRPC_OK;
+    /* A synchronous call: rabbitmq-c keeps the frames that arrive before
+     * cancel-ok (deliveries already on the way) for mqr_conn_wait. */
+    amqp_basic_cancel(c->state, CH_MAIN,
+                      amqp_cstring_bytes(c->consumer_tag));
+    e = check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state), "basic.cancel");
+    if (e == MQRPC_OK)
+        c->consumer_tag[0] = '\0';
+    return e;
+}
+
+static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
+                            const mqr_props *p, const void *body, size_t len,
+                            bool mandatory)
 {
     amqp_basic_properties_t props;
     amqp_bytes_t b = {len, (void *)body};
@@ -641,15 +673,52 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
     if (props.headers.num_entries)
         props._flags |= AMQP_BASIC_HEADERS_FLAG;
     e = check_status(c,
-                     amqp_basic_publish(c->state, CH_MAIN, amqp_empty_bytes,
+                     amqp_basic_publish(c->state, ch, amqp_empty_bytes,
                                         bytes_of(routing_key), mandatory, 0,
                                         &props, b),
                      "publish");
     if (e == MQRPC_OK) {
-        c->pub_seq++;
         len += PUBLISH_OVERHEAD;
         c->room = c->room > len ? c->room - len : 0;
     }
+    return e;
+}
+
+mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
+                           const void *body, size_t len, bool mandatory)
+{
+    mqrpc_err e = publish_on(c, CH_MAIN, routing_key, p, body, len, mandatory);
+
+    if (e == MQRPC_OK)
+        c->pub_seq++;
+    return e;
+}
+
+mqrpc_err mqr_conn_publish_confirmed(mqr_conn *c, mqr_str routing_key,
+                                     const mqr_props *p, const void *body,
+                                     size_t len, uint64_t *seq)
+{
+    mqrpc_err e;
+
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    if (!c->confirm_open) {
+        amqp_channel_open(c->state, CH_CONFIRM);
+        e = check_reply(c, CH_CONFIRM, amqp_get_rpc_reply(c->state),
+                        "channel.open");
+        if (e != MQRPC_OK)
+            return e;
+        amqp_confirm_select(c->state, CH_CONFIRM);
+        e = check_reply(c, CH_CONFIRM, amqp_get_rpc_reply(c->state),
+                        "confirm.select");
+        if (e != MQRPC_OK)
+            return e;
+        c->confirm_open = true;
+        c->confirm_seq = 0;
+    }
+    e = publish_on(c, CH_CONFIRM, routing_key, p, body, len, false);
+    if (e == MQRPC_OK)
+        *seq = ++c->confirm_seq;
     return e;
 }
 
@@ -792,6 +861,7 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
         }
         if (f.frame_type != AMQP_FRAME_METHOD)
             continue; /* content without a method: nothing to attach it to */
+        m->channel = f.channel;
 
         switch (f.payload.method.id) {
         case AMQP_BASIC_DELIVER_METHOD: {

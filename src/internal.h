@@ -62,6 +62,16 @@ void mqr_log(const mqr_logger *lg, mqrpc_log_level level, const char *fmt,
  * (they cross machines, so they cannot be monotonic). */
 int64_t mqr_wall_ms(void);
 
+/* mqr_redelivery_decide: what a service does with a request redelivered
+ * after deliveries failed deliveries (its x-mqrpc-deliveries header, 0 when
+ * absent): writes the new count into *failed (deliveries + 1, saturating at
+ * UINT32_MAX so that it never wraps to 0) and returns true when the request
+ * is a poison message to dead-letter (*failed >= max_deliveries; a
+ * max_deliveries of 0 counts as 1), false when it goes back to the queue
+ * with *failed in its header. Pure, unit-tested. */
+bool mqr_redelivery_decide(uint32_t deliveries, unsigned max_deliveries,
+                           uint32_t *failed);
+
 /* ------------------------------------------------------------------ url */
 
 /* A parsed broker URL; strings point into an internal copy. */
@@ -258,7 +268,11 @@ mqr_call *mqr_calls_pop_finished(mqr_calls *t);
 /* ----------------------------------------------------------------- conn */
 /* The AMQP connection: the only code that speaks rabbitmq-c. One channel
  * (1) carries all traffic; channel 2 is a side channel for passive queue
- * queries, which the broker closes when the queue does not exist. */
+ * queries, which the broker closes when the queue does not exist; channel
+ * 3 (MQR_CONFIRM_CHANNEL), opened by the first mqr_conn_publish_confirmed,
+ * carries publishes that must be confirmed while channel 1 is not in
+ * confirm mode (a service's re-publishes). */
+#define MQR_CONFIRM_CHANNEL 3
 
 typedef struct mqr_conn mqr_conn;
 
@@ -284,6 +298,8 @@ enum mqr_msg_kind {
  * mqr_conn_wait or mqr_conn_free. */
 typedef struct mqr_msg {
     enum mqr_msg_kind kind;
+    int channel;           /* the channel it came on (MQR_ACK/NACK: 1 or
+                              MQR_CONFIRM_CHANNEL, whose seqs are apart) */
     uint64_t delivery_tag; /* MQR_DELIVERY; MQR_ACK/NACK: publish seq */
     bool multiple;         /* MQR_ACK/NACK: every seq up to delivery_tag */
     bool redelivered;      /* MQR_DELIVERY: the broker delivered it before */
@@ -404,6 +420,20 @@ mqrpc_err mqr_conn_qos(mqr_conn *c, unsigned prefetch);
 
 /* mqr_conn_consume starts a consumer on channel 1. */
 mqrpc_err mqr_conn_consume(mqr_conn *c, const char *queue, bool no_ack);
+
+/* mqr_conn_cancel cancels the consumer of the last mqr_conn_consume
+ * (basic.cancel) and waits for the broker's cancel-ok. Deliveries the
+ * broker sent before it are kept and returned by the next mqr_conn_wait
+ * calls; none come after. */
+mqrpc_err mqr_conn_cancel(mqr_conn *c);
+
+/* mqr_conn_publish_confirmed publishes as mqr_conn_publish (not mandatory)
+ * on MQR_CONFIRM_CHANNEL, opening it in confirm mode the first time, and
+ * writes the publish's sequence number on that channel into *seq: the
+ * broker's MQR_ACK/MQR_NACK with channel MQR_CONFIRM_CHANNEL refer to it. */
+mqrpc_err mqr_conn_publish_confirmed(mqr_conn *c, mqr_str routing_key,
+                                     const mqr_props *props, const void *body,
+                                     size_t len, uint64_t *seq);
 
 /* mqr_conn_publish publishes on the default exchange with routing key
  * routing_key, content_type application/json. Does not wait. */

@@ -160,6 +160,8 @@ int service_main(int argc, char **argv, const struct service_program *p)
         sum.reconnects += st.reconnects;
         sum.blocked += st.blocked;
         sum.cancelled += st.cancelled;
+        sum.handed_back += st.handed_back;
+        sum.refused += st.refused;
         if ((i > 0 && !w->started) || w->status == MQRPC_OK)
             continue;
         cli_error(&c, "%s", mqrpc_service_errmsg(w->svc));
@@ -171,13 +173,20 @@ int service_main(int argc, char **argv, const struct service_program *p)
         fprintf(stderr,
                 "%s: stopped after answering %llu requests (%llu skipped "
                 "past their deadline, %llu requeued after a redelivery, %llu "
-                "dead-lettered; connection lost %llu times, regained %llu)\n",
+                "dead-lettered, %llu refused by the broker, %llu handed back "
+                "unstarted; connection lost %llu times, regained %llu; "
+                "consumer cancelled %llu times; blocked by the broker %llu "
+                "times)\n",
                 instance, (unsigned long long)sum.served,
                 (unsigned long long)sum.expired,
                 (unsigned long long)sum.redelivered,
                 (unsigned long long)sum.dead_lettered,
+                (unsigned long long)sum.refused,
+                (unsigned long long)sum.handed_back,
                 (unsigned long long)sum.lost,
-                (unsigned long long)sum.reconnects);
+                (unsigned long long)sum.reconnects,
+                (unsigned long long)sum.cancelled,
+                (unsigned long long)sum.blocked);
     }
 out:
     /* The signal handler reads the workers that are about to be freed. */

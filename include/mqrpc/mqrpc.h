@@ -107,9 +107,10 @@ MQRPC_API const char *mqrpc_errname(mqrpc_err err);
 #define MQRPC_BAD_REQUEST "bad_request"
 #define MQRPC_NOT_FOUND "not_found"
 #define MQRPC_INTERNAL "internal"
-/* The request came back MQRPC_DEFAULT_MAX_DELIVERIES times without an
- * answer (each instance that took it died): it is now in the dead-letter
- * queue "<queue>.dlq" and will not be run again. */
+/* The request came back max_deliveries times without an answer (each
+ * instance that took it died): it is now in the dead-letter queue
+ * "<queue>.dlq" and will not be run again (or, if the message says so, the
+ * broker refused it there and it was not kept). */
 #define MQRPC_DEAD_LETTER "dead_letter"
 
 /* Default request body limit of a service, in bytes (1 MiB). */
@@ -497,8 +498,9 @@ typedef struct mqrpc_service_opts {
      * string), at a UTF-8 character boundary. */
     const char *instance_id;
     /* Unacknowledged requests at once; 0: 1. Above 1, requests that
-     * arrive together are answered as a batch: their replies and one
-     * multiple ack are flushed together (within 1 ms). */
+     * arrive together are answered as a batch: one multiple ack covers
+     * them (within 1 ms); their replies leave together, or before the next
+     * handler runs. */
     unsigned prefetch;
     /* Input limits, checked before the handler runs: a request over one
      * gets bad_request. 0 means the MQRPC_DEFAULT_MAX_* value. max_depth
@@ -567,14 +569,26 @@ MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
 
 /*
  * mqrpc_service_run serves requests until mqrpc_service_stop (returns
- * MQRPC_OK after finishing and answering the request in hand, with
- * unstarted deliveries returned to the queue). A lost connection is logged
- * and reopened with backoff (one line when lost, one when regained), and
- * consuming resumes; run returns a failure only when reconnecting is off
- * (reconnect_max_ms < 0) or out of memory. For each delivery: a request
+ * MQRPC_OK after finishing and answering the request in hand; it then
+ * cancels its consumer and hands back the deliveries it had not started,
+ * re-published unchanged so that they do not count as failed deliveries,
+ * waiting up to 5 s for the broker's confirms). A lost connection is
+ * logged and reopened with backoff (one line when lost, one for the first
+ * failed attempt and for each new reason, one when regained), and
+ * consuming resumes; a consumer the broker cancels (its queue deleted) is
+ * logged, the queues declared again and consumed on the same connection.
+ * While the broker blocks publishers (connection.blocked, a resource
+ * alarm; logged when it starts and ends) nothing is published: replies
+ * wait, in order, and their deliveries are acknowledged after them. run
+ * returns a failure only when reconnecting is off (reconnect_max_ms < 0)
+ * or out of memory. For each delivery: a request
  * past its deadline header is acknowledged and skipped (its caller gave
- * up); one redelivered after its instance died is re-published with its
- * delivery count, or dead-lettered past max_deliveries; the body is checked
+ * up); one redelivered after its instance died (or lost its connection:
+ * the broker cannot tell a started delivery from a prefetched one then) is
+ * re-published with its delivery count, or dead-lettered past
+ * max_deliveries, and acknowledged once the broker confirmed the copy (a
+ * refused copy gets its caller an overloaded or dead_letter error reply);
+ * the body is checked
  * (the limits in mqrpc_service_opts, a JSON object, content type
  * application/json or none), the handler runs, the reply is published to
  * reply_to, then the delivery is acknowledged (with prefetch above 1, once
@@ -607,6 +621,10 @@ typedef struct mqrpc_service_stats {
     uint64_t blocked;       /* times the broker blocked the connection */
     uint64_t cancelled;     /* consumer cancelled by the broker (queue
                                deleted), then consuming again */
+    uint64_t handed_back;   /* unstarted deliveries re-published unchanged
+                               at a stop (not counted as failed) */
+    uint64_t refused;       /* re-publishes or dead letters the broker
+                               refused (a full queue): caller got an error */
 } mqrpc_service_stats;
 
 /* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out); call it
@@ -618,7 +636,7 @@ MQRPC_API void mqrpc_service_get_stats(const mqrpc_service *s,
 MQRPC_API const char *mqrpc_service_errmsg(const mqrpc_service *s);
 
 /* mqrpc_service_free closes the connection (returning unacknowledged
- * deliveries to the queue) and frees s. Accepts NULL. */
+ * deliveries to the queue, as redeliveries) and frees s. Accepts NULL. */
 MQRPC_API void mqrpc_service_free(mqrpc_service *s);
 
 /* mqrpc_instance_id writes "<queue>@<hostname>:<pid>" into buf. */

@@ -150,7 +150,15 @@ spawn dcall "$MQRPC_BIN/rpc_client" --durable --timeout 60000 \
     call "$q.durable" '{"a": 20, "b": 22}'
 dcall=$SPAWNED_PID
 wait_queue "$q.durable" "1 0" 10
-"$broker" restart >"$tmpdir/restart.out" 2>&1 || fail "broker restart failed: $(cat "$tmpdir/restart.out")"
+"$broker" stop >"$tmpdir/restart.out" 2>&1 || fail "broker stop failed: $(cat "$tmpdir/restart.out")"
+# A service started while the broker is down waits for it (one line), and
+# gets ready once the broker is back.
+queues+=("$q.early" "$q.early.dlq")
+spawn early "$MQRPC_BIN/service_soma" --queue "$q.early"
+early_pid=$SPAWNED_PID
+ok "the early service says it is retrying" \
+    "wait_for_line '$tmpdir/early.err' 'retrying' 10"
+"$broker" start >>"$tmpdir/restart.out" 2>&1 || fail "broker start failed: $(cat "$tmpdir/restart.out")"
 ok "the request survived the restart" "wait_queue '$q.durable' '1 0' 10"
 start_service d2 SOMA "$MQRPC_BIN/service_soma" --durable --queue "$q.durable" || exit 1
 d2_pid=$SPAWNED_PID
@@ -162,7 +170,22 @@ ok "soma reconnected after the restart" \
     "wait_count '$tmpdir/soma.err' 'connection regained' 2 30"
 rpc call "$q.soma" '{"a": 1, "b": 1}'
 expect_out 2
+# Without -v, a series of failed reconnection attempts says why once (and
+# again only if the reason changes).
+echo "soma's failed reconnection lines across the restart: $(count_lines "$tmpdir/soma.err" 'reconnection attempt')"
+ok "soma logged the failed reconnection, once" \
+    "[[ \$(count_lines '$tmpdir/soma.err' 'reconnection attempt 1 failed') == 1 && \$(count_lines '$tmpdir/soma.err' 'reconnection attempt') == 1 ]]"
 stop_pid "$soma_pid"
+
+LABEL='a service started while the broker was down: ready once it is back'
+ok "it printed its ready line" \
+    "wait_for_line '$tmpdir/early.out' '[x] Serviço SOMA pronto...' 30"
+rpc call "$q.early" '{"a": 20, "b": 1}'
+expect_rc 0
+expect_out 21
+ok "one retrying line" "[[ \$(count_lines '$tmpdir/early.err' 'retrying') == 1 ]]"
+ok "and one connected line" "grep -q 'connected after' '$tmpdir/early.err'"
+stop_pid "$early_pid"
 
 LABEL='instances must agree on --durable'
 run "$MQRPC_BIN/service_soma" --queue "$q.durable"

@@ -144,6 +144,14 @@ if grep -qF 'clients:****@' "$all"; then pass; else fail "expected a masked URL 
 
 # -------------------------------------------------------------- rotation
 section "rotation: new passwords; old ones refused, running services unaffected"
+# A service given its URL by --url-file (a copy of the services URL file)
+# reads it again on each reconnection: after the rotation and an updated
+# copy, a closed connection comes back with the new password.
+suf=$tmpdir/services.url
+cp "$MQRPC_STATE_DIR/services.url" "$suf"
+chmod 600 "$suf"
+start_service ufs SOMA "$B/service_soma" --url-file "$suf" \
+    --queue "service_t_${tag}_ufs" && ufs_pid=$SPAWNED_PID || ufs_pid=''
 if start_service rot SOMA "$B/service_soma" --queue "service_t_${tag}_rot"; then
     rot_pid=$SPAWNED_PID
     old=$curl_
@@ -159,6 +167,23 @@ if start_service rot SOMA "$B/service_soma" --queue "service_t_${tag}_rot"; then
     stop_pid "$rot_pid"
     check "the service started before the rotation answered and stopped cleanly" test "$STOP_RC" = 0
     curl_=$(broker_url clients)
+fi
+if [[ -n $ufs_pid ]]; then
+    cp "$MQRPC_STATE_DIR/services.url" "$suf.new"
+    chmod 600 "$suf.new"
+    mv "$suf.new" "$suf"
+    while IFS=$'\t' read -r cpid cuser; do
+        [[ $cuser == services ]] || continue
+        "$MQRPC_SOURCE_DIR/scripts/broker.sh" ctl -q close_connection "$cpid" \
+            "security test" >/dev/null
+    done < <("$MQRPC_SOURCE_DIR/scripts/broker.sh" ctl -q list_connections pid user 2>/dev/null)
+    check "the --url-file service reconnected with the rotated password" \
+        wait_for_line "$tmpdir/ufs.err" "connection regained" 20
+    rpc call "service_t_${tag}_ufs" '{"a": 2, "b": 2}'
+    expect_rc 0
+    expect_out 4
+    stop_pid "$ufs_pid"
+    check "the --url-file service stopped cleanly" test "$STOP_RC" = 0
 fi
 
 # ---------------------------------------------------------------- limits

@@ -27,3 +27,9 @@ set_tests_properties(broker.reliability PROPERTIES TIMEOUT 400)
 # Broker flow control (a memory alarm): calls end by their deadline with the
 # broker's reason. Sets the test broker's memory watermark and restores it.
 mqrpc_broker_test(flow bash ${CMAKE_CURRENT_SOURCE_DIR}/flow_test.sh)
+
+# The service runtime and the broker's own events: a cancelled consumer, a
+# memory alarm (connection.blocked), refused re-publishes (policies),
+# hand-back at a stop, batch replies, long instance ids. Raises and lowers
+# the broker's memory alarm: the resource lock keeps others out meanwhile.
+mqrpc_broker_test(service bash ${CMAKE_CURRENT_SOURCE_DIR}/service_test.sh)
