@@ -97,7 +97,9 @@ static void default_name(char *buf, size_t len)
     if (gethostname(host, sizeof host) != 0)
         snprintf(host, sizeof host, "unknown");
     host[sizeof host - 1] = '\0';
-    snprintf(buf, len, "%s@%s:%ld", program_invocation_short_name, host,
+    /* Host names are at most 64 bytes on Linux: the name fits a short
+     * string. */
+    snprintf(buf, len, "%.100s@%.64s:%ld", program_invocation_short_name, host,
              (long)getpid());
 }
 
