@@ -875,7 +875,9 @@ static mqrpc_err connect_all(struct chaos *ch, const struct cli *c)
     for (unsigned i = 0; i < ch->nconn; i++) {
         struct conn *cn = &ch->conns[i];
         mqrpc_err e;
-        cn->client = mqrpc_client_new(&ch->copts);
+        mqrpc_client_opts o = ch->copts;
+        o.log_arg = cn;
+        cn->client = mqrpc_client_new(&o);
         if (!cn->client) {
             cli_error(c, "out of memory");
             return MQRPC_ENOMEM;
@@ -951,11 +953,16 @@ static long xval(const struct cli_extra *x, int i)
     return atol(x[i].value); /* ranges were checked by cli_parse */
 }
 
-static void quiet(mqrpc_log_level level, const char *line, void *arg)
+/* The library's own account of each connection (lost, regained, blocked),
+ * with the run's clock, so a failure in the report can be matched with
+ * what the connection went through. */
+static void log_line(mqrpc_log_level level, const char *line, void *arg)
 {
+    struct conn *cn = arg;
     (void)level;
-    (void)line;
-    (void)arg;
+    fprintf(stderr, "rpc_chaos: %.1f s: connection %ld: %s\n",
+            (double)(now_us() - cn->ch->t0_us) / 1e6,
+            (long)(cn - cn->ch->conns) + 1, line);
 }
 
 int main(int argc, char **argv)
@@ -1030,7 +1037,7 @@ int main(int argc, char **argv)
     ch.timeout_ms = (int)xval(extra, X_TIMEOUT);
     ch.rate_per_conn = (double)xval(extra, X_RATE) / ch.nconn;
     mqrpc_client_opts_init(&ch.copts);
-    ch.copts.log = quiet; /* the run counts and reports what happened */
+    ch.copts.log = log_line;
     ch.copts.url = c.url;
     ch.copts.tls = c.tls;
     ch.copts.heartbeat_s = c.heartbeat_s;
