@@ -181,7 +181,7 @@ static mqrpc_err open_reply_queue(mqrpc_client *c)
     if (c->opts.durable && c->reply_queue[0]) {
         e = mqr_conn_queue_info(c->conn, c->reply_queue, NULL, NULL);
         if (e == MQRPC_OK)
-            return mqr_conn_consume(c->conn, c->reply_queue, true);
+            return mqr_conn_consume(c->conn, c->reply_queue, false);
         if (e != MQRPC_ENOROUTE)
             return e;
         for (mqr_call *k = c->calls.head; k; k = k->next) {
@@ -194,8 +194,13 @@ static mqrpc_err open_reply_queue(mqrpc_client *c)
     /* Server-named, as the seed's client does: exclusive, living exactly
      * as long as this connection, unless durable. */
     e = mqr_conn_declare_queue(c->conn, "", &q, c->reply_queue);
+    /* A durable reply queue is consumed with acknowledgements: a reply the
+     * broker pushed into a socket that then died goes back to the queue
+     * for the reconnected client, instead of being lost with the socket
+     * (no-ack would count it delivered once written). An exclusive queue
+     * dies with its connection anyway. */
     if (e == MQRPC_OK)
-        e = mqr_conn_consume(c->conn, c->reply_queue, true);
+        e = mqr_conn_consume(c->conn, c->reply_queue, !c->opts.durable);
     return e;
 }
 
@@ -720,7 +725,14 @@ static mqrpc_err read_messages(mqrpc_client *c, int wait)
             corked = true;
         }
         switch (m.kind) {
-        case MQR_DELIVERY: on_reply(c, &m); break;
+        case MQR_DELIVERY:
+            on_reply(c, &m);
+            /* Durable reply queue (see open_reply_queue): acknowledged
+             * once matched, dropped replies too. */
+            if (c->opts.durable && !c->opts.direct_reply_to &&
+                mqr_conn_ack(conn, m.delivery_tag, false) != MQRPC_OK)
+                lost(c);
+            break;
         case MQR_RETURN: on_return(c, &m); break;
         case MQR_ACK:
         case MQR_NACK: on_confirm(c, &m); break;

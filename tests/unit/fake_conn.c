@@ -33,7 +33,9 @@ static struct fake_event *push(enum mqr_msg_kind kind)
 
 void fake_reply(const char *corr, const char *body)
 {
+    static uint64_t tag;
     struct fake_event *e = push(MQR_DELIVERY);
+    e->tag = ++tag;
     snprintf(e->corr, sizeof e->corr, "%s", corr);
     snprintf(e->body, sizeof e->body, "%s", body);
 }
@@ -162,7 +164,7 @@ uint64_t mqr_conn_publish_seq(const mqr_conn *c)
 mqrpc_err mqr_conn_consume(mqr_conn *c, const char *queue, bool no_ack)
 {
     (void)queue;
-    (void)no_ack;
+    fake.consume_no_ack = no_ack;
     return c->open ? MQRPC_OK : MQRPC_ECLOSED;
 }
 
@@ -232,6 +234,7 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
         snprintf(c->corr, sizeof c->corr, "%s", e->corr);
         m->body = mqr_cstr(c->msg_body);
         m->correlation_id = mqr_cstr(c->corr);
+        m->delivery_tag = e->tag;
         break;
     case MQR_ACK:
     case MQR_NACK:
@@ -246,6 +249,16 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
     case MQR_UNBLOCKED: c->blocked = false; break;
     default: break;
     }
+    return MQRPC_OK;
+}
+
+mqrpc_err mqr_conn_ack(mqr_conn *c, uint64_t delivery_tag, bool multiple)
+{
+    (void)delivery_tag;
+    (void)multiple;
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    fake.acks++;
     return MQRPC_OK;
 }
 

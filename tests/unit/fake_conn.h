@@ -26,7 +26,7 @@ struct fake_event {
     char corr[64];
     char body[256];
     bool error_type;
-    uint64_t tag;
+    uint64_t tag; /* MQR_ACK: publish seq; MQR_DELIVERY: delivery tag */
     bool multiple;
     char text[64];
 };
@@ -37,6 +37,8 @@ struct fake {
     int publish_fails; /* the next this many publishes fail (conn lost) */
     bool full;        /* mqr_conn_can_publish says no */
     int live;         /* connections not yet freed */
+    bool consume_no_ack; /* of the last basic.consume */
+    int acks;         /* deliveries acknowledged */
     int conn_id;      /* of the current connection */
     struct fake_pub pub[FAKE_MAX_PUB];
     int npub;

@@ -89,7 +89,7 @@ static void on_done(const mqrpc_reply *r, void *arg)
         mqrpc_client_free(rec->c);
 }
 
-static mqrpc_client *connected(int retries)
+static mqrpc_client *connected_with(int retries, bool durable)
 {
     mqrpc_client_opts o;
     mqrpc_client *c;
@@ -102,10 +102,16 @@ static mqrpc_client *connected(int retries)
     o.reconnect_min_ms = 1;
     o.reconnect_max_ms = 4;
     o.log = NULL;
+    o.durable = durable;
     c = mqrpc_client_new(&o);
     assert_non_null(c);
     assert_int_equal(mqrpc_client_connect(c), MQRPC_OK);
     return c;
+}
+
+static mqrpc_client *connected(int retries)
+{
+    return connected_with(retries, false);
 }
 
 /* Processes until every started call completed or ms passed. */
@@ -404,6 +410,32 @@ static void queued_calls_leave_when_unblocked_or_writable(void **state)
     mqrpc_client_free(c);
 }
 
+/* A durable reply queue outlives the connection, so its replies are taken
+ * with acknowledgements: one the broker pushed into a socket that died
+ * goes back to the queue for the reconnected client. With no-ack it would
+ * count as delivered and be lost with the socket (a call that then waits
+ * for it times out: seen in the chaos run). */
+static void durable_replies_are_acknowledged(void **state)
+{
+    mqrpc_client *c = connected_with(0, true);
+    struct rec *a;
+    (void)state;
+
+    assert_false(fake.consume_no_ack);
+    assert_int_equal(start(c, "{}", 0, 1000, &a), MQRPC_OK);
+    reply_to(0, "1");
+    fake_reply("not-ours-1", "2"); /* dropped, and acknowledged */
+    process_until_done(c, 1000);
+    mqrpc_client_process(c, 10);
+    assert_int_equal(a->status, MQRPC_OK);
+    assert_int_equal(fake.acks, 2);
+    mqrpc_client_free(c);
+
+    c = connected(0); /* an exclusive queue dies with its connection */
+    assert_true(fake.consume_no_ack);
+    mqrpc_client_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -417,6 +449,7 @@ int main(void)
         cmocka_unit_test(blocking_calls_inside_a_callback_are_refused),
         cmocka_unit_test(blocked_broker_fails_calls_at_their_deadline),
         cmocka_unit_test(queued_calls_leave_when_unblocked_or_writable),
+        cmocka_unit_test(durable_replies_are_acknowledged),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
