@@ -247,6 +247,28 @@ start_service() {
     return 1
 }
 
+# start_poison_supervisor QUEUE MAX_DELIVERIES TRIES: runs service_crash
+# (it dies on {"crash": true}) on QUEUE, starting it again each time it
+# dies, at most TRIES times or until $tmpdir/poison.stop exists; output is
+# appended to $tmpdir/poison.out and .err. Sets SUPERVISOR_PID; the
+# supervisor is stopped with the others at exit.
+start_poison_supervisor() {
+    local queue=$1 max=$2 tries=$3
+    : >"$tmpdir/poison.err"
+    (
+        ulimit -c 0
+        for ((i = 0; i < tries; i++)); do
+            [[ -e $tmpdir/poison.stop ]] && break
+            "$MQRPC_BIN/service_crash" --queue "$queue" --max-deliveries "$max" \
+                >>"$tmpdir/poison.out" 2>>"$tmpdir/poison.err" </dev/null &
+            echo $! >"$tmpdir/poison.pid"
+            wait $!
+        done
+    ) &
+    SUPERVISOR_PID=$!
+    spawned+=("$SUPERVISOR_PID")
+}
+
 # stop_pid PID [SECONDS]: SIGTERM, then waits (bounded) for the exit and
 # sets STOP_RC to its exit status (or 124 if it had to be killed).
 stop_pid() {

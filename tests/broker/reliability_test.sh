@@ -75,7 +75,13 @@ work_pid=$SPAWNED_PID
 spawn call1 "$MQRPC_BIN/rpc_client" --retries 3 --timeout 20000 \
     call "$q.work" '{"ms": 15000}'
 call1=$SPAWNED_PID
-sleep 1 # the service has the request
+# The service has the request (unacknowledged): only then is the client
+# surely connected; a close during its connect would be another failure.
+for ((i = 0; i < 20; i++)); do # rabbitmqctl takes a second or more
+    [[ $("$broker" ctl -q list_queues name messages_unacknowledged 2>/dev/null |
+        awk -v q="$q.work" '$1 == q {print $2}') == 1 ]] && break
+    sleep 0.1
+done
 # rabbitmqctl alone takes 1-5 s on a busy machine: the work is long enough
 # that an answer cannot be mistaken for the failure, and the clock starts
 # once the broker has closed the connection.
@@ -214,19 +220,7 @@ stop_pid "$k2"
 # ------------------------------------------------ poison message
 LABEL='a poison message is dead-lettered after --max-deliveries'
 queues+=("$q.poison" "$q.poison.dlq")
-: >"$tmpdir/poison.err"
-(
-    ulimit -c 0
-    for ((i = 0; i < 8; i++)); do
-        [[ -e $tmpdir/poison.stop ]] && break
-        "$MQRPC_BIN/service_crash" --queue "$q.poison" --max-deliveries 3 \
-            >>"$tmpdir/poison.out" 2>>"$tmpdir/poison.err" </dev/null &
-        echo $! >"$tmpdir/poison.pid"
-        wait $!
-    done
-) &
-supervisor=$!
-spawned+=("$supervisor")
+start_poison_supervisor "$q.poison" 3 8
 wait_for_line "$tmpdir/poison.out" "pronto" 10
 rpc --timeout 30000 call "$q.poison" '{"crash": true}'
 expect_rc 1
@@ -240,7 +234,7 @@ expect_rc 0
 expect_out_has '"pid"'
 touch "$tmpdir/poison.stop"
 kill -TERM "$(cat "$tmpdir/poison.pid")" 2>/dev/null
-wait_pid "$supervisor" 10
+wait_pid "$SUPERVISOR_PID" 10
 
 # ------------------------------------------------ deadlines
 LABEL='a request past its deadline is skipped, not run'

@@ -116,19 +116,7 @@ queues+=("$q.poison" "$q.poison.dlq")
 policies+=("mqrpc_test_$$_dlq")
 "$broker" ctl -q set_policy --apply-to queues "mqrpc_test_$$_dlq" \
     "^${q}\\.poison\\.dlq\$" '{"max-length": 0, "overflow": "reject-publish"}' >/dev/null
-: >"$tmpdir/poison.err"
-(
-    ulimit -c 0
-    for ((i = 0; i < 4; i++)); do
-        [[ -e $tmpdir/poison.stop ]] && break
-        "$B/service_crash" --queue "$q.poison" --max-deliveries 1 \
-            >>"$tmpdir/poison.out" 2>>"$tmpdir/poison.err" </dev/null &
-        echo $! >"$tmpdir/poison.pid"
-        wait $!
-    done
-) &
-supervisor=$!
-spawned+=("$supervisor")
+start_poison_supervisor "$q.poison" 1 4
 wait_for_line "$tmpdir/poison.out" "pronto" 10
 rpc --timeout 30000 call "$q.poison" '{"crash": true}'
 expect_rc 1
@@ -139,7 +127,7 @@ ok "nothing in the dead-letter queue" "wait_queue '$q.poison.dlq' '0 0' 5"
 ok "nothing left in the queue" "wait_queue '$q.poison' '0 1' 5"
 touch "$tmpdir/poison.stop"
 kill -TERM "$(cat "$tmpdir/poison.pid")" 2>/dev/null
-wait_pid "$supervisor" 10
+wait_pid "$SUPERVISOR_PID" 10
 ok "the stop line counts it" "grep -q '1 refused by the broker' '$tmpdir/poison.err'"
 "$broker" ctl -q clear_policy "mqrpc_test_$$_dlq" >/dev/null
 policies=()
