@@ -247,6 +247,27 @@ start_service() {
     return 1
 }
 
+# delete_queues Q...: deletes the queues a test created (exit traps).
+delete_queues() {
+    (($#)) || return 0
+    "$PY" - "$@" <<'EOF' >/dev/null 2>&1
+import sys, mqrpc_pika
+conn = mqrpc_pika.connect("services")
+ch = conn.channel()
+for q in sys.argv[1:]:
+    ch.queue_delete(queue=q)
+conn.close()
+EOF
+}
+
+# ok DESCRIPTION 'SHELL TEST': passes when the test, evaluated, succeeds.
+ok() {
+    if eval "$2"; then pass; else fail "$LABEL: $1"; fi
+}
+
+# count_lines FILE TEXT: how many lines of FILE hold TEXT.
+count_lines() { grep -cF -- "$2" "$1" 2>/dev/null || true; }
+
 # start_poison_supervisor QUEUE MAX_DELIVERIES TRIES: runs service_crash
 # (it dies on {"crash": true}) on QUEUE, starting it again each time it
 # dies, at most TRIES times or until $tmpdir/poison.stop exists; output is

@@ -15,14 +15,7 @@ broker_pid=''  # set while the broker may be stopped with SIGSTOP
 on_exit() {
     [[ -n $broker_pid ]] && kill -CONT "$broker_pid" 2>/dev/null
     cleanup
-    ((${#queues[@]})) && "$PY" - "${queues[@]}" <<'EOF' >/dev/null 2>&1
-import sys, mqrpc_pika
-conn = mqrpc_pika.connect("services")
-ch = conn.channel()
-for q in sys.argv[1:]:
-    ch.queue_delete(queue=q)
-conn.close()
-EOF
+    delete_queues "${queues[@]}"
 }
 trap on_exit EXIT
 
@@ -35,12 +28,6 @@ close_connections() {
     done < <("$broker" ctl -q list_connections pid user 2>/dev/null)
 }
 
-# ok DESCRIPTION 'SHELL TEST': passes when the test, evaluated, succeeds.
-ok() {
-    if eval "$2"; then pass; else fail "$LABEL: $1"; fi
-}
-
-count_lines() { grep -cF -- "$2" "$1" 2>/dev/null || true; }
 
 # wait_count FILE TEXT N SECONDS: until FILE has N lines with TEXT.
 wait_count() {

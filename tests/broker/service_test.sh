@@ -21,21 +21,10 @@ on_exit() {
         "$broker" ctl -q clear_policy "$p" >/dev/null 2>&1
     done
     cleanup
-    ((${#queues[@]})) && "$PY" - "${queues[@]}" <<'EOF' >/dev/null 2>&1
-import sys, mqrpc_pika
-conn = mqrpc_pika.connect("services")
-ch = conn.channel()
-for q in sys.argv[1:]:
-    ch.queue_delete(queue=q)
-conn.close()
-EOF
+    delete_queues "${queues[@]}"
 }
 trap on_exit EXIT
 
-ok() {
-    if eval "$2"; then pass; else fail "$LABEL: $1"; fi
-}
-count_lines() { grep -cF -- "$2" "$1" 2>/dev/null || true; }
 
 # prefill QUEUE N JSON NAME: declares QUEUE with a service that stops at
 # once, then spawns N callers (NAME1..NAMEn) whose requests wait in it.
