@@ -33,3 +33,8 @@ mqrpc_broker_test(flow bash ${CMAKE_CURRENT_SOURCE_DIR}/flow_test.sh)
 # hand-back at a stop, batch replies, long instance ids. Raises and lowers
 # the broker's memory alarm: the resource lock keeps others out meanwhile.
 mqrpc_broker_test(service bash ${CMAKE_CURRENT_SOURCE_DIR}/service_test.sh)
+
+# Open-loop load (rpc_bench --rate): a 5 ms service offered half and twice
+# its capacity; latency from the scheduled start grows with the backlog.
+# Ratios, not speeds; about 10 s.
+mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)
