@@ -51,6 +51,7 @@
  * rpc_bench --rate prints the same fields (impl "mqrpc", plus its own), and
  * the Go peer in bench/go/ takes the same flags and prints the same fields.
  */
+#define _GNU_SOURCE /* ppoll */
 /* rabbitmq-c 0.12 moved its headers into rabbitmq-c/ and made the old names
  * #warning; 0.11 (Debian bookworm) has only the old names. */
 #if defined(__has_include)
@@ -68,6 +69,7 @@
 
 #include <inttypes.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -661,11 +663,20 @@ static void open_loop(struct caller *w)
             if (w->outstanding == 0)
                 break;
         } else {
+            /* rabbitmq-c polls with a timeout in whole milliseconds, so a
+             * wait shorter than one would spin: sleep on the socket here
+             * (unless rabbitmq-c already holds data), then only read. */
             int64_t wait = due - now_ns();
-            if (wait < 0)
-                wait = 0;
-            tv.tv_sec = (time_t)(wait / 1000000000);
-            tv.tv_usec = (suseconds_t)(wait % 1000000000 / 1000);
+            if (wait > 0 && !amqp_frames_enqueued(w->conn) &&
+                !amqp_data_in_buffer(w->conn)) {
+                struct pollfd p = {.fd = amqp_get_sockfd(w->conn),
+                                   .events = POLLIN};
+                struct timespec ts = {(time_t)(wait / 1000000000),
+                                      (long)(wait % 1000000000)};
+                (void)ppoll(&p, 1, &ts, NULL);
+            }
+            tv.tv_sec = 0;
+            tv.tv_usec = 0;
         }
         size_t j;
         if (!next_reply(w, &tv, &j, &now)) {
