@@ -709,6 +709,7 @@ static void quiet(mqrpc_log_level level, const char *line, void *arg)
 
 int main(int argc, char **argv)
 {
+    static const char inflight_default[] = "1";
     enum {
         X_CALLS,
         X_DURATION,
@@ -741,9 +742,9 @@ int main(int argc, char **argv)
         [X_INFLIGHT] = {.name = "concurrency",
                         .arg = "N",
                         .short_name = 'c',
-                        .help = "calls in flight per connection (default "
-                                "1); with --rate the most in flight per "
-                                "connection (default 65536)",
+                        .help = "calls in flight per connection; --rate: "
+                                "the cap, 65536 unless given",
+                        .value = inflight_default,
                         .min = 1,
                         .max = MAX_INFLIGHT},
         [X_CONNS] = {.name = "connections",
@@ -763,7 +764,7 @@ int main(int argc, char **argv)
                       .help = "result every reply must carry (3 for the "
                               "default call)"},
         [X_JSON] = {.name = "json",
-                    .help = "print one JSON object instead of text"},
+                    .help = "print JSON instead of text (a line per rate)"},
         [X_HIST] = {.name = "hist",
                     .arg = "FILE",
                     .help = "write the latency histogram there, for "
@@ -772,8 +773,8 @@ int main(int argc, char **argv)
                       .help = "replies via amq.rabbitmq.reply-to"},
         [X_RATE] = {.name = "rate",
                     .arg = "R[,R...]",
-                    .help = "open loop: start R calls/s in all, whatever the "
-                            "replies do; several rates: one row each"},
+                    .help = "open loop: R calls/s in all on a schedule; "
+                            "one row per rate"},
         [X_END] = {.name = NULL},
     };
     struct cli c = {
@@ -838,10 +839,11 @@ int main(int argc, char **argv)
     b.calls = (uint64_t)atol(extra[X_CALLS].value);
     if (extra[X_RATE].value && !parse_rates(&c, extra[X_RATE].value, &b))
         return CLI_EXIT_USAGE;
-    if (extra[X_INFLIGHT].value)
-        b.inflight = (unsigned)atol(extra[X_INFLIGHT].value);
+    /* The default's own pointer: -c was not given. */
+    if (extra[X_INFLIGHT].value == inflight_default && b.nrates)
+        b.inflight = MAX_INFLIGHT;
     else
-        b.inflight = b.nrates ? MAX_INFLIGHT : 1;
+        b.inflight = (unsigned)atol(extra[X_INFLIGHT].value);
     if (b.nrates > 1 && extra[X_HIST].value) {
         cli_error(&c, "--hist writes one run's histogram: give --rate one "
                       "rate");
