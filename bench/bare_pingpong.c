@@ -481,8 +481,9 @@ struct caller {
     amqp_connection_state_t conn;
     amqp_bytes_t queue, reply_to;
     struct slot *slots; /* o->inflight of them */
-    size_t *free_idx;   /* open loop: a stack of idle slots */
+    size_t *free_idx;   /* open loop: a stack of returned slots */
     size_t nfree;
+    size_t fresh; /* open loop: slots from here on were not used yet */
     size_t outstanding;
     int64_t *lat; /* ns, measured calls of this phase */
     size_t nlat, cap;
@@ -641,9 +642,10 @@ static void open_loop(struct caller *w)
     uint64_t g = w->index;
     int64_t now, due = 0;
 
+    /* Every slot is idle between phases. Slots are taken in order before
+     * any is reused, so only the pages of the busiest moment are touched. */
     w->nfree = 0;
-    for (size_t j = o->inflight; j > 0; j--)
-        w->free_idx[w->nfree++] = j - 1;
+    w->fresh = 0;
     for (;;) {
         now = now_ns();
         for (; g < limit; g += n) {
@@ -652,11 +654,12 @@ static void open_loop(struct caller *w)
             if (due > now)
                 break;
             w->scheduled++;
-            if (w->nfree == 0) {
+            if (w->nfree > 0)
+                send_call(w, w->free_idx[--w->nfree], due);
+            else if (w->fresh < o->inflight)
+                send_call(w, w->fresh++, due);
+            else
                 w->refused++; /* shown as an error, never a quiet delay */
-                continue;
-            }
-            send_call(w, w->free_idx[--w->nfree], due);
         }
         struct timeval tv = {.tv_sec = REPLY_TIMEOUT_S, .tv_usec = 0};
         if (g >= limit) {

@@ -18,7 +18,7 @@ set ylabel "latency from the scheduled start (ms, log scale)"
 set logscale y
 set format y "%g"
 set grid xtics ytics mytics
-set key top left box opaque
+set key below horizontal
 set xrange [0:*]
 set style line 1 lc rgb "#1f77b4" lw 2 pt 7 ps 0.6
 set style line 2 lc rgb "#d62728" lw 2 pt 7 ps 0.6

@@ -15,7 +15,7 @@
 #   - memory: a service's peak RSS under load, a client's RSS over
 #     1,000,000 calls, and valgrind on a service and on rpc_bench;
 #   - open loop: rpc_bench --rate and bare_pingpong call --rate at rates
-#     from 10% to 120% of the measured pipelined capacity (prefetch 64),
+#     from 10% to 150% of the measured pipelined capacity (prefetch 64),
 #     latency from each call's scheduled start; plotted against the offered
 #     load (build-bench/load.svg and .png, copied to docs/);
 #   - many clients: 100 connections with one call in flight each, against
@@ -193,8 +193,8 @@ sweep_impl() {
 # closed-loop capacity (so the sweep crosses it whatever the machine does).
 sweep_rates_from() {
     local cap=$1 f rates=''
-    local fr=(0.1 0.25 0.5 0.7 0.85 1.0 1.2)
-    ((quick)) && fr=(0.25 0.5 0.75 1.0 1.2)
+    local fr=(0.1 0.25 0.5 0.7 0.85 1.0 1.2 1.5)
+    ((quick)) && fr=(0.25 0.5 0.75 1.0 1.5)
     for f in "${fr[@]}"; do
         rates+=${rates:+,}$(awk -v c="$cap" -v f="$f" \
             'BEGIN {r = int(c * f / 100 + 0.5) * 100; print r < 100 ? 100 : r}')
