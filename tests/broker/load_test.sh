@@ -9,7 +9,7 @@
 # not speeds: this runs on a shared 2-core machine. Also: the
 # in-flight cap shows as errors, bad --rate values are refused, and the bare
 # rabbitmq-c floor prints the same fields. Queues of this test are named
-# service_load_<pid>_* and deleted at the end. About 15 s.
+# service_load_<pid>_* and deleted at the end. About 20 s.
 . "$(dirname "$0")/lib.sh"
 
 B=$MQRPC_BIN

@@ -36,5 +36,5 @@ mqrpc_broker_test(service bash ${CMAKE_CURRENT_SOURCE_DIR}/service_test.sh)
 
 # Open-loop load (rpc_bench --rate): a 5 ms service offered half and twice
 # its capacity; latency from the scheduled start grows with the backlog.
-# Ratios, not speeds; about 10 s.
+# Ratios, not speeds; about 20 s.
 mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)
