@@ -194,7 +194,7 @@ sweep_impl() {
 # whatever the machine does. Calls that come one by one are not batched
 # (each is its own TCP segment, broker wake-up and confirm), so the open
 # loop saturates well below the pipelined closed loop: on the 2-core VM at
-# about a third of it.
+# a third to two thirds of it.
 sweep_rates_from() {
     local cap=$1 f rates=''
     local fr=(0.05 0.1 0.2 0.3 0.4 0.5 0.7 1.0)
