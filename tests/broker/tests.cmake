@@ -43,3 +43,8 @@ mqrpc_broker_test(long bash ${CMAKE_CURRENT_SOURCE_DIR}/long_test.sh)
 # service_resumo: a service that calls service_soma and service_media with
 # deferred replies (its handler thread is free while its calls are out).
 mqrpc_broker_test(resumo bash ${CMAKE_CURRENT_SOURCE_DIR}/resumo_test.sh)
+
+# Open-loop load (rpc_bench --rate): a 5 ms service offered half and twice
+# its capacity; latency from the scheduled start grows with the backlog.
+# Ratios, not speeds; about 20 s.
+mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)
