@@ -26,13 +26,43 @@ static void nap_ms(json_int_t ms)
         ;
 }
 
+/* Burns ms of this thread's CPU time: a handler bound by computation. */
+static json_t *spin(json_int_t ms)
+{
+    struct timespec t0, t;
+    volatile unsigned long x = 0;
+    long long spent;
+
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+    do {
+        for (int i = 0; i < 1000; i++)
+            x += (unsigned long)i * 2654435761u;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+        spent = (long long)(t.tv_sec - t0.tv_sec) * 1000000000LL +
+                (t.tv_nsec - t0.tv_nsec);
+    } while (spent < ms * 1000000LL);
+    return json_pack("{s:I}", "spun", ms);
+}
+
 /* A request function, not a pure one: it reports progress (to callers that
  * ask for it) and stops early when its caller gave up. */
 static void work_request(mqrpc_request *r, void *arg)
 {
     json_t *ms = json_object_get(mqrpc_request_params(r), "ms");
+    json_t *cpu = json_object_get(mqrpc_request_params(r), "cpu_ms");
     json_int_t n = *(const long *)arg, done = 0, step;
     char text[64];
+
+    if (cpu) {
+        if (!json_is_integer(cpu) || json_integer_value(cpu) < 0 ||
+            json_integer_value(cpu) > 10000)
+            mqrpc_request_fail(r, MQRPC_BAD_REQUEST,
+                               "field \"cpu_ms\" must be an integer from 0 "
+                               "to 10000");
+        else
+            mqrpc_request_reply(r, spin(json_integer_value(cpu)));
+        return;
+    }
 
     if (ms) {
         if (!json_is_integer(ms) || json_integer_value(ms) < 0 ||
@@ -100,7 +130,9 @@ int main(int argc, char **argv)
         .queue = "service_work",
         .label = "WORK",
         .summary = "Benchmark and test service: {\"ms\": N} sleeps N ms "
-                   "(default --work-ms), then answers {\"slept\": N}. From "
+                   "(default --work-ms), then answers {\"slept\": N}; "
+                   "{\"cpu_ms\": N} computes for N ms of CPU time, then "
+                   "answers {\"spun\": N}. From "
                    "200 ms on it reports progress at each tenth (to callers "
                    "that ask) and stops early when its caller gives up.",
         .request = work_request,

@@ -12,6 +12,8 @@
 #   - bench/bare_pingpong: bare rabbitmq-c, no JSON, no library (the floor);
 #   - bench/seed_rpc.py: the seed's Python/pika client and service;
 #   - scaling: service_work with 5 ms of work, 1, 2, 4 and 8 instances;
+#   - --threads against --workers (scripts/bench_threads.sh): a sleeping and
+#     a computing handler, calls/s, CPU per call, peak memory;
 #   - memory: a service's peak RSS under load, a client's RSS over
 #     1,000,000 calls, and valgrind on a service and on rpc_bench;
 #   - open loop: rpc_bench --rate and bare_pingpong call --rate at rates
@@ -479,6 +481,11 @@ plot "$out/lat-mqrpc-c1.dat" using 1:3 with lines lw 2 title "1 in flight, prefe
 EOF
 fi
 
+# --threads against --workers for a sleeping and a computing handler
+# (issue: when to use which); its own script so it can run alone.
+say "--threads against --workers (service_work: 5 ms asleep, 2 ms of CPU)"
+threads_table=$(bash "$repo/scripts/bench_threads.sh" "$bin" "$secs" "$results")
+
 # Latency against offered load, from the sweep: bench/load_data.py writes
 # one file per implementation, bench/plot_load.gp draws p50 and p99 of each;
 # the copy in docs/ is the README's.
@@ -496,6 +503,9 @@ fi
 
 $py "$repo/bench/report.py" "$results" --service-rss "$soma_rss" \
     --leaks "$leaks" --command "scripts/bench.sh${1:+ $1}"
+echo
+echo "--threads against --workers: one service_work, 4 connections x 8 calls in flight"
+echo "$threads_table"
 [[ -f "$out/latency.svg" ]] && echo "latency plot: $out/latency.svg"
 [[ -f "$out/load.svg" ]] &&
     echo "latency against load: $out/load.svg and .png (copied to docs/)"
