@@ -163,9 +163,12 @@ void mqrpc_request_fail(mqrpc_request *r, const char *code, const char *fmt,
 
     snprintf(fault.code, sizeof fault.code, "%s",
              code && *code ? code : MQRPC_INTERNAL);
-    va_start(ap, fmt);
-    vsnprintf(fault.message, sizeof fault.message, fmt ? fmt : "", ap);
-    va_end(ap);
+    fault.message[0] = '\0';
+    if (fmt) {
+        va_start(ap, fmt);
+        vsnprintf(fault.message, sizeof fault.message, fmt, ap);
+        va_end(ap);
+    }
     end_with_fault(r, &fault);
 }
 
