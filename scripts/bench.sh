@@ -5,11 +5,12 @@
 #   scripts/bench.sh [--quick]
 #
 # Builds a Release tree in build-bench/ (no sanitizers), starts a private
-# broker of its own (state in var/bench, port $MQRPC_BENCH_PORT, default
-# 5702), then measures a soma call with:
+# broker of its own (state in $MQRPC_BENCH_STATE_DIR, default var/bench, port
+# $MQRPC_BENCH_PORT, default 5702), then measures a soma call with:
 #   - rpc_bench against service_soma: 1 and 64 in flight, prefetch 1 and 64,
 #     exclusive reply queue and direct reply-to;
 #   - bench/bare_pingpong: bare rabbitmq-c, no JSON, no library (the floor);
+#   - bench/go: the same as the floor in Go with amqp091-go (the Go peer);
 #   - bench/seed_rpc.py: the seed's Python/pika client and service;
 #   - scaling: service_work with 5 ms of work, 1, 2, 4 and 8 instances;
 #   - memory: a service's peak RSS under load, a client's RSS over
@@ -37,7 +38,9 @@ fi
 out=$repo/build-bench
 bin=$out/bin
 results=$out/results.jsonl
-export MQRPC_STATE_DIR=$repo/var/bench
+# Its own variable, not MQRPC_STATE_DIR: that one usually names the
+# development broker, which the benchmark must not share.
+export MQRPC_STATE_DIR=${MQRPC_BENCH_STATE_DIR:-$repo/var/bench}
 export MQRPC_BROKER_PORT=${MQRPC_BENCH_PORT:-5702}
 export MQRPC_BROKER_MANAGEMENT=0
 unset AMQP_URL
@@ -153,7 +156,7 @@ peak_rss_kib() {
 "$repo/scripts/deps.sh" --bench
 say "building Release into build-bench/"
 cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Release -DMQRPC_TESTS=OFF -DMQRPC_WERROR=ON \
-    -DMQRPC_STATE_DIR="$repo/var" \
+    -DMQRPC_STATE_DIR="$repo/var" -DMQRPC_BENCH_GO=ON \
     >"$out.cmake.log" 2>&1 || {
     cat "$out.cmake.log" >&2
     die "cmake failed"
@@ -184,17 +187,17 @@ seed=($py "$repo/bench/seed_rpc.py")
 # c=1 and c=64 against services at prefetch 1; PIN: a taskset prefix
 round_p1() {
     local r=$1 pin=("${@:2}") i
-    local c1=(c1_mqrpc c1_bare c1_seed)
+    local c1=(c1_mqrpc c1_bare c1_seed c1_go)
     # Each round starts with the next implementation, so none always runs
     # right after another's load.
-    for ((i = 0; i < 3; i++)); do
-        "${c1[(r + i) % 3]}" "$r" "${pin[@]}"
+    for ((i = 0; i < ${#c1[@]}; i++)); do
+        "${c1[(r + i) % ${#c1[@]}]}" "$r" "${pin[@]}"
     done
     [[ -n $tag ]] && return 0 # one CPU: the latency comparison only
     record "mqrpc c=1 p=1 direct #$r" "${rb[@]}" -c 1 --direct-reply-to
-    local c64=(c64_mqrpc c64_bare c64_seed)
-    for ((i = 0; i < 3; i++)); do
-        "${c64[(r + i) % 3]}" "$r"
+    local c64=(c64_mqrpc c64_bare c64_seed c64_go)
+    for ((i = 0; i < ${#c64[@]}; i++)); do
+        "${c64[(r + i) % ${#c64[@]}]}" "$r"
     done
     record "mqrpc c=64 p=1 direct #$r" "${rb[@]}" -c 64 --direct-reply-to
 }
@@ -226,6 +229,7 @@ start_p1() {
     start bare1 "ready" "${pin[@]}" "${svc[@]}" "$bin/bare_pingpong" serve \
         --prefetch 1
     start seed1 "ready" "${pin[@]}" "${svc[@]}" "${seed[@]}" serve
+    go_start 1 "${pin[@]}"
 }
 
 # warm CMD...: one unrecorded second of load, so that no implementation
@@ -235,11 +239,62 @@ warm() {
     "$@" -d 1 >/dev/null 2>&1 || die "warm-up failed: $*"
 }
 
+# ------------------------------------------------------------ the Go peer
+# bench/go/go_pingpong: the floor's AMQP pattern and command line in Go with
+# amqp091-go. Its service listens on a queue of its own, so it can run next
+# to the floor's.
+gp=("$bin/go_pingpong")
+go_q=(--queue service_go)
+
+# go_start PREFETCH [PIN...]: starts the Go service and warms it up.
+go_start() {
+    start "go$1" "ready" "${@:2}" "${svc[@]}" "${gp[@]}" serve "${go_q[@]}" \
+        --prefetch "$1"
+    warm "${@:2}" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" -c 64 --warmup 0
+}
+c1_go() {
+    record "go c=1 p=1$tag #$1" "${@:2}" "${cli[@]}" "${gp[@]}" call \
+        "${go_q[@]}" -c 1 -d "$secs"
+}
+c64_go() {
+    record "go c=64 p=1 #$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" \
+        -c 64 -d "$secs"
+}
+p64_go() {
+    record "go c=64 p=64 #$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" \
+        -c 64 -d "$secs"
+}
+
+# go_smoke: the Go peer answers correctly, and speaks the floor's protocol:
+# Go client to Go service (closed loop over 2 connections, and open loop),
+# Go client to the floor's service, the floor's client to the Go service.
+# Each client checks every reply's correlation id (and the Go one its body)
+# and exits 1 on a wrong one; the call counts must be exact.
+go_smoke() {
+    say "Go peer: smoke check against itself and the floor"
+    go_smoke_run 2000 "${gp[@]}" call "${go_q[@]}" -n 2000 -c 8 \
+        --connections 2 --warmup 10
+    go_smoke_run 500 "${gp[@]}" call "${go_q[@]}" --rate 1000 -n 500 \
+        --connections 2 --warmup 10
+    go_smoke_run 2000 "${gp[@]}" call --queue service_bare -n 2000 -c 8 \
+        --warmup 10
+    go_smoke_run 2000 "$bin/bare_pingpong" call "${go_q[@]}" -n 2000 -c 8 \
+        --warmup 10
+}
+go_smoke_run() {
+    local want=$1 out
+    shift
+    out=$("${cli[@]}" "$@" 2>&1) || die "Go smoke check failed: $* -> $out"
+    grep -q "\"calls\":$want,.*\"errors\":0" <<<"$out" ||
+        die "Go smoke check: want $want calls, 0 errors: $* -> $out"
+}
+
 tag='' hist=1
 start_p1
 warm "$bin/rpc_bench" -c 64 --warmup 0
 warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
 warm "${cli[@]}" "${seed[@]}" call -c 64 --warmup 0
+go_smoke
 for ((r = 1; r <= rounds; r++)); do
     round_p1 "$r"
     hist=''
@@ -249,6 +304,7 @@ stop_services
 start soma64 "pronto" "$bin/service_soma" --prefetch 64
 soma_pid=${pids[-1]}
 start bare64 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 64
+go_start 64
 warm "$bin/rpc_bench" -c 64 --warmup 0
 warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
 p64_mqrpc() {
@@ -269,6 +325,7 @@ for ((r = 1; r <= rounds; r++)); do
         p64_bare "$r"
         p64_mqrpc "$r"
     fi
+    p64_go "$r"
 done
 hist=''
 record "mqrpc 4x64 p=64" "${rb[@]}" -c 64 --connections 4
