@@ -5,8 +5,8 @@
 #   scripts/bench.sh [--quick]
 #
 # Builds a Release tree in build-bench/ (no sanitizers), starts a private
-# broker of its own (state in $MQRPC_BENCH_STATE_DIR, default var/bench, port
-# $MQRPC_BENCH_PORT, default 5702), then measures a soma call with:
+# broker of its own (state in var/bench, port $MQRPC_BENCH_PORT, default
+# 5702), then measures a soma call with:
 #   - rpc_bench against service_soma: 1 and 64 in flight, prefetch 1 and 64,
 #     exclusive reply queue and direct reply-to;
 #   - bench/bare_pingpong: bare rabbitmq-c, no JSON, no library (the floor);
@@ -38,9 +38,8 @@ fi
 out=$repo/build-bench
 bin=$out/bin
 results=$out/results.jsonl
-# Its own variable, not MQRPC_STATE_DIR: that one usually names the
-# development broker, which the benchmark must not share.
-export MQRPC_STATE_DIR=${MQRPC_BENCH_STATE_DIR:-$repo/var/bench}
+# The broker's state directory is $MQRPC_STATE_DIR if set, else var/bench.
+export MQRPC_STATE_DIR=${MQRPC_STATE_DIR:-$repo/var/bench}
 export MQRPC_BROKER_PORT=${MQRPC_BENCH_PORT:-5702}
 export MQRPC_BROKER_MANAGEMENT=0
 unset AMQP_URL
@@ -263,6 +262,18 @@ c64_go() {
 p64_go() {
     record "go c=64 p=64 #$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" \
         -c 64 -d "$secs"
+}
+
+# The open-loop sweep and the many-clients row (issue 14) take the Go peer
+# with sweep_impls+=(go), and go_start_many plus many_impls+=(go).
+sweep_go() { sweep_impl go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
+many_go() { many_clients go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
+go_start_many() {
+    local i
+    for i in 1 2; do
+        start "many-go$i" "ready" "${svc[@]}" "${gp[@]}" serve "${go_q[@]}" \
+            --prefetch 1
+    done
 }
 
 # go_smoke: the Go peer answers correctly, and speaks the floor's protocol:

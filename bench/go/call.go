@@ -312,29 +312,31 @@ func (p *peer) openReply(d amqp.Delivery) {
 
 // ---- runs -----------------------------------------------------------------
 
-// row is one JSON line. Closed loop: bare_pingpong's fields, in its order,
-// plus connections, p999_us, min_us and mean_us. Open loop: rpc_bench
-// --rate's, with rate, offered_per_s, scheduled and achieved_per_s.
+// row is one JSON line with bare_pingpong's fields in its order, plus
+// rpc_bench's min_us and mean_us. Open loop: with rate, offered_per_s,
+// scheduled, achieved_per_s and errors_by_kind (only the kinds that
+// occurred, as the floor's); the closed loop prints errors_by_kind only when
+// there are errors.
 type row struct {
-	Impl         string            `json:"impl"`
-	Connections  int               `json:"connections"`
-	Inflight     int               `json:"inflight"`
-	Rate         *float64          `json:"rate,omitempty"`
-	OfferedPerS  *float64          `json:"offered_per_s,omitempty"`
-	Scheduled    *uint64           `json:"scheduled,omitempty"`
-	Calls        uint64            `json:"calls"`
-	Seconds      float64           `json:"seconds"`
-	CallsPerS    float64           `json:"calls_per_s"`
-	AchievedPerS *float64          `json:"achieved_per_s,omitempty"`
-	P50          float64           `json:"p50_us"`
-	P90          float64           `json:"p90_us"`
-	P99          float64           `json:"p99_us"`
-	P999         float64           `json:"p999_us"`
-	Max          float64           `json:"max_us"`
-	Min          float64           `json:"min_us"`
-	Mean         float64           `json:"mean_us"`
-	Errors       uint64            `json:"errors"`
-	ErrorsByKind map[string]uint64 `json:"errors_by_kind"`
+	Impl         string             `json:"impl"`
+	Connections  int                `json:"connections"`
+	Inflight     int                `json:"inflight"`
+	Rate         *float64           `json:"rate,omitempty"`
+	OfferedPerS  *float64           `json:"offered_per_s,omitempty"`
+	Scheduled    *uint64            `json:"scheduled,omitempty"`
+	Calls        uint64             `json:"calls"`
+	Seconds      float64            `json:"seconds"`
+	CallsPerS    float64            `json:"calls_per_s"`
+	AchievedPerS *float64           `json:"achieved_per_s,omitempty"`
+	P50          float64            `json:"p50_us"`
+	P90          float64            `json:"p90_us"`
+	P99          float64            `json:"p99_us"`
+	P999         float64            `json:"p999_us"`
+	Max          float64            `json:"max_us"`
+	Min          float64            `json:"min_us"`
+	Mean         float64            `json:"mean_us"`
+	Errors       uint64             `json:"errors"`
+	ErrorsByKind *map[string]uint64 `json:"errors_by_kind,omitempty"`
 }
 
 func round1(v float64) float64 {
@@ -366,7 +368,7 @@ func collect(peers []*peer, t0 int64) (r row, scheduled uint64) {
 		P99:     round1(lat.percentileUS(990)),
 		P999:    round1(lat.percentileUS(999)),
 		Max:     round1(float64(lat.max) / 1e3),
-		Errors:  k.total(), ErrorsByKind: map[string]uint64{}}
+		Errors:  k.total()}
 	if lat.count > 0 {
 		r.Min = round1(float64(lat.min) / 1e3)
 		r.Mean = round1(float64(lat.sum) / float64(lat.count) / 1e3)
@@ -374,11 +376,15 @@ func collect(peers []*peer, t0 int64) (r row, scheduled uint64) {
 			r.CallsPerS = round1(float64(lat.count) / secs)
 		}
 	}
+	kinds := map[string]uint64{}
 	for name, n := range map[string]uint64{"unknown_reply": k.unknownReply,
 		"wrong_result": k.wrongResult, "inflight_limit": k.inflightLimit} {
 		if n > 0 {
-			r.ErrorsByKind[name] = n
+			kinds[name] = n
 		}
+	}
+	if len(kinds) > 0 {
+		r.ErrorsByKind = &kinds
 	}
 	return r, scheduled
 }
@@ -481,6 +487,9 @@ func openLoop(o *options, peers []*peer, rate float64) uint64 {
 	r.Inflight = o.inflight
 	r.Rate, r.OfferedPerS, r.Scheduled = &rate, &offered, &scheduled
 	r.AchievedPerS = &achieved
+	if r.ErrorsByKind == nil {
+		r.ErrorsByKind = &map[string]uint64{}
+	}
 	printRow(r)
 	return r.Errors
 }
