@@ -14,12 +14,20 @@
 #   - bench/seed_rpc.py: the seed's Python/pika client and service;
 #   - scaling: service_work with 5 ms of work, 1, 2, 4 and 8 instances;
 #   - memory: a service's peak RSS under load, a client's RSS over
-#     1,000,000 calls, and valgrind on a service and on rpc_bench.
+#     1,000,000 calls, and valgrind on a service and on rpc_bench;
+#   - open loop: rpc_bench --rate and bare_pingpong call --rate at rates
+#     from 5% to 100% of the measured pipelined capacity (prefetch 64),
+#     latency from each call's scheduled start; plotted against the offered
+#     load (build-bench/load.svg and .png, copied to docs/);
+#   - many clients: 100 connections with one call in flight each, against
+#     two instances (prefetch 1), ours and the floor.
 # Implementations take turns for 3 rounds of 3 s (medians are reported),
 # and the 1-in-flight comparison is repeated with everything on one CPU.
 # Prints one table with the ratios and the targets; writes the raw JSON lines
 # to build-bench/results.jsonl and a latency plot to build-bench/latency.svg.
-# --quick: two rounds of 2 s, 100,000 calls for the memory run, no valgrind.
+# --quick: two rounds of 2 s, 100,000 calls for the memory run, no valgrind,
+# a sweep of 5 rates of 1 s.
+# The broker's state directory is $MQRPC_STATE_DIR if set, else var/bench.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -38,7 +46,6 @@ fi
 out=$repo/build-bench
 bin=$out/bin
 results=$out/results.jsonl
-# The broker's state directory is $MQRPC_STATE_DIR if set, else var/bench.
 export MQRPC_STATE_DIR=${MQRPC_STATE_DIR:-$repo/var/bench}
 export MQRPC_BROKER_PORT=${MQRPC_BENCH_PORT:-5702}
 export MQRPC_BROKER_MANAGEMENT=0
@@ -149,6 +156,83 @@ print(json.dumps(d))' "$label" "$hz" $((b1 - b0)) $((s1 - s0)) "$client" \
 
 peak_rss_kib() {
     awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
+# ------------------------------------------------ open loop, many clients
+# rpc_bench, bare_pingpong call and the Go peer take the same flags (-c,
+# --connections, -d, --warmup, --rate) and print the same JSON fields, so
+# sweep_impl and many_clients take any of them as CMD.
+
+# record_rows NAME CMD...: runs an open-loop measurement, appends each of
+# its JSON lines (one per rate) to the results, labelled "sweep NAME @RATE".
+record_rows() {
+    local name=$1 out
+    shift
+    say "sweep $name: ${*: -1} calls/s"
+    out=$("$@") || die "sweep $name failed: $out"
+    printf '%s\n' "$out" | $py -c '
+import json, sys
+for line in sys.stdin:
+    if line.strip():
+        d = json.loads(line)
+        d["label"] = "sweep %s @%g" % (sys.argv[1], d["rate"])
+        d["sweep"] = sys.argv[1]
+        print(json.dumps(d))' "$name" >>"$results"
+}
+
+# sweep_impl NAME RATE CMD...: one implementation offered RATE calls/s for
+# $sweep_secs on one connection (as the closed-loop rows that set the
+# rates), after 1000 unmeasured calls (a fresh reply queue is slow for its
+# first thousand messages).
+sweep_impl() {
+    local name=$1 rate=$2
+    shift 2
+    record_rows "$name" "$@" --warmup 1000 -d "$sweep_secs" --rate "$rate"
+}
+
+# sweep_rates_from CALLS_PER_S: the sweep's rates, fractions of the given
+# closed-loop pipelined capacity, so that the sweep crosses the knee
+# whatever the machine does. Calls that come one by one are not batched
+# (each is its own TCP segment, broker wake-up and confirm), so the open
+# loop saturates well below the pipelined closed loop: on the 2-core VM at
+# a third to two thirds of it.
+sweep_rates_from() {
+    local cap=$1 f rates=''
+    local fr=(0.05 0.1 0.2 0.3 0.4 0.5 0.7 1.0)
+    ((quick)) && fr=(0.1 0.2 0.35 0.5 0.8)
+    for f in "${fr[@]}"; do
+        rates+=${rates:+,}$(awk -v c="$cap" -v f="$f" \
+            'BEGIN {r = int(c * f / 100 + 0.5) * 100; print r < 100 ? 100 : r}')
+    done
+    echo "$rates"
+}
+
+# many_clients NAME R CMD...: round R of the "many clients" row for one
+# implementation: 100 connections, one call in flight each (the shape of a
+# web tier calling a service).
+many_clients() {
+    local name=$1 r=$2
+    shift 2
+    record "many clients $name 100x1 2 inst #$r" "$@" --connections 100 \
+        -c 1 -d "$secs" --warmup 20
+}
+
+# take_turns ROUND PREFIX NAME... -- ARGS...: calls PREFIX_NAME ARGS for
+# each NAME, starting with a different one each round, so that none always
+# runs right after another's load.
+take_turns() {
+    local r=$1 prefix=$2 i
+    shift 2
+    local names=() args=()
+    while (($#)) && [[ $1 != -- ]]; do
+        names+=("$1")
+        shift
+    done
+    shift
+    args=("$@")
+    for ((i = 0; i < ${#names[@]}; i++)); do
+        "${prefix}_${names[(r + i) % ${#names[@]}]}" "${args[@]}"
+    done
 }
 
 # ------------------------------------------------------------------- setup
@@ -342,6 +426,34 @@ hist=''
 record "mqrpc 4x64 p=64" "${rb[@]}" -c 64 --connections 4
 soma_rss=$(peak_rss_kib "$soma_pid")
 record "mqrpc memory" "$bin/rpc_bench" --json -n "$long_calls" -c 64 --warmup 20000
+
+# Open loop against the same prefetch-64 services: rates around the
+# pipelined capacity just measured (the better of ours and the floor), rate
+# by rate, the implementations taking turns. Each NAME in sweep_impls has a
+# function sweep_NAME RATE; the Go peer joins with
+#   sweep_go() { sweep_impl go "$1" "${cli[@]}" "$bin/go_pingpong" call ...; }
+#   sweep_impls+=(go)
+sweep_secs=2
+((quick)) && sweep_secs=1
+cap=$($py -c '
+import json, statistics, sys
+v = {}
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["label"].startswith(("mqrpc c=64 p=64 #", "bare c=64 p=64 #")):
+        v.setdefault(d["label"].split(" #")[0], []).append(d["calls_per_s"])
+print(int(max([statistics.median(x) for x in v.values()] or [10000])))' "$results")
+# rpc_bench ends a call at its timeout, 5 s by default: the plot wants the
+# latency of deep overloads too (the floor never gives up).
+sweep_mqrpc() {
+    sweep_impl mqrpc "$1" "$bin/rpc_bench" --json --timeout 60000
+}
+sweep_bare() { sweep_impl bare "$1" "${cli[@]}" "$bin/bare_pingpong" call; }
+sweep_impls=(mqrpc bare)
+i=0
+for rate in $(sweep_rates_from "$cap" | tr , ' '); do
+    take_turns $((i++)) sweep "${sweep_impls[@]}" -- "$rate"
+done
 stop_services
 
 # One request at a time is a chain of wake-ups (client, broker, service,
@@ -364,6 +476,28 @@ if command -v taskset >/dev/null; then
     taskset -a -p -c "0-$(($(nproc) - 1))" "$broker_pid" >/dev/null
     pinned=0
 fi
+
+# --------------------------------------------------------- many clients
+# 100 connections with one call in flight each against two instances at
+# prefetch 1: the shape of a web tier calling a service. The floor gets two
+# bare services on its own queue.
+start many-soma1 "pronto" "$bin/service_soma"
+start many-soma2 "pronto" "$bin/service_soma"
+start many-bare1 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
+start many-bare2 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
+# Each NAME in many_impls has a function many_NAME ROUND; the Go peer joins
+# with (after starting its two services)
+#   many_go() { many_clients go "$1" "${cli[@]}" "$bin/go_pingpong" call ...; }
+#   many_impls+=(go)
+many_mqrpc() { many_clients mqrpc "$1" "$bin/rpc_bench" --json; }
+many_bare() {
+    many_clients bare "$1" "${cli[@]}" "$bin/bare_pingpong" call
+}
+many_impls=(mqrpc bare)
+for ((r = 1; r <= rounds; r++)); do
+    take_turns "$r" many "${many_impls[@]}" -- "$r"
+done
+stop_services
 
 # -------------------------------------------------------------- scaling
 for n in 1 2 4 8; do
@@ -412,7 +546,24 @@ plot "$out/lat-mqrpc-c1.dat" using 1:3 with lines lw 2 title "1 in flight, prefe
 EOF
 fi
 
+# Latency against offered load, from the sweep: bench/load_data.py writes
+# one file per implementation, bench/plot_load.gp draws p50 and p99 of each;
+# the copy in docs/ is the README's.
+rm -f "$out"/load-*.dat "$out/load.svg" "$out/load.png"
+load_impls=$($py "$repo/bench/load_data.py" "$results" "$out")
+if [[ -n $load_impls ]] && command -v gnuplot >/dev/null; then
+    if gnuplot -e "dir='$out'; impls='$load_impls'" "$repo/bench/plot_load.gp" \
+        2>"$logs/plot_load.log"; then
+        mkdir -p "$repo/docs"
+        cp "$out/load.svg" "$out/load.png" "$repo/docs/"
+    else
+        cat "$logs/plot_load.log" >&2
+    fi
+fi
+
 $py "$repo/bench/report.py" "$results" --service-rss "$soma_rss" \
     --leaks "$leaks" --command "scripts/bench.sh${1:+ $1}"
 [[ -f "$out/latency.svg" ]] && echo "latency plot: $out/latency.svg"
+[[ -f "$out/load.svg" ]] &&
+    echo "latency against load: $out/load.svg and .png (copied to docs/)"
 exit 0
