@@ -26,6 +26,15 @@ def go_peer_ratios(ratio):
           "go c=1 p=1", "calls_per_s", 0)
     ratio("mqrpc vs Go peer, 64 in flight, prefetch 64: calls/s (info)",
           "mqrpc c=64 p=64", "go c=64 p=64", "calls_per_s", 0)
+    ratio("many clients (100x1, 2 instances): Go peer vs bare calls/s (info)",
+          "many clients go 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "calls_per_s", 0)
+    ratio("many clients (100x1, 2 instances): Go peer vs bare p99 (info)",
+          "many clients go 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "p99_us", 0)
+    ratio("many clients (100x1, 2 instances): mqrpc vs Go peer calls/s (info)",
+          "many clients mqrpc 100x1 2 inst",
+          "many clients go 100x1 2 inst", "calls_per_s", 0)
 
 
 def print_sweep(runs):

@@ -15,12 +15,13 @@
 #   - scaling: service_work with 5 ms of work, 1, 2, 4 and 8 instances;
 #   - memory: a service's peak RSS under load, a client's RSS over
 #     1,000,000 calls, and valgrind on a service and on rpc_bench;
-#   - open loop: rpc_bench --rate and bare_pingpong call --rate at rates
+#   - open loop: rpc_bench --rate, bare_pingpong call --rate and the Go
+#     peer's call --rate at rates
 #     from 5% to 100% of the measured pipelined capacity (prefetch 64),
 #     latency from each call's scheduled start; plotted against the offered
 #     load (build-bench/load.svg and .png, copied to docs/);
 #   - many clients: 100 connections with one call in flight each, against
-#     two instances (prefetch 1), ours and the floor.
+#     two instances (prefetch 1), ours, the floor and the Go peer.
 # Implementations take turns for 3 rounds of 3 s (medians are reported),
 # and the 1-in-flight comparison is repeated with everything on one CPU.
 # Prints one table with the ratios and the targets; writes the raw JSON lines
@@ -348,8 +349,9 @@ p64_go() {
         -c 64 -d "$secs"
 }
 
-# The open-loop sweep and the many-clients row (issue 14) take the Go peer
-# with sweep_impls+=(go), and go_start_many plus many_impls+=(go).
+# The open-loop sweep and the many-clients row take the Go peer through
+# these (sweep_impls+=(go); go_start_many, many_impls+=(go)). The sweep
+# runs against the go64 service that the pipelined rows leave running.
 sweep_go() { sweep_impl go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
 many_go() { many_clients go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
 go_start_many() {
@@ -430,9 +432,8 @@ record "mqrpc memory" "$bin/rpc_bench" --json -n "$long_calls" -c 64 --warmup 20
 # Open loop against the same prefetch-64 services: rates around the
 # pipelined capacity just measured (the better of ours and the floor), rate
 # by rate, the implementations taking turns. Each NAME in sweep_impls has a
-# function sweep_NAME RATE; the Go peer joins with
-#   sweep_go() { sweep_impl go "$1" "${cli[@]}" "$bin/go_pingpong" call ...; }
-#   sweep_impls+=(go)
+# function sweep_NAME RATE (another client that takes the same flags joins
+# the same way as the Go peer's sweep_go).
 sweep_secs=2
 ((quick)) && sweep_secs=1
 cap=$($py -c '
@@ -450,6 +451,7 @@ sweep_mqrpc() {
 }
 sweep_bare() { sweep_impl bare "$1" "${cli[@]}" "$bin/bare_pingpong" call; }
 sweep_impls=(mqrpc bare)
+sweep_impls+=(go) # sweep_go: the Go peer section
 i=0
 for rate in $(sweep_rates_from "$cap" | tr , ' '); do
     take_turns $((i++)) sweep "${sweep_impls[@]}" -- "$rate"
@@ -479,21 +481,21 @@ fi
 
 # --------------------------------------------------------- many clients
 # 100 connections with one call in flight each against two instances at
-# prefetch 1: the shape of a web tier calling a service. The floor gets two
-# bare services on its own queue.
+# prefetch 1: the shape of a web tier calling a service. The floor and the
+# Go peer get two services each on a queue of their own.
 start many-soma1 "pronto" "$bin/service_soma"
 start many-soma2 "pronto" "$bin/service_soma"
 start many-bare1 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
 start many-bare2 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
-# Each NAME in many_impls has a function many_NAME ROUND; the Go peer joins
-# with (after starting its two services)
-#   many_go() { many_clients go "$1" "${cli[@]}" "$bin/go_pingpong" call ...; }
-#   many_impls+=(go)
+# Each NAME in many_impls has a function many_NAME ROUND, and its services
+# are started here (the Go peer's: go_start_many, two on service_go).
 many_mqrpc() { many_clients mqrpc "$1" "$bin/rpc_bench" --json; }
 many_bare() {
     many_clients bare "$1" "${cli[@]}" "$bin/bare_pingpong" call
 }
 many_impls=(mqrpc bare)
+go_start_many # many_go: the Go peer section
+many_impls+=(go)
 for ((r = 1; r <= rounds; r++)); do
     take_turns "$r" many "${many_impls[@]}" -- "$r"
 done
