@@ -23,8 +23,12 @@ def main():
                 d = json.loads(line)
                 if "sweep" in d:
                     rows.setdefault(d["sweep"], []).append(d)
+    # A fixed order, so that each implementation keeps its colour in the
+    # plot whatever order the sweep ran them in.
+    order = list(TITLES) + sorted(set(rows) - set(TITLES))
     words = []
-    for name, ds in rows.items():
+    for name in (n for n in order if n in rows):
+        ds = rows[name]
         with open("%s/load-%s.dat" % (outdir, name), "w") as f:
             f.write("# offered/s achieved/s p50_ms p90_ms p99_ms p999_ms "
                     "max_ms errors\n")

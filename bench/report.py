@@ -12,6 +12,31 @@ import statistics
 import sys
 
 
+def go_peer_ratios(ratio):
+    """The Go peer (bench/go, amqp091-go) against the floor and ours."""
+    for what, run in (("1 in flight", "c=1 p=1"),
+                      ("64 in flight, prefetch 1", "c=64 p=1"),
+                      ("64 in flight, prefetch 64", "c=64 p=64"),
+                      ("one CPU, 1 in flight", "c=1 p=1 one-cpu")):
+        ratio("Go peer vs bare, %s: calls/s (info)" % what, "go " + run,
+              "bare " + run, "calls_per_s", 0)
+    ratio("Go peer vs bare, 1 in flight: p50 (info)", "go c=1 p=1",
+          "bare c=1 p=1", "p50_us", 0)
+    ratio("mqrpc vs Go peer, 1 in flight: calls/s (info)", "mqrpc c=1 p=1",
+          "go c=1 p=1", "calls_per_s", 0)
+    ratio("mqrpc vs Go peer, 64 in flight, prefetch 64: calls/s (info)",
+          "mqrpc c=64 p=64", "go c=64 p=64", "calls_per_s", 0)
+    ratio("many clients (100x1, 2 instances): Go peer vs bare calls/s (info)",
+          "many clients go 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "calls_per_s", 0)
+    ratio("many clients (100x1, 2 instances): Go peer vs bare p99 (info)",
+          "many clients go 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "p99_us", 0)
+    ratio("many clients (100x1, 2 instances): mqrpc vs Go peer calls/s (info)",
+          "many clients mqrpc 100x1 2 inst",
+          "many clients go 100x1 2 inst", "calls_per_s", 0)
+
+
 def print_sweep(runs):
     """The open-loop sweep: one row per implementation and offered rate."""
     rows = [d for d in runs.values() if "sweep" in d]
@@ -130,6 +155,7 @@ def main():
     ratio("many clients (100x1, 2 instances): p99 vs bare (info)",
           "many clients mqrpc 100x1 2 inst",
           "many clients bare 100x1 2 inst", "p99_us", 0)
+    go_peer_ratios(ratio)
 
     rss = a.service_rss
     checks.append(("service peak RSS under load (prefetch 64)",

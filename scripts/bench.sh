@@ -10,18 +10,20 @@
 #   - rpc_bench against service_soma: 1 and 64 in flight, prefetch 1 and 64,
 #     exclusive reply queue and direct reply-to;
 #   - bench/bare_pingpong: bare rabbitmq-c, no JSON, no library (the floor);
+#   - bench/go: the same as the floor in Go with amqp091-go (the Go peer);
 #   - bench/seed_rpc.py: the seed's Python/pika client and service;
 #   - scaling: service_work with 5 ms of work, 1, 2, 4 and 8 instances;
 #   - --threads against --workers (scripts/bench_threads.sh): a sleeping and
 #     a computing handler, calls/s, CPU per call, peak memory;
 #   - memory: a service's peak RSS under load, a client's RSS over
 #     1,000,000 calls, and valgrind on a service and on rpc_bench;
-#   - open loop: rpc_bench --rate and bare_pingpong call --rate at rates
+#   - open loop: rpc_bench --rate, bare_pingpong call --rate and the Go
+#     peer's call --rate at rates
 #     from 5% to 100% of the measured pipelined capacity (prefetch 64),
 #     latency from each call's scheduled start; plotted against the offered
 #     load (build-bench/load.svg and .png, copied to docs/);
 #   - many clients: 100 connections with one call in flight each, against
-#     two instances (prefetch 1), ours and the floor.
+#     two instances (prefetch 1), ours, the floor and the Go peer.
 # Implementations take turns for 3 rounds of 3 s (medians are reported),
 # and the 1-in-flight comparison is repeated with everything on one CPU.
 # Prints one table with the ratios and the targets; writes the raw JSON lines
@@ -240,7 +242,7 @@ take_turns() {
 "$repo/scripts/deps.sh" --bench
 say "building Release into build-bench/"
 cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Release -DMQRPC_TESTS=OFF -DMQRPC_WERROR=ON \
-    -DMQRPC_STATE_DIR="$repo/var" \
+    -DMQRPC_STATE_DIR="$repo/var" -DMQRPC_BENCH_GO=ON \
     >"$out.cmake.log" 2>&1 || {
     cat "$out.cmake.log" >&2
     die "cmake failed"
@@ -271,17 +273,17 @@ seed=($py "$repo/bench/seed_rpc.py")
 # c=1 and c=64 against services at prefetch 1; PIN: a taskset prefix
 round_p1() {
     local r=$1 pin=("${@:2}") i
-    local c1=(c1_mqrpc c1_bare c1_seed)
+    local c1=(c1_mqrpc c1_bare c1_seed c1_go)
     # Each round starts with the next implementation, so none always runs
     # right after another's load.
-    for ((i = 0; i < 3; i++)); do
-        "${c1[(r + i) % 3]}" "$r" "${pin[@]}"
+    for ((i = 0; i < ${#c1[@]}; i++)); do
+        "${c1[(r + i) % ${#c1[@]}]}" "$r" "${pin[@]}"
     done
     [[ -n $tag ]] && return 0 # one CPU: the latency comparison only
     record "mqrpc c=1 p=1 direct #$r" "${rb[@]}" -c 1 --direct-reply-to
-    local c64=(c64_mqrpc c64_bare c64_seed)
-    for ((i = 0; i < 3; i++)); do
-        "${c64[(r + i) % 3]}" "$r"
+    local c64=(c64_mqrpc c64_bare c64_seed c64_go)
+    for ((i = 0; i < ${#c64[@]}; i++)); do
+        "${c64[(r + i) % ${#c64[@]}]}" "$r"
     done
     record "mqrpc c=64 p=1 direct #$r" "${rb[@]}" -c 64 --direct-reply-to
 }
@@ -313,6 +315,7 @@ start_p1() {
     start bare1 "ready" "${pin[@]}" "${svc[@]}" "$bin/bare_pingpong" serve \
         --prefetch 1
     start seed1 "ready" "${pin[@]}" "${svc[@]}" "${seed[@]}" serve
+    go_start 1 "${pin[@]}"
 }
 
 # warm CMD...: one unrecorded second of load, so that no implementation
@@ -322,11 +325,75 @@ warm() {
     "$@" -d 1 >/dev/null 2>&1 || die "warm-up failed: $*"
 }
 
+# ------------------------------------------------------------ the Go peer
+# bench/go/go_pingpong: the floor's AMQP pattern and command line in Go with
+# amqp091-go. Its service listens on a queue of its own, so it can run next
+# to the floor's.
+gp=("$bin/go_pingpong")
+go_q=(--queue service_go)
+
+# go_start PREFETCH [PIN...]: starts the Go service and warms it up.
+go_start() {
+    start "go$1" "ready" "${@:2}" "${svc[@]}" "${gp[@]}" serve "${go_q[@]}" \
+        --prefetch "$1"
+    warm "${@:2}" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" -c 64 --warmup 0
+}
+c1_go() {
+    record "go c=1 p=1$tag #$1" "${@:2}" "${cli[@]}" "${gp[@]}" call \
+        "${go_q[@]}" -c 1 -d "$secs"
+}
+c64_go() {
+    record "go c=64 p=1 #$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" \
+        -c 64 -d "$secs"
+}
+p64_go() {
+    record "go c=64 p=64 #$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" \
+        -c 64 -d "$secs"
+}
+
+# The open-loop sweep and the many-clients row take the Go peer through
+# these (sweep_impls+=(go); go_start_many, many_impls+=(go)). The sweep
+# runs against the go64 service that the pipelined rows leave running.
+sweep_go() { sweep_impl go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
+many_go() { many_clients go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
+go_start_many() {
+    local i
+    for i in 1 2; do
+        start "many-go$i" "ready" "${svc[@]}" "${gp[@]}" serve "${go_q[@]}" \
+            --prefetch 1
+    done
+}
+
+# go_smoke: the Go peer answers correctly, and speaks the floor's protocol:
+# Go client to Go service (closed loop over 2 connections, and open loop),
+# Go client to the floor's service, the floor's client to the Go service.
+# Each client checks every reply's correlation id (and the Go one its body)
+# and exits 1 on a wrong one; the call counts must be exact.
+go_smoke() {
+    say "Go peer: smoke check against itself and the floor"
+    go_smoke_run 2000 "${gp[@]}" call "${go_q[@]}" -n 2000 -c 8 \
+        --connections 2 --warmup 10
+    go_smoke_run 500 "${gp[@]}" call "${go_q[@]}" --rate 1000 -n 500 \
+        --connections 2 --warmup 10
+    go_smoke_run 2000 "${gp[@]}" call --queue service_bare -n 2000 -c 8 \
+        --warmup 10
+    go_smoke_run 2000 "$bin/bare_pingpong" call "${go_q[@]}" -n 2000 -c 8 \
+        --warmup 10
+}
+go_smoke_run() {
+    local want=$1 out
+    shift
+    out=$("${cli[@]}" "$@" 2>&1) || die "Go smoke check failed: $* -> $out"
+    grep -q "\"calls\":$want,.*\"errors\":0" <<<"$out" ||
+        die "Go smoke check: want $want calls, 0 errors: $* -> $out"
+}
+
 tag='' hist=1
 start_p1
 warm "$bin/rpc_bench" -c 64 --warmup 0
 warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
 warm "${cli[@]}" "${seed[@]}" call -c 64 --warmup 0
+go_smoke
 for ((r = 1; r <= rounds; r++)); do
     round_p1 "$r"
     hist=''
@@ -336,6 +403,7 @@ stop_services
 start soma64 "pronto" "$bin/service_soma" --prefetch 64
 soma_pid=${pids[-1]}
 start bare64 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 64
+go_start 64
 warm "$bin/rpc_bench" -c 64 --warmup 0
 warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
 p64_mqrpc() {
@@ -356,6 +424,7 @@ for ((r = 1; r <= rounds; r++)); do
         p64_bare "$r"
         p64_mqrpc "$r"
     fi
+    p64_go "$r"
 done
 hist=''
 record "mqrpc 4x64 p=64" "${rb[@]}" -c 64 --connections 4
@@ -365,9 +434,8 @@ record "mqrpc memory" "$bin/rpc_bench" --json -n "$long_calls" -c 64 --warmup 20
 # Open loop against the same prefetch-64 services: rates around the
 # pipelined capacity just measured (the better of ours and the floor), rate
 # by rate, the implementations taking turns. Each NAME in sweep_impls has a
-# function sweep_NAME RATE; the Go peer joins with
-#   sweep_go() { sweep_impl go "$1" "${cli[@]}" "$bin/go_pingpong" call ...; }
-#   sweep_impls+=(go)
+# function sweep_NAME RATE (another client that takes the same flags joins
+# the same way as the Go peer's sweep_go).
 sweep_secs=2
 ((quick)) && sweep_secs=1
 cap=$($py -c '
@@ -385,6 +453,7 @@ sweep_mqrpc() {
 }
 sweep_bare() { sweep_impl bare "$1" "${cli[@]}" "$bin/bare_pingpong" call; }
 sweep_impls=(mqrpc bare)
+sweep_impls+=(go) # sweep_go: the Go peer section
 i=0
 for rate in $(sweep_rates_from "$cap" | tr , ' '); do
     take_turns $((i++)) sweep "${sweep_impls[@]}" -- "$rate"
@@ -414,21 +483,21 @@ fi
 
 # --------------------------------------------------------- many clients
 # 100 connections with one call in flight each against two instances at
-# prefetch 1: the shape of a web tier calling a service. The floor gets two
-# bare services on its own queue.
+# prefetch 1: the shape of a web tier calling a service. The floor and the
+# Go peer get two services each on a queue of their own.
 start many-soma1 "pronto" "$bin/service_soma"
 start many-soma2 "pronto" "$bin/service_soma"
 start many-bare1 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
 start many-bare2 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
-# Each NAME in many_impls has a function many_NAME ROUND; the Go peer joins
-# with (after starting its two services)
-#   many_go() { many_clients go "$1" "${cli[@]}" "$bin/go_pingpong" call ...; }
-#   many_impls+=(go)
+# Each NAME in many_impls has a function many_NAME ROUND, and its services
+# are started here (the Go peer's: go_start_many, two on service_go).
 many_mqrpc() { many_clients mqrpc "$1" "$bin/rpc_bench" --json; }
 many_bare() {
     many_clients bare "$1" "${cli[@]}" "$bin/bare_pingpong" call
 }
 many_impls=(mqrpc bare)
+go_start_many # many_go: the Go peer section
+many_impls+=(go)
 for ((r = 1; r <= rounds; r++)); do
     take_turns "$r" many "${many_impls[@]}" -- "$r"
 done
