@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 #include <unistd.h>
 
 static mqr_str copy_into(char **at, mqr_str s)
@@ -73,10 +74,16 @@ void mqr_service_wake(mqrpc_service *s)
 }
 
 /* Appends r to the done list (under s->lock); wakes the connection thread
- * when the list was empty, since otherwise it is awake already. */
+ * when the list was empty, since otherwise it is awake already, and unless
+ * this is the connection thread in an inline handler: it drains the list
+ * when the handler returns (or the stand-in does, when it takes over). */
 static void post_locked(mqrpc_service *s, mqrpc_request *r)
 {
     bool was_empty = s->done_head == NULL;
+
+    if (s->inline_since_us && !s->taken_over &&
+        pthread_equal(pthread_self(), s->conn_thread))
+        was_empty = false;
 
     if (r->queued_done)
         return;
@@ -242,8 +249,7 @@ static const char *envelope_problem(const mqrpc_request *r, char *buf,
     return NULL;
 }
 
-/* Checks and decodes r, then gives it to the user's function. */
-static void run_request(mqrpc_service *s, mqrpc_request *r)
+void mqr_run_request(mqrpc_service *s, mqrpc_request *r)
 {
     mqrpc_fault fault = {{0}, {0}};
     mqr_limits lim = {s->opts.max_body, s->opts.max_depth, s->opts.max_string};
@@ -273,6 +279,34 @@ static void run_request(mqrpc_service *s, mqrpc_request *r)
     s->fn(r, s->arg);
 }
 
+/* How often a lone handler thread looks whether an inline handler has run
+ * long enough for it to take the connection over. */
+#define STAND_BY_CHECK_NS 50000000L
+
+/* An inline handler ran long: the lone handler thread takes over. */
+static bool due_to_stand_in(const mqrpc_service *s)
+{
+    return s->opts.threads == 1 && s->inline_since_us && !s->taken_over &&
+           mqr_now_us() - s->inline_since_us >= INLINE_MAX_US;
+}
+
+static void stand_by(mqrpc_service *s)
+{
+    struct timespec t;
+
+    if (s->opts.threads != 1) {
+        pthread_cond_wait(&s->work, &s->lock);
+        return;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    t.tv_nsec += STAND_BY_CHECK_NS;
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    pthread_cond_timedwait(&s->work, &s->lock, &t);
+}
+
 static void *worker(void *p)
 {
     mqrpc_service *s = p;
@@ -280,18 +314,35 @@ static void *worker(void *p)
 
     for (;;) {
         pthread_mutex_lock(&s->lock);
-        while (!s->jobs_head && !s->quit)
-            pthread_cond_wait(&s->work, &s->lock);
-        r = s->jobs_head;
-        if (r) {
-            s->jobs_head = r->next;
-            if (!s->jobs_head)
-                s->jobs_tail = NULL;
+        for (;;) {
+            /* After a stop, nothing new starts: the connection thread hands
+             * what waits back to the queue. */
+            r = atomic_load(&s->stop) ? NULL : s->jobs_head;
+            if (r) {
+                s->jobs_head = r->next;
+                if (!s->jobs_head)
+                    s->jobs_tail = NULL;
+                s->busy++;
+                break;
+            }
+            if (s->quit)
+                break;
+            if (due_to_stand_in(s)) {
+                s->taken_over = true;
+                pthread_mutex_unlock(&s->lock);
+                mqr_service_stand_in(s);
+                pthread_mutex_lock(&s->lock);
+                continue;
+            }
+            stand_by(s);
         }
         pthread_mutex_unlock(&s->lock);
         if (!r)
             return NULL; /* quit, and nothing left */
-        run_request(s, r);
+        mqr_run_request(s, r);
+        pthread_mutex_lock(&s->lock);
+        s->busy--;
+        pthread_mutex_unlock(&s->lock);
     }
 }
 

@@ -119,7 +119,16 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
         return NULL;
     }
     pthread_mutex_init(&s->lock, NULL);
-    pthread_cond_init(&s->work, NULL);
+    pthread_mutex_init(&s->conn_lock, NULL);
+    {
+        /* The lone handler thread's stand-by wait is timed: monotonic. */
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&s->work, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    pthread_cond_init(&s->handback, NULL);
     if (s->opts.instance_id && *s->opts.instance_id)
         snprintf(s->instance, sizeof s->instance, "%s", s->opts.instance_id);
     else
@@ -454,7 +463,34 @@ static mqrpc_err take_back_unstarted(mqrpc_service *s, bool hand_back)
     return e;
 }
 
-/* Handles one delivery: skipped, re-published, or queued for a handler. */
+static mqrpc_err drain_done(mqrpc_service *s);
+
+/* Runs r's handler on the connection thread, lending the connection to
+ * the idle handler thread meanwhile (it takes it only if the handler runs
+ * long), then takes it back and sends the answer. */
+static mqrpc_err run_inline(mqrpc_service *s, mqrpc_request *r)
+{
+    mqrpc_err e;
+
+    pthread_mutex_unlock(&s->conn_lock);
+    mqr_run_request(s, r);
+    pthread_mutex_lock(&s->lock);
+    s->inline_since_us = 0;
+    if (s->taken_over) {
+        /* The stand-in may sleep in mqr_conn_wait: make it look. */
+        mqr_service_wake(s);
+        while (s->taken_over)
+            pthread_cond_wait(&s->handback, &s->lock);
+    }
+    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_lock(&s->conn_lock);
+    e = s->lent_err;
+    s->lent_err = MQRPC_OK;
+    return e != MQRPC_OK ? e : drain_done(s);
+}
+
+/* Handles one delivery: skipped, re-published, run inline, or queued for a
+ * handler thread. */
 static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
 {
     mqrpc_request *r;
@@ -488,6 +524,16 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
         return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
     in_hand_append(s, r);
     s->outstanding++;
+    if (s->opts.threads == 1 && pthread_equal(pthread_self(), s->conn_thread)) {
+        bool idle;
+        pthread_mutex_lock(&s->lock);
+        idle = !s->jobs_head && !s->busy && !s->taken_over;
+        if (idle)
+            s->inline_since_us = mqr_now_us();
+        pthread_mutex_unlock(&s->lock);
+        if (idle)
+            return run_inline(s, r);
+    }
     mqr_workers_submit(s, r);
     return MQRPC_OK;
 }
@@ -739,6 +785,33 @@ static bool consumer_timeout(const char *err)
            strstr(err, "delivery acknowledgement") && strstr(err, "timed out");
 }
 
+void mqr_service_stand_in(mqrpc_service *s)
+{
+    mqrpc_err e;
+    bool lent = true;
+
+    pthread_mutex_lock(&s->conn_lock);
+    /* Posts made before the take-over did not wake anyone. */
+    e = s->conn ? drain_done(s) : MQRPC_ECLOSED;
+    while (e == MQRPC_OK) {
+        pthread_mutex_lock(&s->lock);
+        lent = s->inline_since_us != 0;
+        pthread_mutex_unlock(&s->lock);
+        if (!lent)
+            break;
+        e = step(s);
+    }
+    if (e != MQRPC_OK && s->conn)
+        snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
+    /* The connection thread finds a failure here and reconnects. */
+    s->lent_err = e;
+    pthread_mutex_unlock(&s->conn_lock);
+    pthread_mutex_lock(&s->lock);
+    s->taken_over = false;
+    pthread_cond_broadcast(&s->handback);
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* Serves until stopped (MQRPC_OK) or the connection fails. */
 static mqrpc_err serve(mqrpc_service *s)
 {
@@ -895,8 +968,12 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
 
     if (!s->conn)
         return MQRPC_ESTATE;
-    if (mqr_workers_start(s) != MQRPC_OK)
+    s->conn_thread = pthread_self();
+    pthread_mutex_lock(&s->conn_lock);
+    if (mqr_workers_start(s) != MQRPC_OK) {
+        pthread_mutex_unlock(&s->conn_lock);
         return MQRPC_ENOMEM;
+    }
     while (!atomic_load(&s->stop)) {
         e = serve(s);
         if (e == MQRPC_OK)
@@ -920,6 +997,8 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
             break;
     }
     finish(s);
+    /* No handler runs inline any more: the handler threads may end. */
+    pthread_mutex_unlock(&s->conn_lock);
     mqr_workers_join(s);
     /* Closing the channel returns what is still unacknowledged. */
     drop_conn(s);
@@ -959,7 +1038,9 @@ void mqrpc_service_free(mqrpc_service *s)
     if (s->wake_fd >= 0)
         close(s->wake_fd);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->conn_lock);
     pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->handback);
     mqr_conn_cfg_clear(&s->cfg);
     free(s);
 }

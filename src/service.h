@@ -14,6 +14,15 @@
  * thread through an eventfd that mqr_conn_wait watches beside the socket.
  * So the connection is serviced (heartbeats, acks, cancels, flow control)
  * however long handlers run.
+ *
+ * With one handler thread, handing every request to it and back costs two
+ * thread wake-ups per request, more than a short handler itself. So the
+ * connection thread runs the handler itself when the handler thread is
+ * idle, releasing conn_lock meanwhile; the idle handler thread stands by
+ * and, once the handler has run INLINE_MAX_US, takes conn_lock and
+ * services the connection until the handler returns (the leader/followers
+ * pattern). Whoever holds conn_lock owns the connection and every field
+ * the connection thread uses.
  */
 #ifndef MQRPC_SERVICE_H
 #define MQRPC_SERVICE_H
@@ -22,6 +31,10 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+
+/* How long an inline handler runs before the idle handler thread services
+ * the connection in its place: well under any heartbeat interval. */
+#define INLINE_MAX_US 100000
 
 /* What a publish that could not go at once, or waits for its confirm, is. */
 enum out_kind {
@@ -119,7 +132,15 @@ struct mqrpc_service {
     mqrpc_request *jobs_head, *jobs_tail; /* not started */
     mqrpc_request *done_head, *done_tail; /* ended, or with progress */
     bool quit;     /* the handler threads are to exit */
-    atomic_bool stopping; /* requests in hand are cancelled */
+    atomic_bool stopping; /* no new request starts */
+    /* The inline fast path (one handler thread, see above). */
+    pthread_mutex_t conn_lock;
+    pthread_t conn_thread;   /* the caller of mqrpc_service_run */
+    pthread_cond_t handback; /* the stand-in gave the connection back */
+    int64_t inline_since_us; /* under lock: an inline handler's start */
+    bool taken_over;         /* under lock: the stand-in has the connection */
+    unsigned busy;           /* under lock: handler threads in a request */
+    mqrpc_err lent_err;      /* how the stand-in's servicing ended */
     char err[512];
 };
 
@@ -162,5 +183,11 @@ mqrpc_request *mqr_workers_take_unstarted(mqrpc_service *s);
 mqrpc_request *mqr_take_done(mqrpc_service *s);
 /* Wakes the connection thread (async-signal-safe). */
 void mqr_service_wake(mqrpc_service *s);
+/* Checks and decodes r, then runs the user's function on it. */
+void mqr_run_request(mqrpc_service *s, mqrpc_request *r);
+
+/* service.c: the idle handler thread services the connection while an
+ * inline handler runs long (called without s->lock). */
+void mqr_service_stand_in(mqrpc_service *s);
 
 #endif

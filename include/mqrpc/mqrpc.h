@@ -493,9 +493,11 @@ typedef struct mqrpc_fault {
  * JSON object the caller sent (borrowed; never NULL, always an object).
  * Returns a new reference to the result (any JSON value), or NULL after
  * filling fault (mqrpc_fault_set). Returning NULL with an empty fault is
- * reported to the caller as "internal". It runs on one of the service's
- * handler threads (opts.threads), never on the thread that services the
- * connection, so it may take minutes; with threads above 1 it runs on
+ * reported to the caller as "internal". It may take minutes: the
+ * connection is serviced meanwhile. With opts.threads 1 it runs on the
+ * thread that called mqrpc_service_run when the service's handler thread
+ * is idle (that thread then services the connection if the handler runs
+ * over 100 ms), else on that handler thread; with threads above 1, on
  * several threads at once, with the same arg: it must then be thread-safe.
  * arg is the pointer given to mqrpc_service_new.
  */
@@ -667,7 +669,8 @@ MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
 
 /*
  * mqrpc_service_run services the connection on the calling thread and runs
- * the handler on opts.threads threads of its own, until mqrpc_service_stop.
+ * the handler on opts.threads threads of its own (or, with one, on the
+ * calling thread while the other stands in), until mqrpc_service_stop.
  * It then cancels its consumer, hands back the deliveries no handler had
  * started (re-published unchanged so that they do not count as failed
  * deliveries, waiting up to 5 s for the broker's confirms), waits for the
