@@ -47,6 +47,7 @@ struct mqrpc_client {
      * still be reading: freed once no callback runs. */
     mqr_conn *zombie;
     char reply_queue[256];
+    size_t reply_queue_len; /* strlen(reply_queue), set with it */
     char prefix[PREFIX_LEN + 1];
     uint64_t next_seq;
     mqr_calls calls;
@@ -226,6 +227,7 @@ static mqrpc_err open_session(mqrpc_client *c, int connect_timeout_ms)
         c->conn = NULL;
         return e;
     }
+    c->reply_queue_len = strlen(c->reply_queue);
     c->blocked = false;
     c->err[0] = '\0';
     return MQRPC_OK;
@@ -446,8 +448,11 @@ static void on_reply(mqrpc_client *c, const mqr_msg *m)
     r->body = m->body.ptr;
     r->body_len = m->body.len;
     if (m->app_id.len) {
-        snprintf(c->app_id, sizeof c->app_id, "%.*s", (int)m->app_id.len,
-                 m->app_id.ptr);
+        /* An AMQP short string: at most 255 bytes, room for the NUL. */
+        size_t n = m->app_id.len < sizeof c->app_id ? m->app_id.len
+                                                    : sizeof c->app_id - 1;
+        memcpy(c->app_id, m->app_id.ptr, n);
+        c->app_id[n] = '\0';
         r->app_id = c->app_id;
     }
     r->status = mqr_decode_reply(mqr_str_eq(m->type, "error"), m->body.ptr,
@@ -557,18 +562,43 @@ static mqrpc_err lost(mqrpc_client *c)
     return MQRPC_ECLOSED;
 }
 
+/* Writes v at out in lowercase hex (base 16) or decimal, without leading
+ * zeros, as printf's "%" PRIx64 and "%" PRIu64 would; returns the length.
+ * Every call formats two numbers, and two snprintf calls were a sixth of
+ * the client's instructions per call (callgrind). out has room for 20. */
+static size_t put_uint(char *out, uint64_t v, unsigned base)
+{
+    char tmp[20];
+    size_t n = 0, i;
+
+    do {
+        tmp[n++] = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v);
+    for (i = 0; i < n; i++)
+        out[i] = tmp[n - 1 - i];
+    return n;
+}
+
 static mqrpc_err send_call(mqrpc_client *c, mqr_call *k)
 {
     char corr[CORR_MAX], expiration[24];
     int64_t left = (k->deadline_us - mqr_now_us()) / 1000;
     mqr_props props = {0};
     mqrpc_err e;
+    size_t n;
 
-    snprintf(corr, sizeof corr, "%s-%" PRIx64, c->prefix, k->seq);
-    snprintf(expiration, sizeof expiration, "%" PRId64, left > 0 ? left : 1);
-    props.correlation_id = mqr_cstr(corr);
-    props.reply_to = mqr_cstr(c->reply_queue);
-    props.expiration = mqr_cstr(expiration);
+    /* "<prefix>-<seq in hex>", what parse_corr reads back */
+    memcpy(corr, c->prefix, PREFIX_LEN);
+    corr[PREFIX_LEN] = '-';
+    n = PREFIX_LEN + 1 + put_uint(corr + PREFIX_LEN + 1, k->seq, 16);
+    props.correlation_id.ptr = corr;
+    props.correlation_id.len = n;
+    props.expiration.ptr = expiration;
+    props.expiration.len =
+        put_uint(expiration, left > 0 ? (uint64_t)left : 1, 10);
+    props.reply_to.ptr = c->reply_queue;
+    props.reply_to.len = c->reply_queue_len;
     props.deadline_ms = k->deadline_wall_ms;
     props.persistent = c->opts.durable;
     /* mandatory: a queue nobody declared makes the broker return the
