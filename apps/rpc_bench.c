@@ -7,6 +7,12 @@
  */
 #include "cli.h"
 #include "latency.h"
+#ifdef RPC_BENCH_KNOBS
+/* rpc_bench_knobs (bench/CMakeLists.txt): this same program linked with
+ * the static library, whose internal mqr_client_without turns guarantees
+ * off, to measure what each costs. Not installed. */
+#include "internal.h"
+#endif
 
 #include <pthread.h>
 #include <signal.h>
@@ -80,6 +86,7 @@ struct bench {
     double duration_s; /* -d: measure for this long instead */
     uint64_t warmup;   /* per connection */
     mqrpc_client_opts copts;
+    unsigned without; /* MQR_WITHOUT_* (rpc_bench_knobs) */
     pthread_barrier_t warm, go; /* all warmed up; t0 is set */
     atomic_uint finished;       /* connections whose thread is done */
     int64_t t0_us;              /* measurement start, set once all warmed up */
@@ -198,6 +205,9 @@ static void *run_conn(void *arg)
     if (!cn->client) {
         cn->fatal = MQRPC_ENOMEM;
     } else {
+#ifdef RPC_BENCH_KNOBS
+        mqr_client_without(cn->client, b->without);
+#endif
         cn->fatal = mqrpc_client_connect(cn->client);
         if (cn->fatal != MQRPC_OK)
             snprintf(cn->first_error, sizeof cn->first_error, "%s",
@@ -357,6 +367,12 @@ int main(int argc, char **argv)
         X_JSON,
         X_HIST,
         X_DIRECT,
+        X_DURABLE,
+#ifdef RPC_BENCH_KNOBS
+        X_NO_CONFIRMS,
+        X_NO_MANDATORY,
+        X_NO_EXPIRATION,
+#endif
         X_END
     };
     struct cli_extra extra[] = {
@@ -404,6 +420,19 @@ int main(int argc, char **argv)
                             "plotting"},
         [X_DIRECT] = {.name = "direct-reply-to",
                       .help = "replies via amq.rabbitmq.reply-to"},
+        [X_DURABLE] = {.name = "durable",
+                       .help = "persistent requests and a durable reply "
+                               "queue (give the service --durable too)"},
+#ifdef RPC_BENCH_KNOBS
+        [X_NO_CONFIRMS] = {.name = "no-confirms",
+                           .help = "benchmark only: no publisher confirms"},
+        [X_NO_MANDATORY] = {.name = "no-mandatory",
+                            .help = "benchmark only: requests without the "
+                                    "mandatory flag"},
+        [X_NO_EXPIRATION] = {.name = "no-expiration",
+                             .help = "benchmark only: requests without "
+                                     "expiration and deadline header"},
+#endif
         [X_END] = {.name = NULL},
     };
     struct cli c = {
@@ -490,6 +519,12 @@ int main(int argc, char **argv)
     b.copts.tls = c.tls;
     b.copts.heartbeat_s = c.heartbeat_s;
     b.copts.direct_reply_to = extra[X_DIRECT].value != NULL;
+    b.copts.durable = extra[X_DURABLE].value != NULL;
+#ifdef RPC_BENCH_KNOBS
+    b.without = (extra[X_NO_CONFIRMS].value ? MQR_WITHOUT_CONFIRMS : 0) |
+                (extra[X_NO_MANDATORY].value ? MQR_WITHOUT_MANDATORY : 0) |
+                (extra[X_NO_EXPIRATION].value ? MQR_WITHOUT_EXPIRATION : 0);
+#endif
 
     b.conns = calloc(b.nconn, sizeof *b.conns);
     lat = malloc(sizeof *lat);

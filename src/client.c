@@ -59,6 +59,7 @@ struct mqrpc_client {
     mqrpc_client_stats st;
     bool ever_connected;
     bool blocked; /* the broker blocks our publishes */
+    unsigned without; /* MQR_WITHOUT_*: benchmarks only */
     char blocked_reason[128];
     int64_t reconnect_at_us; /* next attempt while disconnected */
     int backoff_ms;
@@ -218,7 +219,8 @@ static mqrpc_err open_session(mqrpc_client *c, int connect_timeout_ms)
         return e;
     /* Confirms tell the caller the broker took each request, and a full
      * queue (x-overflow reject-publish) refuses one only through a nack. */
-    e = mqr_conn_confirm_select(c->conn);
+    e = c->without & MQR_WITHOUT_CONFIRMS ? MQRPC_OK
+                                          : mqr_conn_confirm_select(c->conn);
     if (e == MQRPC_OK)
         e = open_reply_queue(c);
     if (e != MQRPC_OK) {
@@ -231,6 +233,11 @@ static mqrpc_err open_session(mqrpc_client *c, int connect_timeout_ms)
     c->blocked = false;
     c->err[0] = '\0';
     return MQRPC_OK;
+}
+
+void mqr_client_without(mqrpc_client *c, unsigned what)
+{
+    c->without = what;
 }
 
 mqrpc_err mqrpc_client_connect(mqrpc_client *c)
@@ -594,20 +601,24 @@ static mqrpc_err send_call(mqrpc_client *c, mqr_call *k)
     n = PREFIX_LEN + 1 + put_uint(corr + PREFIX_LEN + 1, k->seq, 16);
     props.correlation_id.ptr = corr;
     props.correlation_id.len = n;
-    props.expiration.ptr = expiration;
-    props.expiration.len =
-        put_uint(expiration, left > 0 ? (uint64_t)left : 1, 10);
+    if (!(c->without & MQR_WITHOUT_EXPIRATION)) {
+        props.expiration.ptr = expiration;
+        props.expiration.len =
+            put_uint(expiration, left > 0 ? (uint64_t)left : 1, 10);
+        props.deadline_ms = k->deadline_wall_ms;
+    }
     props.reply_to.ptr = c->reply_queue;
     props.reply_to.len = c->reply_queue_len;
-    props.deadline_ms = k->deadline_wall_ms;
     props.persistent = c->opts.durable;
     /* mandatory: a queue nobody declared makes the broker return the
      * request (basic.return) instead of dropping it silently. */
     e = mqr_conn_publish(c->conn, mqr_cstr(k->queue), &props, k->body,
-                         k->body_len, true);
+                         k->body_len, !(c->without & MQR_WITHOUT_MANDATORY));
     if (e != MQRPC_OK)
         return e;
     k->state = MQR_CALL_SENT;
+    if (c->without & MQR_WITHOUT_CONFIRMS)
+        return MQRPC_OK; /* no ack will come: stays SENT */
     k->pub_seq = mqr_conn_publish_seq(c->conn);
     mqr_calls_unconfirmed_append(&c->calls, k);
     return MQRPC_OK;

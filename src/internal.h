@@ -265,6 +265,21 @@ void mqr_calls_finish(mqr_calls *t, mqr_call *k);
 /* The oldest finished call, unlinked, or NULL. */
 mqr_call *mqr_calls_pop_finished(mqr_calls *t);
 
+/* ---------------------------------------------------------- bench knobs */
+/* Guarantees a client can be told to drop, for the benchmark that measures
+ * what each one costs (bench/CMakeLists.txt builds rpc_bench_knobs with
+ * them): nothing else may use them, and the public API has no way to. */
+#define MQR_WITHOUT_CONFIRMS 1u   /* no confirm.select: a full queue's
+                                     refusal is never heard of */
+#define MQR_WITHOUT_MANDATORY 2u  /* a request to a queue nobody declared
+                                     waits for its timeout */
+#define MQR_WITHOUT_EXPIRATION 4u /* no expiration property nor deadline
+                                     header: stale requests get served */
+
+/* mqr_client_without drops the guarantees in what (MQR_WITHOUT_* bits)
+ * from the next connection on; call it before mqrpc_client_connect. */
+void mqr_client_without(mqrpc_client *c, unsigned what);
+
 /* ----------------------------------------------------------------- conn */
 /* The AMQP connection: the only code that speaks rabbitmq-c. One channel
  * (1) carries all traffic; channel 2 is a side channel for passive queue
