@@ -379,7 +379,7 @@ static void run_finished(mqrpc_client *c)
         c->in_callback++;
         k->done(r, k->arg);
         c->in_callback--;
-        mqr_call_free(k);
+        mqr_calls_release(&c->calls, k);
     }
 }
 
@@ -881,7 +881,7 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
     /* Sent now only if that cannot wait on the broker, and behind nothing
      * that waits already; otherwise queued for process. */
     now = c->conn && !c->unsent && mqr_conn_can_publish(c->conn, len);
-    k = mqr_call_new(queue);
+    k = mqr_calls_new_call(&c->calls, queue);
     if (!k)
         return MQRPC_ENOMEM;
     k->seq = c->next_seq++;

@@ -234,6 +234,7 @@ struct mqr_call {
     mqrpc_reply reply; /* the outcome, once finished (points into the
                           call; for a reply, into the current message) */
     char *text;         /* owned message the outcome points to */
+    size_t queue_cap;   /* bytes allocated for queue */
     char queue[];
 };
 
@@ -244,6 +245,8 @@ typedef struct mqr_calls {
     mqr_call *head, *tail;     /* earliest deadline first */
     mqr_call *chead, *ctail;   /* unconfirmed, oldest publish first */
     mqr_call *dhead, *dtail;   /* finished, callbacks not yet run */
+    mqr_call *spare;           /* freed calls kept for reuse (hnext) */
+    size_t nspare;
 } mqr_calls;
 
 bool mqr_calls_init(mqr_calls *t);
@@ -253,6 +256,12 @@ void mqr_calls_clear(mqr_calls *t);
 mqr_call *mqr_call_new(const char *queue);
 /* mqr_call_free frees k, its owned body and outcome. */
 void mqr_call_free(mqr_call *k);
+/* mqr_calls_new_call is mqr_call_new, reusing a call that
+ * mqr_calls_release kept when one fits. */
+mqr_call *mqr_calls_new_call(mqr_calls *t, const char *queue);
+/* mqr_calls_release frees k's owned body and outcome and keeps k for
+ * reuse (a few dozen at most), else frees it. k is in no list. */
+void mqr_calls_release(mqr_calls *t, mqr_call *k);
 /* Puts k into the id map and the deadline list. */
 void mqr_calls_add(mqr_calls *t, mqr_call *k);
 /* The live call with this seq, or NULL. */
