@@ -749,6 +749,8 @@ static mqrpc_err read_messages(mqrpc_client *c, int wait)
     mqrpc_err e;
     bool any = false, corked = false;
     mqr_conn *conn = c->conn;
+    uint64_t before = c->completed;
+    int64_t until = wait > 0 ? mqr_now_us() + (int64_t)wait * 1000 : 0;
 
     for (;;) {
         e = mqr_conn_wait(conn, wait, &m);
@@ -791,9 +793,25 @@ static mqrpc_err read_messages(mqrpc_client *c, int wait)
         if (c->conn != conn)
             break;
         /* Drain what is already buffered, but do not block again. */
-        if (!mqr_conn_buffered(conn))
+        if (mqr_conn_buffered(conn)) {
+            wait = 0;
+            continue;
+        }
+        /* A confirm alone finishes nothing, and one call at a time gets
+         * its confirm just before its reply: wait on for the reply here,
+         * within the same timeout, instead of returning to the caller who
+         * would only come back (a process call costs about 300
+         * instructions, callgrind). Not with calls waiting to be sent:
+         * process sends those. */
+        if (m.kind != MQR_ACK || wait == 0 || c->completed != before ||
+            c->unsent)
             break;
-        wait = 0;
+        if (wait > 0) {
+            int64_t left = until - mqr_now_us();
+            if (left < 1000)
+                break;
+            wait = (int)(left / 1000);
+        }
     }
     if (corked && c->conn == conn)
         mqr_conn_cork(conn, false);
