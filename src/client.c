@@ -282,9 +282,10 @@ static bool may_reconnect(const mqrpc_client *c)
     return c->ever_connected && c->opts.reconnect_max_ms >= 0 && !c->closing;
 }
 
-int mqrpc_client_next_timeout_ms(const mqrpc_client *c)
+/* mqrpc_client_next_timeout_ms at monotonic time now (mqr_now_us). */
+static int next_timeout_at(const mqrpc_client *c, int64_t now)
 {
-    int64_t wait = -1, now = mqr_now_us();
+    int64_t wait = -1;
     int hb;
 
     if (c->calls.dhead)
@@ -314,6 +315,11 @@ int mqrpc_client_next_timeout_ms(const mqrpc_client *c)
     if (hb > 0 && (wait < 0 || wait > hb * 500))
         wait = hb * 500;
     return (int)wait;
+}
+
+int mqrpc_client_next_timeout_ms(const mqrpc_client *c)
+{
+    return next_timeout_at(c, mqr_now_us());
 }
 
 /* Parses one of our correlation ids back into its sequence number. */
@@ -401,9 +407,9 @@ static bool settle(mqrpc_client *c)
     return false;
 }
 
-static void expire_due(mqrpc_client *c)
+/* Fails the calls whose deadline is at or before now (mqr_now_us). */
+static void expire_due_at(mqrpc_client *c, int64_t now)
 {
-    int64_t now = mqr_now_us();
     mqr_call *k;
 
     while ((k = c->calls.head) && k->deadline_us <= now) {
@@ -431,6 +437,11 @@ static void expire_due(mqrpc_client *c)
                       k->queue, k->timeout_ms);
         }
     }
+}
+
+static void expire_due(mqrpc_client *c)
+{
+    expire_due_at(c, mqr_now_us());
 }
 
 static void on_reply(mqrpc_client *c, const mqr_msg *m)
@@ -587,10 +598,11 @@ static size_t put_uint(char *out, uint64_t v, unsigned base)
     return n;
 }
 
-static mqrpc_err send_call(mqrpc_client *c, mqr_call *k)
+/* Publishes k; now is mqr_now_us() of the caller, who had it at hand. */
+static mqrpc_err send_call(mqrpc_client *c, mqr_call *k, int64_t now)
 {
     char corr[CORR_MAX], expiration[24];
-    int64_t left = (k->deadline_us - mqr_now_us()) / 1000;
+    int64_t left = (k->deadline_us - now) / 1000;
     mqr_props props = {0};
     mqrpc_err e;
     size_t n;
@@ -648,7 +660,7 @@ static void flush_unsent(mqrpc_client *c)
             c->st.retried++;
         }
         k->state = MQR_CALL_UNSENT; /* until send_call says otherwise */
-        if (send_call(c, k) != MQRPC_OK) {
+        if (send_call(c, k, mqr_now_us()) != MQRPC_OK) {
             c->unsent++;
             k->state = k->retries_left > 0 ? MQR_CALL_RESEND : MQR_CALL_UNSENT;
             lost(c);
@@ -742,15 +754,15 @@ static void wait_offline(mqrpc_client *c, int timeout_ms)
  * read (a reply's body lives in the connection's current message). Returns
  * MQRPC_OK if anything came, MQRPC_ETIMEOUT if not, MQRPC_ECANCELED when
  * a callback freed the client, MQRPC_ECLOSED when the connection was
- * lost. */
-static mqrpc_err read_messages(mqrpc_client *c, int wait)
+ * lost. now: mqr_now_us() when the wait began. */
+static mqrpc_err read_messages(mqrpc_client *c, int wait, int64_t now)
 {
     mqr_msg m;
     mqrpc_err e;
     bool any = false, corked = false;
     mqr_conn *conn = c->conn;
     uint64_t before = c->completed;
-    int64_t until = wait > 0 ? mqr_now_us() + (int64_t)wait * 1000 : 0;
+    int64_t until = now + (int64_t)wait * 1000; /* when wait > 0 */
 
     for (;;) {
         e = mqr_conn_wait(conn, wait, &m);
@@ -823,6 +835,7 @@ static mqrpc_err read_messages(mqrpc_client *c, int wait)
 mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
 {
     uint64_t before = c->completed, reconnects = c->st.reconnects;
+    int64_t now;
     mqrpc_err e;
     int wait;
 
@@ -830,8 +843,11 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
         return MQRPC_ESTATE;
     /* Calls that expired or failed since the last visit have their
      * callbacks now: that is news, and waiting for a frame as well could
-     * mean waiting forever (mqrpc_call waits with -1 for that very call). */
-    expire_due(c);
+     * mean waiting forever (mqrpc_call waits with -1 for that very call).
+     * One clock reading serves this and the wait below: whatever runs in
+     * between and takes time (callbacks, a reconnection) returns first. */
+    now = mqr_now_us();
+    expire_due_at(c, now);
     if (!c->conn)
         try_reconnect(c);
     else if (c->unsent)
@@ -850,10 +866,10 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
             return MQRPC_OK;
         return c->conn ? MQRPC_ETIMEOUT : MQRPC_ECLOSED;
     }
-    wait = mqrpc_client_next_timeout_ms(c);
+    wait = next_timeout_at(c, now);
     if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
         wait = timeout_ms;
-    e = read_messages(c, wait);
+    e = read_messages(c, wait, now);
     if (e == MQRPC_ECANCELED)
         return e;
     expire_due(c);
@@ -871,6 +887,7 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
     size_t qlen;
     mqr_call *k;
     bool resendable, now;
+    int64_t now_us;
     mqrpc_err e;
 
     if (c->closing)
@@ -904,7 +921,8 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
         return MQRPC_ENOMEM;
     k->seq = c->next_seq++;
     k->timeout_ms = timeout_ms;
-    k->deadline_us = mqr_now_us() + (int64_t)timeout_ms * 1000;
+    now_us = mqr_now_us();
+    k->deadline_us = now_us + (int64_t)timeout_ms * 1000;
     k->deadline_wall_ms = mqr_wall_ms() + timeout_ms;
     k->retries_left = resendable ? c->opts.retries : 0;
     k->done = done;
@@ -929,7 +947,7 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
         mqr_calls_add(&c->calls, k);
         return MQRPC_OK;
     }
-    e = send_call(c, k);
+    e = send_call(c, k, now_us);
     if (!k->own_body) {
         k->body = NULL;
         k->body_len = 0;
