@@ -66,6 +66,29 @@ def main():
             side, fmt(per.get("ours"), "%.0f"), fmt(per.get("bare"), "%.0f"),
             fmt(r), "" if r is None else ("met" if r <= 1.3 else "MISSED")))
 
+    def per_call(label):
+        d = costs.get(label)
+        return (d["i2"] - d["i1"]) / (d["n2"] - d["n1"]) if d else None
+
+    base = per_call("insns knobs on")
+    if base:
+        print()
+        print("The client's instructions per call with each guarantee off "
+              "(rpc_bench_knobs, callgrind as above):")
+        print()
+        print("| rpc_bench_knobs | instructions per call | saved vs as shipped |")
+        print("|---|---:|---:|")
+        for cfg in ("on", "no-confirms", "no-mandatory", "no-expiration",
+                    "none"):
+            v = per_call("insns knobs %s" % cfg)
+            if v is None:
+                continue
+            print("| %s | %.0f | %s |" % (
+                "(as shipped)" if cfg == "on" else
+                "--no-confirms --no-mandatory --no-expiration"
+                if cfg == "none" else "--" + cfg, v,
+                "" if cfg == "on" else "%.0f" % (base - v)))
+
     print()
     print("The price of each guarantee (rpc_bench_knobs against service_soma "
           "at prefetch 64; medians over the rounds):")
