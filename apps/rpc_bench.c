@@ -1,10 +1,23 @@
 /*
- * rpc_bench: closed-loop load against any queue. Each connection (a thread
- * with its own client: rabbitmq-c connections are not thread-safe) keeps -c
- * calls in flight; every completed call starts the next one. Every reply is
- * checked, latencies go into a fixed-size histogram, so memory stays flat
- * however many calls are made.
+ * rpc_bench: load against any queue. Each connection (a thread with its own
+ * client: rabbitmq-c connections are not thread-safe) either keeps -c calls
+ * in flight, every completed call starting the next one (closed loop), or,
+ * with --rate, starts calls on a fixed schedule whatever the replies do
+ * (open loop). Every reply is checked, latencies go into a fixed-size
+ * histogram, so memory stays flat however many calls are made.
+ *
+ * Open loop: call g (0, 1, 2, ... over all connections) is due at
+ * t0 + g / R; connection i makes the calls g = i, i + K, i + 2K, ... (K
+ * connections), so together they offer R calls/s evenly spaced. A call's
+ * latency runs from the moment it was due, not from when it was sent: a
+ * client that falls behind its schedule, or a reply that holds up the next
+ * start, shows as latency instead of quietly lowering the load (the
+ * coordinated omission wrk2 corrects). Nothing throttles the schedule: -c
+ * caps the calls in flight per connection (65536 by default with --rate),
+ * and a due call that finds the cap reached is not sent and is counted as
+ * an error ("inflight_limit"), so a row never looks better than it was.
  */
+#define _GNU_SOURCE /* ppoll */
 #include "cli.h"
 #include "latency.h"
 #ifdef RPC_BENCH_KNOBS
@@ -14,6 +27,8 @@
 #include "internal.h"
 #endif
 
+#include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -26,32 +41,43 @@
 #define DEFAULT_QUEUE "service_soma"
 #define DEFAULT_BODY "{\"a\":1,\"b\":2}"
 #define DEFAULT_EXPECT "3"
-#define MAX_INFLIGHT 4096
-#define MAX_CONNECTIONS 64
+#define MAX_INFLIGHT 65536
+/* Each connection is a thread and a socket: a few hundred stay well under
+ * the usual limit of 1024 open files. */
+#define MAX_CONNECTIONS 512
+#define MAX_RATES 32
+#define MAX_RATE 10000000.0 /* calls/s */
 /* errors[] has a slot per status; the library may grow statuses this
- * program does not know, which share the slot before the last. */
+ * program does not know, which share the slot "other". The last slots
+ * count what is not a status. */
 #define ERR_SLOTS 64
+#define NOT_SENT (ERR_SLOTS - 4)       /* due, but the connection was gone */
+#define INFLIGHT_LIMIT (ERR_SLOTS - 3) /* due, but -c calls were in flight */
 #define OTHER_STATUS (ERR_SLOTS - 2)
 #define WRONG_RESULT (ERR_SLOTS - 1) /* errors[] slot for a wrong result */
 
 static int err_slot(mqrpc_err e)
 {
-    return (unsigned)e < OTHER_STATUS ? (int)e : OTHER_STATUS;
+    return (unsigned)e < NOT_SENT ? (int)e : OTHER_STATUS;
 }
 
 static const char *slot_name(int i)
 {
-    return i == WRONG_RESULT   ? "wrong_result"
-           : i == OTHER_STATUS ? "other"
-                               : mqrpc_errname((mqrpc_err)i);
+    return i == WRONG_RESULT     ? "wrong_result"
+           : i == OTHER_STATUS   ? "other"
+           : i == INFLIGHT_LIMIT ? "inflight_limit"
+           : i == NOT_SENT       ? "not_sent"
+                                 : mqrpc_errname((mqrpc_err)i);
 }
 
 struct bench;
 
-/* One call slot: a connection keeps `inflight` of them busy. */
+/* One call slot: a connection keeps `inflight` of them busy (closed
+ * loop), or takes a free one for each due call (open loop). */
 struct slot {
     struct conn *conn;
-    int64_t start_us;
+    int64_t start_us; /* sent (closed loop) or due (open loop) */
+    struct slot *next_free;
 };
 
 /* One connection and everything only its thread touches. */
@@ -60,9 +86,13 @@ struct conn {
     mqrpc_client *client;
     pthread_t thread;
     struct slot *slots;
-    uint64_t warmup_left; /* calls still to make before measuring */
-    uint64_t quota;       /* measured calls to start (-n mode) */
-    uint64_t started;     /* measured calls started */
+    unsigned index;          /* 0 .. nconn-1: its share of the schedule */
+    struct slot *free_slots; /* open loop: returned slots */
+    unsigned fresh;          /* open loop: slots never used yet start here */
+    uint64_t scheduled;      /* open loop: measured calls that came due */
+    uint64_t warmup_left;    /* calls still to make before measuring */
+    uint64_t quota;          /* measured calls to start (-n mode) */
+    uint64_t started;        /* measured calls started */
     bool measuring;
     bool stopping;      /* start no more calls */
     unsigned active;    /* calls in flight */
@@ -82,12 +112,17 @@ struct bench {
     int timeout_ms;
     unsigned inflight;
     unsigned nconn;
-    uint64_t calls;    /* -n: measured calls over all connections */
-    double duration_s; /* -d: measure for this long instead */
-    uint64_t warmup;   /* per connection */
+    uint64_t calls;          /* -n: measured calls over all connections */
+    double duration_s;       /* -d: measure for this long instead */
+    uint64_t warmup;         /* per connection */
+    double rates[MAX_RATES]; /* --rate: open loop, one row per rate */
+    unsigned nrates;         /* 0: closed loop */
+    double rate;             /* the rate being measured */
+    bool abort;              /* open loop: a connection failed, no rows */
     mqrpc_client_opts copts;
     unsigned without; /* MQR_WITHOUT_* (rpc_bench_knobs) */
     pthread_barrier_t warm, go; /* all warmed up; t0 is set */
+    pthread_barrier_t row_done; /* open loop: every connection drained */
     atomic_uint finished;       /* connections whose thread is done */
     int64_t t0_us;              /* measurement start, set once all warmed up */
     int64_t deadline_us;
@@ -179,6 +214,11 @@ static void on_done(const mqrpc_reply *r, void *arg)
     }
     if (st == MQRPC_ECLOSED || st == MQRPC_ECANCELED)
         cn->stopping = true;
+    if (b->nrates && cn->measuring) {
+        s->next_free = cn->free_slots;
+        cn->free_slots = s;
+        return;
+    }
     start_call(s);
 }
 
@@ -193,6 +233,135 @@ static void drain(struct conn *cn)
             return;
         if (interrupted)
             cn->stopping = true;
+    }
+}
+
+/* Open loop: takes a slot for the call due at due_us and sends it. */
+static void start_due_call(struct conn *cn, int64_t due_us)
+{
+    struct bench *b = cn->b;
+    struct slot *s = cn->free_slots;
+    mqrpc_err e;
+
+    cn->scheduled++;
+    if (s) {
+        cn->free_slots = s->next_free;
+    } else if (cn->fresh < b->inflight) {
+        s = &cn->slots[cn->fresh++];
+    } else {
+        cn->errors[INFLIGHT_LIMIT]++;
+        if (!cn->first_error[0])
+            snprintf(cn->first_error, sizeof cn->first_error,
+                     "%u calls in flight on a connection (-c): a due call "
+                     "was not sent",
+                     b->inflight);
+        return;
+    }
+    s->start_us = due_us;
+    e = mqrpc_call_async(cn->client, b->queue, b->body, b->body_len,
+                         b->timeout_ms, 0, on_done, s);
+    if (e != MQRPC_OK) {
+        cn->errors[err_slot(e)]++;
+        if (!cn->first_error[0])
+            snprintf(cn->first_error, sizeof cn->first_error, "%s",
+                     mqrpc_client_errmsg(cn->client));
+        cn->stopping = true;
+        s->next_free = cn->free_slots;
+        cn->free_slots = s;
+        return;
+    }
+    cn->active++;
+}
+
+/* Open loop: sleeps until due_us (INT64_MAX: nothing due), a reply or the
+ * library's next timer, whichever comes first, then lets the library
+ * process. The socket is polled here rather than in mqrpc_client_process,
+ * whose timeout is in milliseconds: at thousands of calls/s the gaps
+ * between starts are a fraction of one. Returns false once the client can
+ * do no more. */
+static bool wait_open(struct conn *cn, int64_t due_us)
+{
+    int lib = mqrpc_client_next_timeout_ms(cn->client);
+    int fd = mqrpc_client_fd(cn->client);
+    int64_t wait = due_us == INT64_MAX ? 200000 : due_us - now_us();
+    mqrpc_err e;
+
+    if (wait > 200000)
+        wait = 200000; /* notice an interrupt soon enough */
+    if (lib >= 0 && (int64_t)lib * 1000 < wait)
+        wait = (int64_t)lib * 1000;
+    if (wait > 0 && fd < 0) {
+        /* Not connected: the library waits for its next attempt. */
+        e = mqrpc_client_process(cn->client, (int)((wait + 999) / 1000));
+    } else {
+        if (wait > 0) {
+            struct pollfd p = {.fd = fd, .events = POLLIN};
+            struct timespec ts = {(time_t)(wait / 1000000),
+                                  (long)(wait % 1000000) * 1000};
+            (void)ppoll(&p, 1, &ts, NULL);
+        }
+        e = mqrpc_client_process(cn->client, 0);
+    }
+    return e == MQRPC_OK || e == MQRPC_ETIMEOUT;
+}
+
+/* Open loop, one row: makes this connection's share of the schedule at
+ * b->rate, then waits for the replies of every call it sent. */
+static void run_open(struct conn *cn)
+{
+    struct bench *b = cn->b;
+    const uint64_t limit =
+        b->duration_s > 0 ? (uint64_t)ceil(b->rate * b->duration_s) : b->calls;
+    uint64_t g = cn->index;
+
+    cn->measuring = true;
+    cn->end_us = b->t0_us;
+    for (;;) {
+        int64_t now = now_us(), due = INT64_MAX;
+
+        if (interrupted)
+            cn->stopping = true;
+        if (cn->stopping && g < limit) {
+            /* Due calls that were never sent are failures the row shows. */
+            uint64_t left = (limit - g + b->nconn - 1) / b->nconn;
+            cn->errors[NOT_SENT] += left;
+            cn->scheduled += left;
+            g = limit;
+        }
+        for (; g < limit; g += b->nconn) {
+            /* From t0 each time, so rounding never accumulates. */
+            due = b->t0_us + (int64_t)((double)g * 1e6 / b->rate);
+            if (due > now)
+                break;
+            start_due_call(cn, due);
+        }
+        if (g >= limit) {
+            due = INT64_MAX;
+            if (cn->active == 0)
+                break;
+        }
+        if (!wait_open(cn, due)) {
+            cn->stopping = true;
+            if (cn->active == 0 || mqrpc_client_fd(cn->client) < 0)
+                break; /* the calls in flight fail when the client goes */
+        }
+    }
+}
+
+/* Open loop: one row per rate, in step with the other connections. */
+static void run_rows(struct conn *cn)
+{
+    struct bench *b = cn->b;
+
+    for (unsigned r = 0; r < b->nrates; r++) {
+        if (r > 0)
+            pthread_barrier_wait(&b->go);
+        if (b->abort)
+            return;
+        if (cn->fatal == MQRPC_OK)
+            run_open(cn);
+        atomic_fetch_add(&b->finished, 1);
+        pthread_barrier_wait(&b->row_done);
     }
 }
 
@@ -214,8 +383,11 @@ static void *run_conn(void *arg)
                      mqrpc_client_errmsg(cn->client));
     }
     if (cn->fatal == MQRPC_OK) {
+        /* The open loop warms up one call at a time: its -c is a cap,
+         * not a window to fill. */
+        unsigned window = b->nrates ? 1 : b->inflight;
         cn->warmup_left = b->warmup;
-        for (unsigned i = 0; i < b->inflight; i++)
+        for (unsigned i = 0; i < window; i++)
             start_call(&cn->slots[i]);
         drain(cn);
     }
@@ -223,6 +395,10 @@ static void *run_conn(void *arg)
      * up and warm. */
     pthread_barrier_wait(&b->warm);
     pthread_barrier_wait(&b->go);
+    if (b->nrates) {
+        run_rows(cn);
+        return NULL;
+    }
     if (cn->fatal == MQRPC_OK && !cn->stopping) {
         cn->measuring = true;
         cn->end_us = b->t0_us;
@@ -302,9 +478,7 @@ static void print_text(const struct bench *b, const struct latency *lat,
         printf("none");
     for (int i = 0; i <= WRONG_RESULT; i++)
         if (errors[i])
-            printf("%s %llu  ",
-                   slot_name(i),
-                   (unsigned long long)errors[i]);
+            printf("%s %llu  ", slot_name(i), (unsigned long long)errors[i]);
     printf("\n  memory       %ld KiB resident after warm-up, %ld KiB at the "
            "end\n",
            rss0, rss1);
@@ -323,16 +497,15 @@ static void print_json(const struct bench *b, const struct latency *lat,
 
     for (int i = 0; i <= WRONG_RESULT; i++)
         if (errors[i])
-            json_object_set_new(
-                kinds, slot_name(i),
-                json_integer((json_int_t)errors[i]));
+            json_object_set_new(kinds, slot_name(i),
+                                json_integer((json_int_t)errors[i]));
     o = json_pack(
-        "{s:s, s:i, s:i, s:b, s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I, s:I, "
-        "s:f, s:I, s:o, s:i, s:i}",
-        "queue", b->queue, "connections", (int)b->nconn, "inflight",
-        (int)b->inflight, "direct_reply_to", b->copts.direct_reply_to, "calls",
-        (json_int_t)calls, "seconds", secs, "calls_per_s",
-        secs > 0 ? (double)calls / secs : 0.0, "p50_us",
+        "{s:s, s:s, s:i, s:i, s:b, s:I, s:f, s:f, s:I, s:I, s:I, s:I, s:I, "
+        "s:I, s:f, s:I, s:o, s:i, s:i}",
+        "impl", "mqrpc", "queue", b->queue, "connections", (int)b->nconn,
+        "inflight", (int)b->inflight, "direct_reply_to",
+        b->copts.direct_reply_to, "calls", (json_int_t)calls, "seconds", secs,
+        "calls_per_s", secs > 0 ? (double)calls / secs : 0.0, "p50_us",
         (json_int_t)latency_percentile(lat, 0.50), "p90_us",
         (json_int_t)latency_percentile(lat, 0.90), "p99_us",
         (json_int_t)latency_percentile(lat, 0.99), "p999_us",
@@ -348,6 +521,195 @@ static void print_json(const struct bench *b, const struct latency *lat,
     json_decref(o);
 }
 
+/* One open-loop row, merged over the connections. */
+struct row {
+    double rate;    /* asked for */
+    double offered; /* calls that came due / the schedule's length */
+    uint64_t scheduled;
+    double secs; /* t0 to the last reply */
+    uint64_t errors[WRONG_RESULT + 1];
+    uint64_t nerr;
+    struct latency *lat; /* successful calls, from their due time */
+};
+
+static void print_errors_text(const uint64_t *errors, uint64_t nerr)
+{
+    if (!nerr)
+        printf("none");
+    for (int i = 0; i <= WRONG_RESULT; i++)
+        if (errors[i])
+            printf("%s %llu  ", slot_name(i), (unsigned long long)errors[i]);
+}
+
+static void print_rows_header(const struct bench *b)
+{
+    printf("rpc_bench: %s, open loop, %u connection%s, at most %u in flight "
+           "each, ",
+           b->queue, b->nconn, b->nconn == 1 ? "" : "s", b->inflight);
+    if (b->duration_s > 0)
+        printf("%.0f s per rate\n", b->duration_s);
+    else
+        printf("%llu calls per rate\n", (unsigned long long)b->calls);
+    printf("  latency from each call's scheduled start, in us\n");
+    printf("  %10s %10s %8s %8s %8s %8s %8s  %s\n", "offered/s", "achieved/s",
+           "p50", "p90", "p99", "p99.9", "max", "errors");
+}
+
+static void print_row_text(const struct row *w)
+{
+    const struct latency *lat = w->lat;
+
+    printf("  %10.0f %10.0f %8llu %8llu %8llu %8llu %8llu  ", w->offered,
+           w->secs > 0 ? (double)lat->count / w->secs : 0.0,
+           (unsigned long long)latency_percentile(lat, 0.50),
+           (unsigned long long)latency_percentile(lat, 0.90),
+           (unsigned long long)latency_percentile(lat, 0.99),
+           (unsigned long long)latency_percentile(lat, 0.999),
+           (unsigned long long)lat->max_us);
+    print_errors_text(w->errors, w->nerr);
+    printf("\n");
+    fflush(stdout);
+}
+
+/* The fields bench/bare_pingpong prints for the same row (and the Go peer);
+ * see the README's "Open loop" section. */
+static void print_row_json(const struct bench *b, const struct row *w)
+{
+    const struct latency *lat = w->lat;
+    json_t *kinds = json_object();
+    json_t *o;
+    char *s;
+    double achieved = w->secs > 0 ? (double)lat->count / w->secs : 0.0;
+
+    for (int i = 0; i <= WRONG_RESULT; i++)
+        if (w->errors[i])
+            json_object_set_new(kinds, slot_name(i),
+                                json_integer((json_int_t)w->errors[i]));
+    o = json_pack(
+        "{s:s, s:s, s:i, s:i, s:b, s:f, s:f, s:I, s:I, s:f, s:f, s:f, s:I, "
+        "s:I, s:I, s:I, s:I, s:I, s:f, s:I, s:o}",
+        "impl", "mqrpc", "queue", b->queue, "connections", (int)b->nconn,
+        "inflight", (int)b->inflight, "direct_reply_to",
+        b->copts.direct_reply_to, "rate", w->rate, "offered_per_s", w->offered,
+        "scheduled", (json_int_t)w->scheduled, "calls", (json_int_t)lat->count,
+        "seconds", w->secs, "calls_per_s", achieved, "achieved_per_s", achieved,
+        "p50_us", (json_int_t)latency_percentile(lat, 0.50), "p90_us",
+        (json_int_t)latency_percentile(lat, 0.90), "p99_us",
+        (json_int_t)latency_percentile(lat, 0.99), "p999_us",
+        (json_int_t)latency_percentile(lat, 0.999), "max_us",
+        (json_int_t)lat->max_us, "min_us",
+        (json_int_t)(lat->count ? lat->min_us : 0), "mean_us",
+        latency_mean(lat), "errors", (json_int_t)w->nerr, "errors_by_kind",
+        kinds);
+    s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    if (s)
+        printf("%s\n", s);
+    fflush(stdout);
+    free(s);
+    json_decref(o);
+}
+
+/* --rate R[,R...]: calls/s, each above 0 and at most MAX_RATE. */
+static bool parse_rates(const struct cli *c, const char *arg, struct bench *b)
+{
+    const char *p = arg;
+
+    for (;;) {
+        char *end;
+        double r;
+
+        if (b->nrates == MAX_RATES) {
+            cli_error(c, "--rate takes at most %d rates", MAX_RATES);
+            return false;
+        }
+        r = *p >= '0' && *p <= '9' ? strtod(p, &end) : 0;
+        if (*p < '0' || *p > '9' || end == p || (*end && *end != ',') ||
+            !(r > 0) || r > MAX_RATE) {
+            cli_error(c,
+                      "--rate takes calls/s above 0 and up to %.0f, "
+                      "separated by commas (e.g. 1000,2000,4000), got \"%s\"",
+                      MAX_RATE, arg);
+            return false;
+        }
+        b->rates[b->nrates++] = r;
+        if (!*end)
+            return true;
+        p = end + 1;
+    }
+}
+
+/* Open loop: measures every row and prints it as soon as it is done.
+ * Returns the number of failed calls over all rows. */
+static uint64_t measure_rows(struct bench *b, bool json_out, bool tty,
+                             struct latency *lat, char *first_error,
+                             size_t first_error_len)
+{
+    uint64_t total_err = 0;
+
+    if (!json_out)
+        print_rows_header(b);
+    for (unsigned r = 0; r < b->nrates; r++) {
+        struct row w;
+        uint64_t limit;
+        int64_t end;
+
+        if (interrupted) {
+            b->abort = true; /* the threads return from this barrier */
+            pthread_barrier_wait(&b->go);
+            break;
+        }
+        memset(&w, 0, sizeof w);
+        w.rate = b->rates[r];
+        w.lat = lat;
+        latency_init(lat);
+        b->rate = w.rate;
+        atomic_store(&b->finished, 0);
+        b->t0_us = now_us();
+        b->deadline_us = b->t0_us + (int64_t)(b->duration_s * 1e6);
+        pthread_barrier_wait(&b->go);
+        if (tty && !json_out) {
+            struct timespec ts = {0, 200 * 1000000L};
+            while (atomic_load(&b->finished) < b->nconn) {
+                progress(b, now_us());
+                nanosleep(&ts, NULL);
+            }
+            fprintf(stderr, "\r%*s\r", 79, "");
+        }
+        pthread_barrier_wait(&b->row_done);
+
+        limit = b->duration_s > 0 ? (uint64_t)ceil(w.rate * b->duration_s)
+                                  : b->calls;
+        end = b->t0_us;
+        for (unsigned i = 0; i < b->nconn; i++) {
+            struct conn *cn = &b->conns[i];
+            latency_merge(lat, &cn->lat);
+            latency_init(&cn->lat);
+            for (int k = 0; k <= WRONG_RESULT; k++) {
+                w.errors[k] += cn->errors[k];
+                w.nerr += cn->errors[k];
+                cn->errors[k] = 0;
+            }
+            w.scheduled += cn->scheduled;
+            cn->scheduled = 0;
+            atomic_store(&cn->done, 0);
+            if (cn->end_us > end)
+                end = cn->end_us;
+            if (!first_error[0] && cn->first_error[0])
+                snprintf(first_error, first_error_len, "%s", cn->first_error);
+        }
+        w.secs = (double)(end - b->t0_us) / 1e6;
+        w.offered = (double)w.scheduled * w.rate / (double)limit;
+        total_err += w.nerr;
+        if (json_out)
+            print_row_json(b, &w);
+        else
+            print_row_text(&w);
+    }
+    if (!json_out && first_error[0])
+        printf("  first error  %s\n", first_error);
+    return total_err;
+}
+
 static void quiet(mqrpc_log_level level, const char *line, void *arg)
 {
     (void)level;
@@ -357,6 +719,7 @@ static void quiet(mqrpc_log_level level, const char *line, void *arg)
 
 int main(int argc, char **argv)
 {
+    static const char inflight_default[] = "1";
     enum {
         X_CALLS,
         X_DURATION,
@@ -367,6 +730,7 @@ int main(int argc, char **argv)
         X_JSON,
         X_HIST,
         X_DIRECT,
+        X_RATE,
         X_DURABLE,
 #ifdef RPC_BENCH_KNOBS
         X_NO_CONFIRMS,
@@ -379,21 +743,24 @@ int main(int argc, char **argv)
         [X_CALLS] = {.name = "calls",
                      .arg = "N",
                      .short_name = 'n',
-                     .help = "measured calls over all connections",
+                     .help = "measured calls over all connections (per rate "
+                             "with --rate)",
                      .value = "20000",
                      .min = 1,
                      .max = 1000000000L},
         [X_DURATION] = {.name = "duration",
                         .arg = "S",
                         .short_name = 'd',
-                        .help = "measure for S seconds instead of -n calls",
+                        .help = "measure for S seconds instead of -n calls "
+                                "(per rate with --rate)",
                         .min = 1,
                         .max = 86400},
         [X_INFLIGHT] = {.name = "concurrency",
                         .arg = "N",
                         .short_name = 'c',
-                        .help = "calls in flight per connection",
-                        .value = "1",
+                        .help = "calls in flight per connection; --rate: "
+                                "the cap, 65536 unless given",
+                        .value = inflight_default,
                         .min = 1,
                         .max = MAX_INFLIGHT},
         [X_CONNS] = {.name = "connections",
@@ -413,13 +780,17 @@ int main(int argc, char **argv)
                       .help = "result every reply must carry (3 for the "
                               "default call)"},
         [X_JSON] = {.name = "json",
-                    .help = "print one JSON object instead of text"},
+                    .help = "print JSON instead of text (a line per rate)"},
         [X_HIST] = {.name = "hist",
                     .arg = "FILE",
                     .help = "write the latency histogram there, for "
                             "plotting"},
         [X_DIRECT] = {.name = "direct-reply-to",
                       .help = "replies via amq.rabbitmq.reply-to"},
+        [X_RATE] = {.name = "rate",
+                    .arg = "R[,R...]",
+                    .help = "open loop: R calls/s in all on a schedule; "
+                            "one row per rate"},
         [X_DURABLE] = {.name = "durable",
                        .help = "persistent requests and a durable reply "
                                "queue (give the service --durable too)"},
@@ -442,6 +813,12 @@ int main(int argc, char **argv)
             "Closed-loop benchmark: keeps -c calls in flight on each of "
             "--connections connections, checks every reply, and prints "
             "calls/s, latency percentiles (microseconds) and errors by kind. "
+            "With --rate, open loop: calls start on a fixed schedule (R "
+            "calls/s over all connections) whatever the replies do, latency "
+            "counts from each call's scheduled start, and each rate gets a "
+            "row: offered and achieved calls/s, percentiles, errors "
+            "(\"inflight_limit\": a due call found -c calls in flight and was "
+            "not sent). "
             "Default call: service_soma with {\"a\":1,\"b\":2}, expecting 3.",
         .verbose_help = "",
         .exit_codes = "Exit codes: 0 every measured call succeeded, 1 some "
@@ -489,7 +866,18 @@ int main(int argc, char **argv)
     }
     /* Ranges were checked by cli_parse. */
     b.calls = (uint64_t)atol(extra[X_CALLS].value);
-    b.inflight = (unsigned)atol(extra[X_INFLIGHT].value);
+    if (extra[X_RATE].value && !parse_rates(&c, extra[X_RATE].value, &b))
+        return CLI_EXIT_USAGE;
+    /* The default's own pointer: -c was not given. */
+    if (extra[X_INFLIGHT].value == inflight_default && b.nrates)
+        b.inflight = MAX_INFLIGHT;
+    else
+        b.inflight = (unsigned)atol(extra[X_INFLIGHT].value);
+    if (b.nrates > 1 && extra[X_HIST].value) {
+        cli_error(&c, "--hist writes one run's histogram: give --rate one "
+                      "rate");
+        return CLI_EXIT_USAGE;
+    }
     b.nconn = (unsigned)atol(extra[X_CONNS].value);
     b.warmup = (uint64_t)atol(extra[X_WARMUP].value);
     if (extra[X_DURATION].value)
@@ -535,10 +923,12 @@ int main(int argc, char **argv)
     latency_init(lat);
     pthread_barrier_init(&b.warm, NULL, b.nconn + 1);
     pthread_barrier_init(&b.go, NULL, b.nconn + 1);
+    pthread_barrier_init(&b.row_done, NULL, b.nconn + 1);
     atomic_init(&b.finished, 0);
     for (unsigned i = 0; i < b.nconn; i++) {
         struct conn *cn = &b.conns[i];
         cn->b = &b;
+        cn->index = i;
         cn->quota = b.calls / b.nconn + (i < b.calls % b.nconn ? 1 : 0);
         latency_init(&cn->lat);
         atomic_init(&cn->done, 0);
@@ -562,6 +952,43 @@ int main(int argc, char **argv)
     if (tty && !json_out)
         fprintf(stderr, "connecting and warming up...");
     pthread_barrier_wait(&b.warm);
+    if (b.nrates) {
+        uint64_t nerr_rows = 0;
+        if (tty && !json_out)
+            fprintf(stderr, "\r%*s\r", 79, "");
+        for (unsigned i = 0; i < b.nconn; i++)
+            if (b.conns[i].fatal != MQRPC_OK) {
+                rc = cli_exit_code(b.conns[i].fatal);
+                if (!first_error[0])
+                    snprintf(first_error, sizeof first_error, "%s",
+                             b.conns[i].first_error);
+            }
+        if (rc >= 0) {
+            b.abort = true;
+            pthread_barrier_wait(&b.go);
+        } else {
+            nerr_rows = measure_rows(&b, json_out, tty, lat, first_error,
+                                     sizeof first_error);
+        }
+        for (unsigned i = 0; i < b.nconn; i++)
+            pthread_join(b.conns[i].thread, NULL);
+        if (rc >= 0) {
+            cli_error(&c, "%s%s", first_error,
+                      cli_connect_hint(b.conns[0].fatal));
+        } else {
+            if (extra[X_HIST].value) {
+                FILE *f = fopen(extra[X_HIST].value, "w");
+                if (!f) {
+                    cli_error(&c, "cannot write %s", extra[X_HIST].value);
+                } else {
+                    latency_write(lat, f);
+                    fclose(f);
+                }
+            }
+            rc = nerr_rows || interrupted ? CLI_EXIT_REMOTE : CLI_EXIT_OK;
+        }
+        goto out;
+    }
     b.t0_us = now_us();
     b.deadline_us = b.t0_us + (int64_t)(b.duration_s * 1e6);
     pthread_barrier_wait(&b.go);
@@ -616,10 +1043,12 @@ int main(int argc, char **argv)
         rc = nerr || interrupted ? CLI_EXIT_REMOTE : CLI_EXIT_OK;
     }
 
+out:
     for (unsigned i = 0; i < b.nconn; i++) {
         mqrpc_client_free(b.conns[i].client);
         free(b.conns[i].slots);
     }
+    pthread_barrier_destroy(&b.row_done);
     pthread_barrier_destroy(&b.warm);
     pthread_barrier_destroy(&b.go);
     free(b.conns);

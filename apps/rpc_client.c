@@ -80,7 +80,32 @@ static json_t *parse_list(char **words, int n, char *bad, size_t badlen)
 struct session {
     struct cli *cli;
     mqrpc_client *client;
+    bool bar_shown; /* a progress bar is on the terminal's last line */
 };
+
+/* Progress of a long call, on stderr so stdout stays the result: a bar
+ * redrawn in place on a terminal, one line per message otherwise (-v). */
+static void on_progress(void *call_arg, double percent, const char *text,
+                        void *arg)
+{
+    struct session *s = arg;
+    char bar[21];
+    int filled = (int)(percent / 5);
+
+    (void)call_arg;
+    if (!isatty(STDERR_FILENO)) {
+        fprintf(stderr, "progress: %.0f%%%s%s\n", percent, *text ? " " : "",
+                text);
+        return;
+    }
+    for (int i = 0; i < 20; i++)
+        bar[i] = i < filled ? '#' : '.';
+    bar[20] = '\0';
+    /* \033[K clears what a longer text left on the line. */
+    fprintf(stderr, "\r[%s] %3.0f%% %.60s\033[K", bar, percent, text);
+    fflush(stderr);
+    s->bar_shown = true;
+}
 
 /* The library's log lines (reconnections, a blocking broker): the outcome
  * of each call is reported anyway, so they show only with -v. */
@@ -109,6 +134,8 @@ static mqrpc_err ensure_connected(struct session *s)
     o.retries = s->cli->retries;
     o.log = log_line;
     o.log_arg = s;
+    o.progress = on_progress;
+    o.progress_arg = s;
     s->client = mqrpc_client_new(&o);
     if (!s->client) {
         cli_error(s->cli, "out of memory");
@@ -174,9 +201,20 @@ static int do_call(struct session *s, const char *queue, const char *body,
     if (e != MQRPC_OK)
         return cli_exit_code(e);
     clock_gettime(CLOCK_MONOTONIC, &t0);
+    /* Services that report progress send it only when asked: asked when
+     * someone watches (a terminal), or with -v; a script's stderr stays
+     * the one line of an error. */
     e = mqrpc_call(s->client, queue, body, len, s->cli->timeout_ms,
-                   call_flags(queue), &r);
+                   call_flags(queue) |
+                       (isatty(STDERR_FILENO) || s->cli->verbose
+                            ? MQRPC_CALL_PROGRESS
+                            : 0),
+                   &r);
     clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (s->bar_shown) {
+        fputs("\r\033[K", stderr);
+        s->bar_shown = false;
+    }
     if (!r) {
         cli_error(s->cli, "%s", mqrpc_strerror(e));
         return cli_exit_code(e);

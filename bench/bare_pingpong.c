@@ -11,17 +11,47 @@
  * connection's pool (no envelope copies); nothing is batched.
  *
  *   bare_pingpong serve [--url URL] [--queue Q] [--prefetch N]
- *   bare_pingpong call  [--url URL] [--queue Q] [-c INFLIGHT]
+ *   bare_pingpong call  [--url URL] [--queue Q] [-c INFLIGHT] [--connections N]
  *                       [-n CALLS | -d SECONDS] [--warmup CALLS]
+ *                       [--rate R[,R...]]
  *
  * serve echoes each request body and prints "ready" once consuming; SIGTERM
- * or SIGINT stops it (exit 0). call keeps INFLIGHT calls outstanding (closed
- * loop), skips the first --warmup replies, measures the rest (publish to
- * reply, CLOCK_MONOTONIC) and prints one JSON line; exit 0 without errors
- * (replies with an unknown correlation id), 1 with. URL: --url, else
- * $AMQP_URL, else amqp://guest:guest@localhost:5672/. Usage error: exit 2;
- * any other failure: one line on stderr, exit 3.
+ * or SIGINT stops it (exit 0). URL: --url, else $AMQP_URL, else
+ * amqp://guest:guest@localhost:5672/. Usage error: exit 2; any other failure
+ * (including no reply within 10 s): one line on stderr, exit 3.
+ *
+ * call opens N connections (default 1), each with a thread, an exclusive
+ * reply queue and its own consumer; each first makes --warmup unmeasured
+ * calls (default 1000), then all measure from the same moment. -n is the
+ * measured calls over all connections (default 20000), -d measures for
+ * SECONDS instead; with --rate, per rate. Exit 0 without errors, 1 with.
+ *   Closed loop (no --rate): each connection keeps INFLIGHT calls
+ *   outstanding (default 1), each reply starts the next; latency runs from
+ *   publish to reply (CLOCK_MONOTONIC). One JSON line:
+ *     {"impl":"bare rabbitmq-c","connections":N,"inflight":C,"calls":K,
+ *      "seconds":S,"calls_per_s":X,"p50_us":..,"p90_us":..,"p99_us":..,
+ *      "p999_us":..,"max_us":..,"errors":E}
+ *   Open loop (--rate R, several rates separated by commas, one phase and
+ *   one JSON line each, in the order given): call g (0, 1, 2, ... over all
+ *   connections) is due at t0 + g/R and goes on connection g % N, whatever
+ *   the replies do; its latency runs from when it was due, not from when it
+ *   was sent (no coordinated omission). INFLIGHT caps the calls in flight
+ *   per connection (default 65536 with --rate); a due call that finds the
+ *   cap reached is not sent and counts as an error "inflight_limit". After
+ *   the schedule the phase waits for every reply. One JSON line per rate:
+ *     {"impl":"bare rabbitmq-c","connections":N,"inflight":C,"rate":R,
+ *      "offered_per_s":O,"scheduled":D,"calls":K,"seconds":S,
+ *      "calls_per_s":X,"achieved_per_s":X,"p50_us":..,"p90_us":..,
+ *      "p99_us":..,"p999_us":..,"max_us":..,"errors":E,
+ *      "errors_by_kind":{"inflight_limit":..,"unknown_reply":..}}
+ *   where D = calls that came due, K = successful replies, S = t0 to the
+ *   last reply, X = K / S, O = D / the schedule's length (R when every due
+ *   call was counted), E = D - K plus replies no call waited for
+ *   ("unknown_reply"); errors_by_kind lists only non-zero kinds.
+ * rpc_bench --rate prints the same fields (impl "mqrpc", plus its own), and
+ * the Go peer in bench/go/ takes the same flags and prints the same fields.
  */
+#define _GNU_SOURCE /* ppoll */
 /* rabbitmq-c 0.12 moved its headers into rabbitmq-c/ and made the old names
  * #warning; 0.11 (Debian bookworm) has only the old names. */
 #if defined(__has_include)
@@ -38,6 +68,9 @@
 #endif
 
 #include <inttypes.h>
+#include <math.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -56,6 +89,10 @@
 #define DEFAULT_URL "amqp://guest:guest@localhost:5672/"
 #define DEFAULT_QUEUE "service_bare"
 #define REQUEST_BODY "{\"a\":1,\"b\":2}"
+#define MAX_CONNECTIONS 512
+#define MAX_INFLIGHT 65536 /* also the default cap with --rate */
+#define MAX_RATES 32
+#define MAX_RATE 10000000.0
 
 static volatile sig_atomic_t stop_requested;
 
@@ -87,7 +124,9 @@ usage_error(const char *fmt, ...)
     va_end(ap);
     fputs("\nusage: " PROG " serve [--url URL] [--queue Q] [--prefetch N]\n"
           "       " PROG " call [--url URL] [--queue Q] [-c INFLIGHT]"
-          " [-n CALLS | -d SECONDS] [--warmup CALLS]\n",
+          " [--connections N]\n"
+          "                          [-n CALLS | -d SECONDS] [--warmup CALLS]"
+          " [--rate R[,R...]]\n",
           stderr);
     exit(EXIT_USAGE);
 }
@@ -182,9 +221,10 @@ struct delivery {
 };
 
 /* Body of a delivery split over several frames (never with our small bodies,
- * but the service echoes whatever it gets). */
-static char *big_body;
-static size_t big_body_cap;
+ * but the service echoes whatever it gets). One per thread: each caller
+ * connection reads on its own. */
+static _Thread_local char *big_body;
+static _Thread_local size_t big_body_cap;
 
 static void next_frame(amqp_connection_state_t conn, amqp_frame_t *f,
                        uint8_t type)
@@ -268,6 +308,9 @@ struct options {
     unsigned long calls;
     double seconds; /* > 0: run for this long instead of -n calls */
     unsigned long warmup;
+    unsigned connections;
+    double rates[MAX_RATES]; /* --rate: open loop, one phase each */
+    unsigned nrates;         /* 0: closed loop */
 };
 
 /* argv[*i] is NAME VALUE or NAME=VALUE: returns VALUE and advances *i. */
@@ -298,6 +341,26 @@ static unsigned long parse_count(const char *s, const char *name,
     return v;
 }
 
+/* --rate R[,R...]: calls/s, each above 0 and at most MAX_RATE. */
+static void parse_rates(const char *arg, struct options *o)
+{
+    const char *p = arg;
+    for (;;) {
+        char *end = (char *)p;
+        double r = *p >= '0' && *p <= '9' ? strtod(p, &end) : 0;
+        if (end == p || (*end && *end != ',') || !(r > 0) || r > MAX_RATE)
+            usage_error("--rate takes calls/s above 0 and up to %.0f, "
+                        "separated by commas (e.g. 1000,2000,4000), got \"%s\"",
+                        MAX_RATE, arg);
+        if (o->nrates == MAX_RATES)
+            usage_error("--rate takes at most %d rates", MAX_RATES);
+        o->rates[o->nrates++] = r;
+        if (!*end)
+            return;
+        p = end + 1;
+    }
+}
+
 static void parse_options(int argc, char **argv, int serve, struct options *o)
 {
     const char *env = getenv("AMQP_URL");
@@ -306,8 +369,9 @@ static void parse_options(int argc, char **argv, int serve, struct options *o)
                           .prefetch = 1,
                           .inflight = 1,
                           .calls = 20000,
-                          .warmup = 1000};
-    int have_n = 0;
+                          .warmup = 1000,
+                          .connections = 1};
+    int have_n = 0, have_c = 0;
     for (int i = 2; i < argc; i++) {
         const char *v;
         if ((v = option_value(argc, argv, &i, "--url"))) {
@@ -319,7 +383,14 @@ static void parse_options(int argc, char **argv, int serve, struct options *o)
         } else if (serve && (v = option_value(argc, argv, &i, "--prefetch"))) {
             o->prefetch = parse_count(v, "--prefetch", 0, 65535);
         } else if (!serve && (v = option_value(argc, argv, &i, "-c"))) {
-            o->inflight = parse_count(v, "-c", 1, 1000000);
+            o->inflight = parse_count(v, "-c", 1, MAX_INFLIGHT);
+            have_c = 1;
+        } else if (!serve &&
+                   (v = option_value(argc, argv, &i, "--connections"))) {
+            o->connections =
+                (unsigned)parse_count(v, "--connections", 1, MAX_CONNECTIONS);
+        } else if (!serve && (v = option_value(argc, argv, &i, "--rate"))) {
+            parse_rates(v, o);
         } else if (!serve && (v = option_value(argc, argv, &i, "-n"))) {
             o->calls = parse_count(v, "-n", 1, 1000000000);
             have_n = 1;
@@ -337,6 +408,10 @@ static void parse_options(int argc, char **argv, int serve, struct options *o)
     }
     if (have_n && o->seconds > 0)
         usage_error("-n and -d are exclusive");
+    if (o->nrates && !have_c)
+        o->inflight = MAX_INFLIGHT;
+    if (o->seconds == 0 && o->calls < o->connections)
+        usage_error("-n must be at least the number of connections");
 }
 
 /* ---- serve -------------------------------------------------------------- */
@@ -388,29 +463,60 @@ static int serve(const struct options *o)
 
 /* ---- call --------------------------------------------------------------- */
 
-/* Slot s of the in-flight window carries the calls s, s + C, s + 2C, ...:
- * the correlation id is that number in decimal, and id % C finds the slot. */
+/* Slot j of a connection's window carries the calls j, j + C, j + 2C, ...
+ * (C slots): the correlation id is that number in decimal, and id % C
+ * finds the slot. */
 struct slot {
     uint64_t id;
-    int64_t started_ns;
+    uint64_t uses;
+    int64_t started_ns; /* published (closed loop) or due (open loop) */
     int busy;
 };
 
-static void publish_call(amqp_connection_state_t conn, amqp_bytes_t queue,
-                         amqp_bytes_t reply_to, struct slot *s)
+/* One connection and everything only its thread touches. */
+struct caller {
+    const struct options *o;
+    unsigned index; /* 0 .. connections-1: its share of the schedule */
+    pthread_t thread;
+    amqp_connection_state_t conn;
+    amqp_bytes_t queue, reply_to;
+    struct slot *slots; /* o->inflight of them */
+    size_t *free_idx;   /* open loop: a stack of returned slots */
+    size_t nfree;
+    size_t fresh; /* open loop: slots from here on were not used yet */
+    size_t outstanding;
+    int64_t *lat; /* ns, measured calls of this phase */
+    size_t nlat, cap;
+    size_t unknown;     /* replies with an unknown correlation id */
+    uint64_t refused;   /* open loop: due, but -c calls were in flight */
+    uint64_t scheduled; /* open loop: calls that came due */
+    int64_t t_end;      /* the last measured reply */
+};
+
+/* What the main thread sets before each phase; the barriers order it. */
+static struct {
+    pthread_barrier_t warm, go, done;
+    int64_t t0;  /* the phase starts */
+    double rate; /* calls/s over all connections; 0: closed loop */
+} run;
+
+static void send_call(struct caller *w, size_t j, int64_t started_ns)
 {
+    struct slot *s = &w->slots[j];
     char corr[24];
+    s->id = s->uses++ * w->o->inflight + j;
     int len = snprintf(corr, sizeof corr, "%" PRIu64, s->id);
     amqp_basic_properties_t props;
     props._flags = AMQP_BASIC_REPLY_TO_FLAG | AMQP_BASIC_CORRELATION_ID_FLAG;
-    props.reply_to = reply_to;
+    props.reply_to = w->reply_to;
     props.correlation_id = (amqp_bytes_t){.len = (size_t)len, .bytes = corr};
     s->busy = 1;
-    s->started_ns = now_ns();
-    check_status(amqp_basic_publish(conn, CHANNEL, amqp_empty_bytes, queue, 0,
-                                    0, &props,
+    s->started_ns = started_ns ? started_ns : now_ns();
+    check_status(amqp_basic_publish(w->conn, CHANNEL, amqp_empty_bytes,
+                                    w->queue, 0, 0, &props,
                                     amqp_cstring_bytes(REQUEST_BODY)),
                  "publishing a request");
+    w->outstanding++;
 }
 
 /* The decimal correlation id of a reply, or UINT64_MAX if it is not one. */
@@ -431,6 +537,201 @@ static uint64_t parse_corr(const amqp_basic_properties_t *p)
     return v;
 }
 
+/* Waits up to *tv for a reply. Returns 0 on timeout; else 1 with *j the
+ * slot it completes (now idle), or SIZE_MAX for a reply no call waits for
+ * (counted), and *now the time it came. */
+static int next_reply(struct caller *w, struct timeval *tv, size_t *j,
+                      int64_t *now)
+{
+    struct delivery d;
+    if (!read_delivery(w->conn, tv, &d))
+        return 0;
+    *now = now_ns();
+    uint64_t id = parse_corr(d.props);
+    amqp_maybe_release_buffers(w->conn);
+    size_t k = id == UINT64_MAX ? SIZE_MAX : (size_t)(id % w->o->inflight);
+    if (k == SIZE_MAX || !w->slots[k].busy || w->slots[k].id != id) {
+        w->unknown++;
+        *j = SIZE_MAX;
+        return 1;
+    }
+    w->slots[k].busy = 0;
+    w->outstanding--;
+    *j = k;
+    return 1;
+}
+
+static void record_latency(struct caller *w, int64_t ns)
+{
+    if (w->nlat == w->cap) {
+        w->cap = w->cap ? w->cap * 2 : 65536;
+        int64_t *bigger = realloc(w->lat, w->cap * sizeof *w->lat);
+        if (bigger == NULL)
+            die("out of memory");
+        w->lat = bigger;
+    }
+    w->lat[w->nlat++] = ns;
+}
+
+/* Waits for a reply, at most REPLY_TIMEOUT_S: the service is gone. */
+static size_t await_reply(struct caller *w, int64_t *now)
+{
+    struct timeval tv = {.tv_sec = REPLY_TIMEOUT_S, .tv_usec = 0};
+    size_t j;
+    if (!next_reply(w, &tv, &j, now))
+        die("no reply within %d s (%zu calls outstanding)", REPLY_TIMEOUT_S,
+            w->outstanding);
+    return j;
+}
+
+/* Unmeasured calls, closed loop; the open loop warms up one at a time (its
+ * -c is a cap, not a window to fill). Returns with nothing in flight. */
+static void warm_up(struct caller *w)
+{
+    const struct options *o = w->o;
+    size_t window = run.rate > 0 ? 1 : o->inflight;
+    uint64_t published = 0;
+    int64_t now;
+    for (size_t j = 0; j < window && published < o->warmup; j++, published++)
+        send_call(w, j, 0);
+    while (w->outstanding > 0) {
+        size_t j = await_reply(w, &now);
+        if (j != SIZE_MAX && published < o->warmup) {
+            send_call(w, j, 0);
+            published++;
+        }
+    }
+}
+
+/* Closed loop: -c calls in flight, each reply starts the next call. */
+static void closed_loop(struct caller *w)
+{
+    const struct options *o = w->o;
+    unsigned n = o->connections;
+    const int timed = o->seconds > 0;
+    const uint64_t quota =
+        timed ? UINT64_MAX : o->calls / n + (w->index < o->calls % n);
+    const int64_t run_ns = (int64_t)(o->seconds * 1e9);
+    uint64_t published = 0;
+    int64_t now;
+
+    for (size_t j = 0; j < o->inflight && published < quota; j++, published++)
+        send_call(w, j, 0);
+    while (w->outstanding > 0) {
+        size_t j = await_reply(w, &now);
+        if (j == SIZE_MAX)
+            continue;
+        record_latency(w, now - w->slots[j].started_ns);
+        w->t_end = now;
+        if (timed ? now - run.t0 < run_ns : published < quota) {
+            send_call(w, j, 0);
+            published++;
+        }
+    }
+}
+
+/* Open loop: call g (over all connections) is due at t0 + g / rate; this
+ * connection makes g = index, index + n, ... and measures each call from
+ * when it was due, so a late start shows as latency. */
+static void open_loop(struct caller *w)
+{
+    const struct options *o = w->o;
+    const unsigned n = o->connections;
+    const uint64_t limit =
+        o->seconds > 0 ? (uint64_t)ceil(run.rate * o->seconds) : o->calls;
+    uint64_t g = w->index;
+    int64_t now, due = 0;
+
+    /* Every slot is idle between phases. Slots are taken in order before
+     * any is reused, so only the pages of the busiest moment are touched. */
+    w->nfree = 0;
+    w->fresh = 0;
+    for (;;) {
+        now = now_ns();
+        for (; g < limit; g += n) {
+            /* From t0 each time, so rounding never accumulates. */
+            due = run.t0 + (int64_t)((double)g * 1e9 / run.rate);
+            if (due > now)
+                break;
+            w->scheduled++;
+            if (w->nfree > 0)
+                send_call(w, w->free_idx[--w->nfree], due);
+            else if (w->fresh < o->inflight)
+                send_call(w, w->fresh++, due);
+            else
+                w->refused++; /* shown as an error, never a quiet delay */
+        }
+        struct timeval tv = {.tv_sec = REPLY_TIMEOUT_S, .tv_usec = 0};
+        if (g >= limit) {
+            if (w->outstanding == 0)
+                break;
+        } else {
+            /* rabbitmq-c polls with a timeout in whole milliseconds, so a
+             * wait shorter than one would spin: sleep on the socket here
+             * (unless rabbitmq-c already holds data), then only read. */
+            int64_t wait = due - now_ns();
+            if (wait > 0 && !amqp_frames_enqueued(w->conn) &&
+                !amqp_data_in_buffer(w->conn)) {
+                struct pollfd p = {.fd = amqp_get_sockfd(w->conn),
+                                   .events = POLLIN};
+                struct timespec ts = {(time_t)(wait / 1000000000),
+                                      (long)(wait % 1000000000)};
+                (void)ppoll(&p, 1, &ts, NULL);
+            }
+            tv.tv_sec = 0;
+            tv.tv_usec = 0;
+        }
+        size_t j;
+        if (!next_reply(w, &tv, &j, &now)) {
+            if (g >= limit)
+                die("no reply within %d s (%zu calls outstanding)",
+                    REPLY_TIMEOUT_S, w->outstanding);
+            continue;
+        }
+        if (j == SIZE_MAX)
+            continue;
+        record_latency(w, now - w->slots[j].started_ns);
+        w->t_end = now;
+        w->free_idx[w->nfree++] = j;
+    }
+}
+
+static void *caller_main(void *arg)
+{
+    struct caller *w = arg;
+    const struct options *o = w->o;
+    unsigned phases = o->nrates ? o->nrates : 1;
+
+    w->conn = connect_broker(o->url);
+    amqp_queue_declare_ok_t *ok = amqp_queue_declare(
+        w->conn, CHANNEL, amqp_empty_bytes, 0, 0, 1, 0, amqp_empty_table);
+    check_reply(amqp_get_rpc_reply(w->conn), "queue.declare (reply queue)");
+    w->reply_to = amqp_bytes_malloc_dup(ok->queue);
+    if (w->reply_to.bytes == NULL)
+        die("out of memory");
+    amqp_basic_consume(w->conn, CHANNEL, w->reply_to, amqp_empty_bytes, 0, 1, 0,
+                       amqp_empty_table);
+    check_reply(amqp_get_rpc_reply(w->conn), "basic.consume (reply queue)");
+    amqp_maybe_release_buffers(w->conn);
+    w->queue = amqp_cstring_bytes(o->queue);
+
+    warm_up(w);
+    pthread_barrier_wait(&run.warm);
+    for (unsigned p = 0; p < phases; p++) {
+        pthread_barrier_wait(&run.go);
+        w->t_end = run.t0;
+        if (run.rate > 0)
+            open_loop(w);
+        else
+            closed_loop(w);
+        pthread_barrier_wait(&run.done);
+    }
+    disconnect_broker(w->conn);
+    amqp_bytes_free(w->reply_to);
+    free(big_body);
+    return NULL;
+}
+
 static int cmp_i64(const void *a, const void *b)
 {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
@@ -446,95 +747,110 @@ static double percentile_us(const int64_t *v, size_t n, size_t per_mille)
     return (double)v[rank == 0 ? 0 : rank - 1] / 1e3;
 }
 
-static int call(const struct options *o)
+/* Merges the phase's figures of every connection into one JSON line (the
+ * fields are listed at the top of this file) and clears them. Returns the
+ * phase's error count. */
+static size_t report_phase(const struct options *o, struct caller *ws)
 {
-    amqp_connection_state_t conn = connect_broker(o->url);
-    amqp_queue_declare_ok_t *ok = amqp_queue_declare(
-        conn, CHANNEL, amqp_empty_bytes, 0, 0, 1, 0, amqp_empty_table);
-    check_reply(amqp_get_rpc_reply(conn), "queue.declare (reply queue)");
-    amqp_bytes_t reply_to = amqp_bytes_malloc_dup(ok->queue);
-    if (reply_to.bytes == NULL)
-        die("out of memory");
-    amqp_basic_consume(conn, CHANNEL, reply_to, amqp_empty_bytes, 0, 1, 0,
-                       amqp_empty_table);
-    check_reply(amqp_get_rpc_reply(conn), "basic.consume (reply queue)");
-    amqp_maybe_release_buffers(conn);
-
-    const int timed = o->seconds > 0;
-    const uint64_t total = timed ? UINT64_MAX : o->warmup + o->calls;
-    const int64_t run_ns = (int64_t)(o->seconds * 1e9);
-    size_t cap = timed ? 65536 : o->calls, nlat = 0;
-    int64_t *lat = malloc(cap * sizeof *lat);
-    struct slot *slots = calloc(o->inflight, sizeof *slots);
-    if (lat == NULL || slots == NULL)
-        die("out of memory");
-
-    amqp_bytes_t queue = amqp_cstring_bytes(o->queue);
-    uint64_t published = 0, completed = 0;
-    size_t outstanding = 0, errors = 0;
-    int64_t t_start = now_ns(), t_end = t_start;
-    for (size_t i = 0; i < o->inflight && published < total; i++) {
-        slots[i].id = i;
-        publish_call(conn, queue, reply_to, &slots[i]);
-        published++;
-        outstanding++;
+    size_t nlat = 0, unknown = 0;
+    uint64_t refused = 0, scheduled = 0;
+    int64_t t_end = run.t0;
+    for (unsigned i = 0; i < o->connections; i++) {
+        nlat += ws[i].nlat;
+        unknown += ws[i].unknown;
+        refused += ws[i].refused;
+        scheduled += ws[i].scheduled;
+        if (ws[i].t_end > t_end)
+            t_end = ws[i].t_end;
     }
-    while (outstanding > 0) {
-        struct timeval tv = {.tv_sec = REPLY_TIMEOUT_S, .tv_usec = 0};
-        struct delivery d;
-        if (!read_delivery(conn, &tv, &d))
-            die("no reply within %d s (%zu calls outstanding)", REPLY_TIMEOUT_S,
-                outstanding);
-        int64_t now = now_ns();
-        uint64_t id = parse_corr(d.props);
-        struct slot *s = id == UINT64_MAX ? NULL : &slots[id % o->inflight];
-        amqp_maybe_release_buffers(conn);
-        if (s == NULL || !s->busy || s->id != id) {
-            errors++;
-            continue;
-        }
-        s->busy = 0;
-        outstanding--;
-        completed++;
-        if (completed <= o->warmup) {
-            if (completed == o->warmup)
-                t_start = now;
-        } else {
-            if (nlat == cap) {
-                cap *= 2;
-                int64_t *bigger = realloc(lat, cap * sizeof *lat);
-                if (bigger == NULL)
-                    die("out of memory");
-                lat = bigger;
-            }
-            lat[nlat++] = now - s->started_ns;
-            t_end = now;
-        }
-        int more = timed ? completed < o->warmup || now - t_start < run_ns
-                         : published < total;
-        if (more) {
-            s->id += o->inflight;
-            publish_call(conn, queue, reply_to, s);
-            published++;
-            outstanding++;
-        }
+    int64_t *lat = malloc((nlat ? nlat : 1) * sizeof *lat);
+    if (lat == NULL)
+        die("out of memory");
+    size_t k = 0;
+    for (unsigned i = 0; i < o->connections; i++) {
+        memcpy(lat + k, ws[i].lat, ws[i].nlat * sizeof *lat);
+        k += ws[i].nlat;
+        ws[i].nlat = ws[i].unknown = 0;
+        ws[i].refused = ws[i].scheduled = 0;
     }
-    disconnect_broker(conn);
-
     qsort(lat, nlat, sizeof *lat, cmp_i64);
-    double secs = nlat > 0 ? (double)(t_end - t_start) / 1e9 : 0;
-    printf("{\"impl\":\"bare rabbitmq-c\",\"inflight\":%lu,\"calls\":%zu,"
-           "\"seconds\":%.3f,\"calls_per_s\":%.1f,\"p50_us\":%.1f,"
-           "\"p90_us\":%.1f,\"p99_us\":%.1f,\"max_us\":%.1f,\"errors\":%zu}\n",
-           o->inflight, nlat, secs, secs > 0 ? (double)nlat / secs : 0.0,
+    double secs = nlat > 0 ? (double)(t_end - run.t0) / 1e9 : 0;
+    double per_s = secs > 0 ? (double)nlat / secs : 0.0;
+    size_t errors = unknown + refused;
+
+    printf("{\"impl\":\"bare rabbitmq-c\",\"connections\":%u,\"inflight\":%lu,",
+           o->connections, o->inflight);
+    if (run.rate > 0) {
+        uint64_t limit =
+            o->seconds > 0 ? (uint64_t)ceil(run.rate * o->seconds) : o->calls;
+        printf(
+            "\"rate\":%.1f,\"offered_per_s\":%.1f,\"scheduled\":%" PRIu64 ",",
+            run.rate, (double)scheduled * run.rate / (double)limit, scheduled);
+    }
+    printf("\"calls\":%zu,\"seconds\":%.3f,\"calls_per_s\":%.1f,", nlat, secs,
+           per_s);
+    if (run.rate > 0)
+        printf("\"achieved_per_s\":%.1f,", per_s);
+    printf("\"p50_us\":%.1f,\"p90_us\":%.1f,\"p99_us\":%.1f,"
+           "\"p999_us\":%.1f,\"max_us\":%.1f,\"errors\":%zu",
            percentile_us(lat, nlat, 500), percentile_us(lat, nlat, 900),
-           percentile_us(lat, nlat, 990), percentile_us(lat, nlat, 1000),
-           errors);
+           percentile_us(lat, nlat, 990), percentile_us(lat, nlat, 999),
+           percentile_us(lat, nlat, 1000), errors);
+    if (run.rate > 0) {
+        printf(",\"errors_by_kind\":{");
+        const char *sep = "";
+        if (refused) {
+            printf("\"inflight_limit\":%" PRIu64, refused);
+            sep = ",";
+        }
+        if (unknown)
+            printf("%s\"unknown_reply\":%zu", sep, unknown);
+        printf("}");
+    }
+    printf("}\n");
     fflush(stdout);
     free(lat);
-    free(slots);
-    amqp_bytes_free(reply_to);
-    free(big_body);
+    return errors;
+}
+
+static int call(const struct options *o)
+{
+    unsigned n = o->connections, phases = o->nrates ? o->nrates : 1;
+    struct caller *ws = calloc(n, sizeof *ws);
+    size_t errors = 0;
+    if (ws == NULL)
+        die("out of memory");
+    pthread_barrier_init(&run.warm, NULL, n + 1);
+    pthread_barrier_init(&run.go, NULL, n + 1);
+    pthread_barrier_init(&run.done, NULL, n + 1);
+    run.rate = o->nrates ? o->rates[0] : 0;
+    for (unsigned i = 0; i < n; i++) {
+        ws[i].o = o;
+        ws[i].index = i;
+        ws[i].slots = calloc(o->inflight, sizeof *ws[i].slots);
+        ws[i].free_idx = malloc(o->inflight * sizeof *ws[i].free_idx);
+        if (ws[i].slots == NULL || ws[i].free_idx == NULL)
+            die("out of memory");
+        if (pthread_create(&ws[i].thread, NULL, caller_main, &ws[i]) != 0)
+            die("cannot start a thread");
+    }
+    /* Every connection measures from the same moment, once all are up and
+     * warm; a phase ends when every connection has its replies. */
+    pthread_barrier_wait(&run.warm);
+    for (unsigned p = 0; p < phases; p++) {
+        run.rate = o->nrates ? o->rates[p] : 0;
+        run.t0 = now_ns();
+        pthread_barrier_wait(&run.go);
+        pthread_barrier_wait(&run.done);
+        errors += report_phase(o, ws);
+    }
+    for (unsigned i = 0; i < n; i++) {
+        pthread_join(ws[i].thread, NULL);
+        free(ws[i].slots);
+        free(ws[i].free_idx);
+        free(ws[i].lat);
+    }
+    free(ws);
     return errors == 0 ? 0 : 1;
 }
 

@@ -12,6 +12,49 @@ import statistics
 import sys
 
 
+def go_peer_ratios(ratio):
+    """The Go peer (bench/go, amqp091-go) against the floor and ours."""
+    for what, run in (("1 in flight", "c=1 p=1"),
+                      ("64 in flight, prefetch 1", "c=64 p=1"),
+                      ("64 in flight, prefetch 64", "c=64 p=64"),
+                      ("one CPU, 1 in flight", "c=1 p=1 one-cpu")):
+        ratio("Go peer vs bare, %s: calls/s (info)" % what, "go " + run,
+              "bare " + run, "calls_per_s", 0)
+    ratio("Go peer vs bare, 1 in flight: p50 (info)", "go c=1 p=1",
+          "bare c=1 p=1", "p50_us", 0)
+    ratio("mqrpc vs Go peer, 1 in flight: calls/s (info)", "mqrpc c=1 p=1",
+          "go c=1 p=1", "calls_per_s", 0)
+    ratio("mqrpc vs Go peer, 64 in flight, prefetch 64: calls/s (info)",
+          "mqrpc c=64 p=64", "go c=64 p=64", "calls_per_s", 0)
+    ratio("many clients (100x1, 2 instances): Go peer vs bare calls/s (info)",
+          "many clients go 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "calls_per_s", 0)
+    ratio("many clients (100x1, 2 instances): Go peer vs bare p99 (info)",
+          "many clients go 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "p99_us", 0)
+    ratio("many clients (100x1, 2 instances): mqrpc vs Go peer calls/s (info)",
+          "many clients mqrpc 100x1 2 inst",
+          "many clients go 100x1 2 inst", "calls_per_s", 0)
+
+
+def print_sweep(runs):
+    """The open-loop sweep: one row per implementation and offered rate."""
+    rows = [d for d in runs.values() if "sweep" in d]
+    if not rows:
+        return
+    print()
+    print("Open loop, latency from each call's scheduled start:")
+    print()
+    print("| impl | offered/s | achieved/s | p50 µs | p90 µs | p99 µs "
+          "| p99.9 µs | max µs | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for d in sorted(rows, key=lambda d: (d["sweep"], d["rate"])):
+        print("| %s | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %.0f | %d |"
+              % (d["sweep"], d["offered_per_s"], d["achieved_per_s"],
+                 d["p50_us"], d["p90_us"], d["p99_us"], d["p999_us"],
+                 d["max_us"], d["errors"]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("results")
@@ -54,7 +97,7 @@ def main():
           "| CPU µs/call: broker | service | client |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, d in runs.items():
-        if label == "mqrpc memory":
+        if label == "mqrpc memory" or "sweep" in d:
             continue
         cpu = d.get("cpu_us_per_call", {})
         print("| %s | %d | %.0f | %.0f | %.0f | %s | %.0f | %.0f | %.0f |" % (
@@ -62,6 +105,8 @@ def main():
             d.get("p99_us", 0), d.get("errors", "-"),
             cpu.get("broker", 0), cpu.get("service", 0),
             cpu.get("client", 0)))
+
+    print_sweep(runs)
 
     checks = []
 
@@ -104,6 +149,13 @@ def main():
           "mqrpc c=1 p=1 direct", "mqrpc c=1 p=1", "calls_per_s", 0.0)
     ratio("direct reply-to vs reply queue, 64 in flight (info)",
           "mqrpc c=64 p=1 direct", "mqrpc c=64 p=1", "calls_per_s", 0.0)
+    ratio("many clients (100x1, 2 instances): calls/s vs bare (info)",
+          "many clients mqrpc 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "calls_per_s", 0)
+    ratio("many clients (100x1, 2 instances): p99 vs bare (info)",
+          "many clients mqrpc 100x1 2 inst",
+          "many clients bare 100x1 2 inst", "p99_us", 0)
+    go_peer_ratios(ratio)
 
     rss = a.service_rss
     checks.append(("service peak RSS under load (prefetch 64)",

@@ -10,22 +10,33 @@
 #   - rpc_bench against service_soma: 1 and 64 in flight, prefetch 1 and 64,
 #     exclusive reply queue and direct reply-to;
 #   - bench/bare_pingpong: bare rabbitmq-c, no JSON, no library (the floor);
+#   - bench/go: the same as the floor in Go with amqp091-go (the Go peer);
 #   - bench/seed_rpc.py: the seed's Python/pika client and service;
 #   - scaling: service_work with 5 ms of work, 1, 2, 4 and 8 instances;
+#   - --threads against --workers (scripts/bench_threads.sh): a sleeping and
+#     a computing handler, calls/s, CPU per call, peak memory;
 #   - memory: a service's peak RSS under load, a client's RSS over
 #     1,000,000 calls, and valgrind on a service and on rpc_bench;
 #   - instructions per call (callgrind) of client and service, ours and the
 #     floor, and the price of each guarantee (confirms, mandatory,
 #     expiration, durable, TLS: on and off at 1 and 64 in flight), printed
 #     as two more tables (bench/report_costs.py).
+#   - open loop: rpc_bench --rate, bare_pingpong call --rate and the Go
+#     peer's call --rate at rates
+#     from 5% to 100% of the measured pipelined capacity (prefetch 64),
+#     latency from each call's scheduled start; plotted against the offered
+#     load (build-bench/load.svg and .png, copied to docs/);
+#   - many clients: 100 connections with one call in flight each, against
+#     two instances (prefetch 1), ours, the floor and the Go peer.
 # Implementations take turns for 3 rounds of 3 s (medians are reported),
 # and the 1-in-flight comparison is repeated with everything on one CPU.
 # Prints one table with the ratios and the targets; writes the raw JSON lines
 # to build-bench/results.jsonl and a latency plot to build-bench/latency.svg.
 # --quick: two rounds of 2 s, 100,000 calls for the memory run, no valgrind
-# leak check, fewer calls under callgrind.
+# leak check, a sweep of 5 rates of 1 s, fewer calls under callgrind.
 # --costs: only the instructions per call and the guarantee table (the goal
 # ratios then need a results.jsonl from a full run).
+# The broker's state directory is $MQRPC_STATE_DIR if set, else var/bench.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -54,7 +65,7 @@ fi
 out=$repo/build-bench
 bin=$out/bin
 results=$out/results.jsonl
-export MQRPC_STATE_DIR=$repo/var/bench
+export MQRPC_STATE_DIR=${MQRPC_STATE_DIR:-$repo/var/bench}
 export MQRPC_BROKER_PORT=${MQRPC_BENCH_PORT:-5702}
 export MQRPC_BROKER_MANAGEMENT=0
 unset AMQP_URL
@@ -342,11 +353,88 @@ guarantee_prices() {
     stop_services
 }
 
+# ------------------------------------------------ open loop, many clients
+# rpc_bench, bare_pingpong call and the Go peer take the same flags (-c,
+# --connections, -d, --warmup, --rate) and print the same JSON fields, so
+# sweep_impl and many_clients take any of them as CMD.
+
+# record_rows NAME CMD...: runs an open-loop measurement, appends each of
+# its JSON lines (one per rate) to the results, labelled "sweep NAME @RATE".
+record_rows() {
+    local name=$1 out
+    shift
+    say "sweep $name: ${*: -1} calls/s"
+    out=$("$@") || die "sweep $name failed: $out"
+    printf '%s\n' "$out" | $py -c '
+import json, sys
+for line in sys.stdin:
+    if line.strip():
+        d = json.loads(line)
+        d["label"] = "sweep %s @%g" % (sys.argv[1], d["rate"])
+        d["sweep"] = sys.argv[1]
+        print(json.dumps(d))' "$name" >>"$results"
+}
+
+# sweep_impl NAME RATE CMD...: one implementation offered RATE calls/s for
+# $sweep_secs on one connection (as the closed-loop rows that set the
+# rates), after 1000 unmeasured calls (a fresh reply queue is slow for its
+# first thousand messages).
+sweep_impl() {
+    local name=$1 rate=$2
+    shift 2
+    record_rows "$name" "$@" --warmup 1000 -d "$sweep_secs" --rate "$rate"
+}
+
+# sweep_rates_from CALLS_PER_S: the sweep's rates, fractions of the given
+# closed-loop pipelined capacity, so that the sweep crosses the knee
+# whatever the machine does. Calls that come one by one are not batched
+# (each is its own TCP segment, broker wake-up and confirm), so the open
+# loop saturates well below the pipelined closed loop: on the 2-core VM at
+# a third to two thirds of it.
+sweep_rates_from() {
+    local cap=$1 f rates=''
+    local fr=(0.05 0.1 0.2 0.3 0.4 0.5 0.7 1.0)
+    ((quick)) && fr=(0.1 0.2 0.35 0.5 0.8)
+    for f in "${fr[@]}"; do
+        rates+=${rates:+,}$(awk -v c="$cap" -v f="$f" \
+            'BEGIN {r = int(c * f / 100 + 0.5) * 100; print r < 100 ? 100 : r}')
+    done
+    echo "$rates"
+}
+
+# many_clients NAME R CMD...: round R of the "many clients" row for one
+# implementation: 100 connections, one call in flight each (the shape of a
+# web tier calling a service).
+many_clients() {
+    local name=$1 r=$2
+    shift 2
+    record "many clients $name 100x1 2 inst #$r" "$@" --connections 100 \
+        -c 1 -d "$secs" --warmup 20
+}
+
+# take_turns ROUND PREFIX NAME... -- ARGS...: calls PREFIX_NAME ARGS for
+# each NAME, starting with a different one each round, so that none always
+# runs right after another's load.
+take_turns() {
+    local r=$1 prefix=$2 i
+    shift 2
+    local names=() args=()
+    while (($#)) && [[ $1 != -- ]]; do
+        names+=("$1")
+        shift
+    done
+    shift
+    args=("$@")
+    for ((i = 0; i < ${#names[@]}; i++)); do
+        "${prefix}_${names[(r + i) % ${#names[@]}]}" "${args[@]}"
+    done
+}
+
 # ------------------------------------------------------------------- setup
 "$repo/scripts/deps.sh" --bench
 say "building Release into build-bench/"
 cmake -S "$repo" -B "$out" -DCMAKE_BUILD_TYPE=Release -DMQRPC_TESTS=OFF -DMQRPC_WERROR=ON \
-    -DMQRPC_STATE_DIR="$repo/var" \
+    -DMQRPC_STATE_DIR="$repo/var" -DMQRPC_BENCH_GO=ON \
     >"$out.cmake.log" 2>&1 || {
     cat "$out.cmake.log" >&2
     die "cmake failed"
@@ -381,17 +469,17 @@ seed=($py "$repo/bench/seed_rpc.py")
 # c=1 and c=64 against services at prefetch 1; PIN: a taskset prefix
 round_p1() {
     local r=$1 pin=("${@:2}") i
-    local c1=(c1_mqrpc c1_bare c1_seed)
+    local c1=(c1_mqrpc c1_bare c1_seed c1_go)
     # Each round starts with the next implementation, so none always runs
     # right after another's load.
-    for ((i = 0; i < 3; i++)); do
-        "${c1[(r + i) % 3]}" "$r" "${pin[@]}"
+    for ((i = 0; i < ${#c1[@]}; i++)); do
+        "${c1[(r + i) % ${#c1[@]}]}" "$r" "${pin[@]}"
     done
     [[ -n $tag ]] && return 0 # one CPU: the latency comparison only
     record "mqrpc c=1 p=1 direct #$r" "${rb[@]}" -c 1 --direct-reply-to
-    local c64=(c64_mqrpc c64_bare c64_seed)
-    for ((i = 0; i < 3; i++)); do
-        "${c64[(r + i) % 3]}" "$r"
+    local c64=(c64_mqrpc c64_bare c64_seed c64_go)
+    for ((i = 0; i < ${#c64[@]}; i++)); do
+        "${c64[(r + i) % ${#c64[@]}]}" "$r"
     done
     record "mqrpc c=64 p=1 direct #$r" "${rb[@]}" -c 64 --direct-reply-to
 }
@@ -423,6 +511,7 @@ start_p1() {
     start bare1 "ready" "${pin[@]}" "${svc[@]}" "$bin/bare_pingpong" serve \
         --prefetch 1
     start seed1 "ready" "${pin[@]}" "${svc[@]}" "${seed[@]}" serve
+    go_start 1 "${pin[@]}"
 }
 
 # warm CMD...: one unrecorded second of load, so that no implementation
@@ -439,12 +528,75 @@ if ((costs_only)); then
     $py "$repo/bench/report_costs.py" "$costs" "$results"
     exit 0
 fi
+# ------------------------------------------------------------ the Go peer
+# bench/go/go_pingpong: the floor's AMQP pattern and command line in Go with
+# amqp091-go. Its service listens on a queue of its own, so it can run next
+# to the floor's.
+gp=("$bin/go_pingpong")
+go_q=(--queue service_go)
+
+# go_start PREFETCH [PIN...]: starts the Go service and warms it up.
+go_start() {
+    start "go$1" "ready" "${@:2}" "${svc[@]}" "${gp[@]}" serve "${go_q[@]}" \
+        --prefetch "$1"
+    warm "${@:2}" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" -c 64 --warmup 0
+}
+c1_go() {
+    record "go c=1 p=1$tag #$1" "${@:2}" "${cli[@]}" "${gp[@]}" call \
+        "${go_q[@]}" -c 1 -d "$secs"
+}
+c64_go() {
+    record "go c=64 p=1 #$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" \
+        -c 64 -d "$secs"
+}
+p64_go() {
+    record "go c=64 p=64 #$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}" \
+        -c 64 -d "$secs"
+}
+
+# The open-loop sweep and the many-clients row take the Go peer through
+# these (sweep_impls+=(go); go_start_many, many_impls+=(go)). The sweep
+# runs against the go64 service that the pipelined rows leave running.
+sweep_go() { sweep_impl go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
+many_go() { many_clients go "$1" "${cli[@]}" "${gp[@]}" call "${go_q[@]}"; }
+go_start_many() {
+    local i
+    for i in 1 2; do
+        start "many-go$i" "ready" "${svc[@]}" "${gp[@]}" serve "${go_q[@]}" \
+            --prefetch 1
+    done
+}
+
+# go_smoke: the Go peer answers correctly, and speaks the floor's protocol:
+# Go client to Go service (closed loop over 2 connections, and open loop),
+# Go client to the floor's service, the floor's client to the Go service.
+# Each client checks every reply's correlation id (and the Go one its body)
+# and exits 1 on a wrong one; the call counts must be exact.
+go_smoke() {
+    say "Go peer: smoke check against itself and the floor"
+    go_smoke_run 2000 "${gp[@]}" call "${go_q[@]}" -n 2000 -c 8 \
+        --connections 2 --warmup 10
+    go_smoke_run 500 "${gp[@]}" call "${go_q[@]}" --rate 1000 -n 500 \
+        --connections 2 --warmup 10
+    go_smoke_run 2000 "${gp[@]}" call --queue service_bare -n 2000 -c 8 \
+        --warmup 10
+    go_smoke_run 2000 "$bin/bare_pingpong" call "${go_q[@]}" -n 2000 -c 8 \
+        --warmup 10
+}
+go_smoke_run() {
+    local want=$1 out
+    shift
+    out=$("${cli[@]}" "$@" 2>&1) || die "Go smoke check failed: $* -> $out"
+    grep -q "\"calls\":$want,.*\"errors\":0" <<<"$out" ||
+        die "Go smoke check: want $want calls, 0 errors: $* -> $out"
+}
 
 tag='' hist=1
 start_p1
 warm "$bin/rpc_bench" -c 64 --warmup 0
 warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
 warm "${cli[@]}" "${seed[@]}" call -c 64 --warmup 0
+go_smoke
 for ((r = 1; r <= rounds; r++)); do
     round_p1 "$r"
     hist=''
@@ -454,6 +606,7 @@ stop_services
 start soma64 "pronto" "$bin/service_soma" --prefetch 64
 soma_pid=${pids[-1]}
 start bare64 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 64
+go_start 64
 warm "$bin/rpc_bench" -c 64 --warmup 0
 warm "${cli[@]}" "$bin/bare_pingpong" call -c 64 --warmup 0
 p64_mqrpc() {
@@ -474,11 +627,40 @@ for ((r = 1; r <= rounds; r++)); do
         p64_bare "$r"
         p64_mqrpc "$r"
     fi
+    p64_go "$r"
 done
 hist=''
 record "mqrpc 4x64 p=64" "${rb[@]}" -c 64 --connections 4
 soma_rss=$(peak_rss_kib "$soma_pid")
 record "mqrpc memory" "$bin/rpc_bench" --json -n "$long_calls" -c 64 --warmup 20000
+
+# Open loop against the same prefetch-64 services: rates around the
+# pipelined capacity just measured (the better of ours and the floor), rate
+# by rate, the implementations taking turns. Each NAME in sweep_impls has a
+# function sweep_NAME RATE (another client that takes the same flags joins
+# the same way as the Go peer's sweep_go).
+sweep_secs=2
+((quick)) && sweep_secs=1
+cap=$($py -c '
+import json, statistics, sys
+v = {}
+for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["label"].startswith(("mqrpc c=64 p=64 #", "bare c=64 p=64 #")):
+        v.setdefault(d["label"].split(" #")[0], []).append(d["calls_per_s"])
+print(int(max([statistics.median(x) for x in v.values()] or [10000])))' "$results")
+# rpc_bench ends a call at its timeout, 5 s by default: the plot wants the
+# latency of deep overloads too (the floor never gives up).
+sweep_mqrpc() {
+    sweep_impl mqrpc "$1" "$bin/rpc_bench" --json --timeout 60000
+}
+sweep_bare() { sweep_impl bare "$1" "${cli[@]}" "$bin/bare_pingpong" call; }
+sweep_impls=(mqrpc bare)
+sweep_impls+=(go) # sweep_go: the Go peer section
+i=0
+for rate in $(sweep_rates_from "$cap" | tr , ' '); do
+    take_turns $((i++)) sweep "${sweep_impls[@]}" -- "$rate"
+done
 stop_services
 
 # One request at a time is a chain of wake-ups (client, broker, service,
@@ -501,6 +683,28 @@ if command -v taskset >/dev/null; then
     taskset -a -p -c "0-$(($(nproc) - 1))" "$broker_pid" >/dev/null
     pinned=0
 fi
+
+# --------------------------------------------------------- many clients
+# 100 connections with one call in flight each against two instances at
+# prefetch 1: the shape of a web tier calling a service. The floor and the
+# Go peer get two services each on a queue of their own.
+start many-soma1 "pronto" "$bin/service_soma"
+start many-soma2 "pronto" "$bin/service_soma"
+start many-bare1 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
+start many-bare2 "ready" "${svc[@]}" "$bin/bare_pingpong" serve --prefetch 1
+# Each NAME in many_impls has a function many_NAME ROUND, and its services
+# are started here (the Go peer's: go_start_many, two on service_go).
+many_mqrpc() { many_clients mqrpc "$1" "$bin/rpc_bench" --json; }
+many_bare() {
+    many_clients bare "$1" "${cli[@]}" "$bin/bare_pingpong" call
+}
+many_impls=(mqrpc bare)
+go_start_many # many_go: the Go peer section
+many_impls+=(go)
+for ((r = 1; r <= rounds; r++)); do
+    take_turns "$r" many "${many_impls[@]}" -- "$r"
+done
+stop_services
 
 # -------------------------------------------------------------- scaling
 for n in 1 2 4 8; do
@@ -552,8 +756,33 @@ plot "$out/lat-mqrpc-c1.dat" using 1:3 with lines lw 2 title "1 in flight, prefe
 EOF
 fi
 
+# --threads against --workers for a sleeping and a computing handler
+# (issue: when to use which); its own script so it can run alone.
+say "--threads against --workers (service_work: 5 ms asleep, 2 ms of CPU)"
+threads_table=$(bash "$repo/scripts/bench_threads.sh" "$bin" "$secs" "$results")
+
+# Latency against offered load, from the sweep: bench/load_data.py writes
+# one file per implementation, bench/plot_load.gp draws p50 and p99 of each;
+# the copy in docs/ is the README's.
+rm -f "$out"/load-*.dat "$out/load.svg" "$out/load.png"
+load_impls=$($py "$repo/bench/load_data.py" "$results" "$out")
+if [[ -n $load_impls ]] && command -v gnuplot >/dev/null; then
+    if gnuplot -e "dir='$out'; impls='$load_impls'" "$repo/bench/plot_load.gp" \
+        2>"$logs/plot_load.log"; then
+        mkdir -p "$repo/docs"
+        cp "$out/load.svg" "$out/load.png" "$repo/docs/"
+    else
+        cat "$logs/plot_load.log" >&2
+    fi
+fi
+
 $py "$repo/bench/report.py" "$results" --service-rss "$soma_rss" \
     --leaks "$leaks" --command "scripts/bench.sh${1:+ $1}"
+echo
+echo "--threads against --workers: one service_work, 4 connections x 8 calls in flight"
+echo "$threads_table"
 $py "$repo/bench/report_costs.py" "$costs" "$results"
 [[ -f "$out/latency.svg" ]] && echo "latency plot: $out/latency.svg"
+[[ -f "$out/load.svg" ]] &&
+    echo "latency against load: $out/load.svg and .png (copied to docs/)"
 exit 0

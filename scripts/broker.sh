@@ -28,6 +28,11 @@
 #                                URL files; CA and certificates are generated
 #                                with openssl into <state>/tls (default 0)
 #   MQRPC_BROKER_TLS_PORT        TLS port (default AMQP+1)
+#   MQRPC_BROKER_CONSUMER_TIMEOUT_MS
+#                                the broker's consumer_timeout: how long a
+#                                service may hold a request unacknowledged,
+#                                so the longest a handler may run (default
+#                                1800000, RabbitMQ's own 30 minutes)
 #
 # Exit codes: 0 ok, 1 error, 2 usage error,
 #             3 not running (status/url; LSB convention for "program is not running").
@@ -85,6 +90,9 @@ setup_env() {
     tls_port=${MQRPC_BROKER_TLS_PORT:-$((amqp_port + 1))}
     is_uint "$tls_port" && ((tls_port >= 1 && tls_port <= 65535)) ||
         die "MQRPC_BROKER_TLS_PORT must be a port number, got '$tls_port'"
+    consumer_timeout=${MQRPC_BROKER_CONSUMER_TIMEOUT_MS:-1800000}
+    is_uint "$consumer_timeout" && ((consumer_timeout >= 1)) ||
+        die "MQRPC_BROKER_CONSUMER_TIMEOUT_MS must be a number of milliseconds, got '$consumer_timeout'"
     start_timeout=${MQRPC_BROKER_START_TIMEOUT:-60}
     is_uint "$start_timeout" || die "MQRPC_BROKER_START_TIMEOUT must be a number of seconds"
 
@@ -371,6 +379,11 @@ write_config() {
             echo "load_definitions = $definitions_file"
             echo "log.console = false"
             echo "log.file.level = info"
+            # How long a consumer may hold a delivery unacknowledged before
+            # the broker closes its channel: the longest a service's handler
+            # may run (README, Long-running handlers). RabbitMQ's default,
+            # set explicitly so that it is visible and can be changed.
+            echo "consumer_timeout = $consumer_timeout"
             if ((tls)); then
                 echo "listeners.ssl.1 = 127.0.0.1:$tls_port"
                 echo "ssl_options.cacertfile = $tls_dir/ca.pem"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages needed to build and test mqrpc.
 # Usage: deps.sh [--bench] [--fuzz]
-#   --bench adds what scripts/bench.sh uses, --fuzz what scripts/fuzz.sh uses
+#   --bench adds what scripts/bench.sh uses (Go for its Go peer included),
+#   --fuzz what scripts/fuzz.sh uses
 #   (clang 14 and its libFuzzer, which Debian ships in libclang-rt-14-dev).
 #
 # Idempotent and quiet: a machine that already has everything is left alone
@@ -30,6 +31,13 @@ for arg in "$@"; do
     --bench) packages+=(gnuplot-nox valgrind) ;;
     --fuzz) packages+=(clang-14 libclang-rt-14-dev) ;;
     esac
+done
+# The Go peer (bench/go): Go and the RabbitMQ client's sources, which build
+# offline in GOPATH mode. Only the benchmark needs them.
+for arg in "$@"; do
+    if [[ "$arg" == --bench ]]; then
+        packages+=(golang-go golang-github-rabbitmq-amqp091-go-dev)
+    fi
 done
 
 missing=()

@@ -62,6 +62,7 @@ struct mqr_conn {
     uint64_t confirm_seq; /* publishes on CH_CONFIRM */
     char consumer_tag[256]; /* of the last basic.consume; "" when none */
     int heartbeat;
+    int wake_fd; /* -1: none */
     char where[300]; /* "host:port", for messages */
     char err[512];
 };
@@ -334,6 +335,7 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
         e = MQRPC_ENOMEM;
         goto fail;
     }
+    c->wake_fd = -1;
     snprintf(c->where, sizeof c->where,
              strchr(u.host, ':') ? "[%s]:%d" : "%s:%d", u.host, u.port);
     c->state = amqp_new_connection();
@@ -640,7 +642,7 @@ static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
 {
     amqp_basic_properties_t props;
     amqp_bytes_t b = {len, (void *)body};
-    amqp_table_entry_t headers[2];
+    amqp_table_entry_t headers[3];
     mqrpc_err e;
 
     if (!c->open)
@@ -670,6 +672,8 @@ static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
     if (p->deliveries)
         headers[props.headers.num_entries++] =
             int_entry(MQR_HDR_DELIVERIES, p->deliveries);
+    if (p->progress)
+        headers[props.headers.num_entries++] = int_entry(MQR_HDR_PROGRESS, 1);
     if (props.headers.num_entries)
         props._flags |= AMQP_BASIC_HEADERS_FLAG;
     e = check_status(c,
@@ -782,6 +786,9 @@ static void read_headers(const amqp_table_t *t, mqr_msg *m)
                 m->deliveries = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
             else
                 m->bad_headers = true;
+        } else if (mqr_str_eq(key, MQR_HDR_PROGRESS)) {
+            /* Advisory: a header of another type asks for nothing. */
+            m->progress = int_value(&h->value, &v) && v != 0;
         }
     }
 }
@@ -912,6 +919,37 @@ static mqrpc_err read_content(mqr_conn *c, amqp_channel_t ch, mqr_msg *m)
     return MQRPC_OK;
 }
 
+void mqr_conn_set_wake_fd(mqr_conn *c, int fd)
+{
+    c->wake_fd = fd;
+}
+
+/* Waits until the socket or the wake fd is readable, deadline (0: none)
+ * passes, or a heartbeat may be due: 1 when woken, 0 otherwise, -1 on a
+ * poll failure. */
+static int poll_wake(mqr_conn *c, int64_t deadline)
+{
+    struct pollfd p[2] = {{.fd = amqp_get_sockfd(c->state), .events = POLLIN},
+                          {.fd = c->wake_fd, .events = POLLIN}};
+    /* rabbitmq-c sends a heartbeat only when called: come back often
+     * enough for it (a quarter of the interval, at most a second). */
+    int64_t slice = c->heartbeat > 0 ? c->heartbeat * 250LL : 1000;
+    int64_t ms = slice > 1000 ? 1000 : slice;
+    int n;
+
+    if (deadline) {
+        int64_t left = (deadline - mqr_now_us() + 999) / 1000;
+        if (left < ms)
+            ms = left < 0 ? 0 : left;
+    }
+    do
+        n = poll(p, 2, (int)ms);
+    while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return -1;
+    return (p[1].revents & POLLIN) ? 1 : 0;
+}
+
 mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
 {
     int64_t deadline = timeout_ms < 0 ? 0 : mqr_now_us() + timeout_ms * 1000LL;
@@ -934,7 +972,21 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
         amqp_frame_t f;
         int st;
 
-        if (timeout_ms >= 0) {
+        if (c->wake_fd >= 0 && !mqr_conn_buffered(c)) {
+            switch (poll_wake(c, deadline)) {
+            case 1: m->kind = MQR_WAKE; return MQRPC_OK;
+            case 0: break;
+            default:
+                set_err(c, "waiting on %s: %s", c->where, strerror(errno));
+                c->open = false;
+                return MQRPC_ECLOSED;
+            }
+            /* Reads what came and sends a heartbeat if one is due, without
+             * waiting: rabbitmq-c's own wait cannot watch the wake fd. */
+            tv.tv_sec = 0;
+            tv.tv_usec = 0;
+            tvp = &tv;
+        } else if (timeout_ms >= 0) {
             int64_t left = deadline - mqr_now_us();
             if (left < 0)
                 left = 0;
@@ -943,8 +995,12 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
             tvp = &tv;
         }
         st = amqp_simple_wait_frame_noblock(c->state, &f, tvp);
-        if (st == AMQP_STATUS_TIMEOUT)
+        if (st == AMQP_STATUS_TIMEOUT) {
+            if (c->wake_fd >= 0 &&
+                (timeout_ms < 0 || mqr_now_us() < deadline))
+                continue;
             return MQRPC_ETIMEOUT;
+        }
         if (st != AMQP_STATUS_OK) {
             set_err(c, "connection to %s lost: %s", c->where,
                     amqp_error_string2(st));

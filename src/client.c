@@ -26,6 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
+#include <sys/eventfd.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -69,6 +71,7 @@ struct mqrpc_client {
     char name[256]; /* connection name */
     char app_id[256];   /* of the reply being delivered */
     mqr_logger log;
+    int wake_fd; /* eventfd for mqrpc_client_wake */
     char down[400]; /* why the client is disconnected */
     char err[512];
 };
@@ -132,9 +135,13 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
         free(c);
         return NULL;
     }
-    if (!mqr_conn_cfg_init(&c->cfg, &p)) {
+    c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (c->wake_fd < 0 || !mqr_conn_cfg_init(&c->cfg, &p)) {
+        if (c->wake_fd >= 0)
+            close(c->wake_fd);
         mqr_calls_clear(&c->calls);
         free(c);
+        errno = ENOMEM;
         return NULL;
     }
     /* The copies in cfg are the ones used; the caller's may be freed. */
@@ -230,6 +237,7 @@ static mqrpc_err open_session(mqrpc_client *c, int connect_timeout_ms)
         return e;
     }
     c->reply_queue_len = strlen(c->reply_queue);
+    mqr_conn_set_wake_fd(c->conn, c->wake_fd);
     c->blocked = false;
     c->err[0] = '\0';
     return MQRPC_OK;
@@ -444,6 +452,36 @@ static void expire_due(mqrpc_client *c)
     expire_due_at(c, mqr_now_us());
 }
 
+static void sync_done(const mqrpc_reply *r, void *arg);
+static void drain_wake(mqrpc_client *c);
+
+/* A progress message of a call that asked for it: to opts.progress, at
+ * once (no list is being walked here, and the call cannot end meanwhile).
+ * One of a call that is over, or malformed, is dropped: it is advisory. */
+static void on_progress(mqrpc_client *c, const mqr_msg *m)
+{
+    mqr_call *k;
+    uint64_t seq;
+    json_t *j, *pct, *text;
+
+    if (!c->opts.progress || !parse_corr(c, m->correlation_id, &seq) ||
+        !(k = mqr_calls_find(&c->calls, seq)) || !k->progress)
+        return;
+    j = json_loadb(m->body.ptr, m->body.len, JSON_REJECT_DUPLICATES, NULL);
+    pct = json_object_get(j, "percent");
+    text = json_object_get(j, "text");
+    if (json_is_number(pct)) {
+        double v = json_number_value(pct);
+        c->in_callback++;
+        c->opts.progress(k->done == sync_done ? NULL : k->arg,
+                         v < 0 ? 0 : v > 100 ? 100 : v,
+                         json_is_string(text) ? json_string_value(text) : "",
+                         c->opts.progress_arg);
+        c->in_callback--;
+    }
+    json_decref(j);
+}
+
 static void on_reply(mqrpc_client *c, const mqr_msg *m)
 {
     mqr_call *k;
@@ -451,6 +489,10 @@ static void on_reply(mqrpc_client *c, const mqr_msg *m)
     mqrpc_fault fault;
     mqrpc_reply *r;
 
+    if (m->progress) {
+        on_progress(c, m);
+        return;
+    }
     if (!parse_corr(c, m->correlation_id, &seq) ||
         !(k = mqr_calls_find(&c->calls, seq)) ||
         k->state == MQR_CALL_UNSENT) {
@@ -622,6 +664,7 @@ static mqrpc_err send_call(mqrpc_client *c, mqr_call *k, int64_t now)
     props.reply_to.ptr = c->reply_queue;
     props.reply_to.len = c->reply_queue_len;
     props.persistent = c->opts.durable;
+    props.progress = k->progress;
     /* mandatory: a queue nobody declared makes the broker return the
      * request (basic.return) instead of dropping it silently. */
     e = mqr_conn_publish(c->conn, mqr_cstr(k->queue), &props, k->body,
@@ -733,20 +776,41 @@ static void on_blocked(mqrpc_client *c, const mqr_msg *m)
     flush_unsent(c);
 }
 
+static void drain_wake(mqrpc_client *c)
+{
+    uint64_t n;
+
+    if (read(c->wake_fd, &n, sizeof n) < 0) {
+        /* EAGAIN: nothing to drain */
+    }
+}
+
+void mqrpc_client_wake(mqrpc_client *c)
+{
+    uint64_t one = 1;
+
+    if (write(c->wake_fd, &one, sizeof one) < 0) {
+        /* only a full counter, which still leaves it readable */
+    }
+}
+
 /* Disconnected: sleep until the next thing that can happen (a deadline, a
- * reconnection attempt, timeout_ms), then do it. */
-static void wait_offline(mqrpc_client *c, int timeout_ms)
+ * reconnection attempt, timeout_ms) or a wake, then do it. Returns true
+ * when woken. */
+static bool wait_offline(mqrpc_client *c, int timeout_ms)
 {
     int wait = mqrpc_client_next_timeout_ms(c);
+    struct pollfd p = {.fd = c->wake_fd, .events = POLLIN};
 
     if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
         wait = timeout_ms;
-    if (wait > 0) {
-        struct timespec ts = {wait / 1000, (long)(wait % 1000) * 1000000L};
-        nanosleep(&ts, NULL);
+    if (wait != 0 && poll(&p, 1, wait) > 0) {
+        drain_wake(c);
+        return true;
     }
     if (try_reconnect(c) != MQRPC_OK)
         expire_due(c);
+    return false;
 }
 
 /* Reads what the connection has, for up to wait ms for the first frame,
@@ -759,7 +823,7 @@ static mqrpc_err read_messages(mqrpc_client *c, int wait, int64_t now)
 {
     mqr_msg m;
     mqrpc_err e;
-    bool any = false, corked = false;
+    bool any = false, corked = false, woken = false;
     mqr_conn *conn = c->conn;
     uint64_t before = c->completed;
     int64_t until = now + (int64_t)wait * 1000; /* when wait > 0 */
@@ -798,11 +862,15 @@ static mqrpc_err read_messages(mqrpc_client *c, int wait, int64_t now)
                                  "(reply queue deleted?)");
             lost(c);
             break;
+        case MQR_WAKE:
+            drain_wake(c);
+            woken = true;
+            break;
         }
         if (settle(c))
             return MQRPC_ECANCELED;
         /* A callback's new call may have found the connection dead. */
-        if (c->conn != conn)
+        if (c->conn != conn || woken)
             break;
         /* Drain what is already buffered, but do not block again. */
         if (mqr_conn_buffered(conn)) {
@@ -859,10 +927,11 @@ mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms)
     if (!c->conn) {
         if (!may_reconnect(c) && !c->calls.head)
             return MQRPC_ECLOSED; /* nothing will ever happen */
-        wait_offline(c, timeout_ms);
+        bool woken = wait_offline(c, timeout_ms);
         if (settle(c))
             return MQRPC_ECANCELED;
-        if (c->completed != before || c->st.reconnects != reconnects)
+        if (woken || c->completed != before ||
+            c->st.reconnects != reconnects)
             return MQRPC_OK;
         return c->conn ? MQRPC_ETIMEOUT : MQRPC_ECLOSED;
     }
@@ -893,7 +962,7 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
     if (c->closing)
         return MQRPC_ECANCELED;
     if (!queue || !done || timeout_ms <= 0 || (!body && len) ||
-        (flags & ~MQRPC_CALL_IDEMPOTENT)) {
+        (flags & ~(MQRPC_CALL_IDEMPOTENT | MQRPC_CALL_PROGRESS))) {
         snprintf(c->err, sizeof c->err, "invalid argument to mqrpc_call_async");
         return MQRPC_EINVAL;
     }
@@ -927,6 +996,7 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
     k->retries_left = resendable ? c->opts.retries : 0;
     k->done = done;
     k->arg = arg;
+    k->progress = (flags & MQRPC_CALL_PROGRESS) != 0;
     k->body_len = len;
     /* A call that may be published later keeps its own copy of the body;
      * one sent now reads the caller's, which is valid until we return. */
@@ -1089,6 +1159,7 @@ static void destroy(mqrpc_client *c)
     mqr_conn_free(c->zombie);
     mqr_calls_clear(&c->calls);
     mqr_conn_cfg_clear(&c->cfg);
+    close(c->wake_fd);
     free(c);
 }
 

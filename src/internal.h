@@ -222,6 +222,7 @@ struct mqr_call {
     int retries_left;
     enum mqr_call_state state;
     bool unconfirmed; /* linked in the publish-order list */
+    bool progress;    /* MQRPC_CALL_PROGRESS */
     bool finished;    /* in the finished list */
     mqrpc_done_fn done;
     void *arg;
@@ -311,12 +312,16 @@ enum mqr_msg_kind {
     MQR_NACK,
     MQR_BLOCKED,
     MQR_UNBLOCKED,
-    MQR_CANCEL
+    MQR_CANCEL,
+    MQR_WAKE /* the wake fd (mqr_conn_set_wake_fd) became readable */
 };
 
 /* Headers of ours, on the wire as AMQP table entries. */
 #define MQR_HDR_DEADLINE "x-mqrpc-deadline"     /* Unix ms, integer */
 #define MQR_HDR_DELIVERIES "x-mqrpc-deliveries" /* integer */
+/* On a request: 1, the caller wants progress messages. On a message to a
+ * reply queue: 1, this is progress, not the reply. */
+#define MQR_HDR_PROGRESS "x-mqrpc-progress"
 
 /* A message received: borrowed from the connection, valid until the next
  * mqr_conn_wait or mqr_conn_free. */
@@ -338,6 +343,7 @@ typedef struct mqr_msg {
     bool persistent;     /* delivery_mode 2 */
     int64_t deadline_ms; /* MQR_HDR_DEADLINE; 0: none */
     uint32_t deliveries; /* MQR_HDR_DELIVERIES; 0: none */
+    bool progress;       /* MQR_HDR_PROGRESS is nonzero */
     bool bad_headers;    /* one of our headers had the wrong type */
 } mqr_msg;
 
@@ -351,6 +357,7 @@ typedef struct mqr_props {
     bool persistent;    /* delivery_mode 2 */
     int64_t deadline_ms; /* sent as MQR_HDR_DEADLINE when nonzero */
     uint32_t deliveries; /* sent as MQR_HDR_DELIVERIES when nonzero */
+    bool progress;       /* sent as MQR_HDR_PROGRESS = 1 when true */
 } mqr_props;
 
 /* How to declare a queue. */
@@ -479,6 +486,12 @@ void mqr_conn_cork(mqr_conn *c, bool on);
  * if none came in time; any other failure means the connection is gone
  * (mqr_conn_errmsg says why) and every later call fails with MQRPC_ECLOSED. */
 mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *msg);
+
+/* mqr_conn_set_wake_fd makes mqr_conn_wait also return (MQRPC_OK, kind
+ * MQR_WAKE) when fd is readable, so another thread can wake the one that
+ * owns the connection; the owner drains fd. -1: none. Heartbeats are kept
+ * going meanwhile. */
+void mqr_conn_set_wake_fd(mqr_conn *c, int fd);
 
 /* mqr_conn_queue_info: passive declare on the side channel.
  * MQRPC_ENOROUTE if the queue does not exist. */

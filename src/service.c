@@ -30,96 +30,40 @@
  * blocked broker stops reading the socket, and rabbitmq-c's publish would
  * then wait without a deadline. Replies and re-publishes computed meanwhile
  * are held, in order, and sent when the broker unblocks; their deliveries
- * are acknowledged after them.
+ * are acknowledged after them (outbox.c).
+ *
+ * This file is the connection thread; handlers run on threads of their own
+ * (request.c; service.h tells how they meet).
  */
-#include "internal.h"
+#include "service.h"
 
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
-#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
+#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
-/* How often run() looks at the stop flag while idle. rabbitmq-c restarts
- * poll() on EINTR, so a signal alone does not wake it. */
+/* How often the connection thread looks at the stop flag while idle; a
+ * stop also wakes it through the eventfd, this is the safety net. */
 #define STOP_CHECK_MS 200
 
 /* How often held publishes are retried while the socket's send buffer,
  * not the broker, holds them back. */
 #define HELD_RETRY_MS 10
 
-/* The longest a batch of replies is held back (see maybe_open_batch). */
-#define BATCH_MAX_US 1000
-
 /* The longest a clean stop waits for the broker to confirm the hand-back
  * of unstarted deliveries (and other re-publishes still unconfirmed). */
 #define HAND_BACK_MAX_US 5000000
 
-/* The remote error code of a request the queue refused to take back: the
- * name of MQRPC_EOVERLOAD, what a caller gets when the queue refuses it. */
-#define OVERLOADED "overloaded"
+/* Acknowledgements gathered before they are flushed anyway. */
+#define ACKS_MAX 256
 
 /* The dead-letter queue's name is the queue's plus this. */
 #define DLQ_SUFFIX ".dlq"
 #define QUEUE_MAX (255 - (sizeof DLQ_SUFFIX - 1))
-
-/* What a publish that could not go at once, or waits for its confirm, is. */
-enum out_kind {
-    OUT_REPLY,       /* a reply; its delivery is acked once it is sent */
-    OUT_REQUEUE,     /* a redelivered request back to the queue, count+1 */
-    OUT_DEAD_LETTER, /* a poison request to the dead-letter queue */
-    OUT_HAND_BACK    /* an unstarted delivery back to the queue, unchanged */
-};
-
-/* A publish held back (the broker blocks us, or the socket is full) or
- * published on the confirm channel and not yet confirmed. The strings the
- * props point to and the body live in data. */
-struct out {
-    struct out *next;
-    enum out_kind kind;
-    uint64_t tag;   /* the delivery acknowledged when this is done */
-    uint64_t seq;   /* on the confirm channel, once published */
-    bool is_error;  /* OUT_REPLY: an error reply */
-    mqr_str rk;     /* routing key: reply_to or a queue */
-    mqr_str reply_to; /* re-publishes: whom to tell if it is refused */
-    mqr_props props;
-    mqr_str body;
-    char data[];
-};
-
-/* A FIFO of struct out. */
-struct out_list {
-    struct out *head, *tail;
-    unsigned n;
-};
-
-struct mqrpc_service {
-    mqrpc_service_opts opts;
-    mqr_conn_cfg cfg;
-    char *queue;
-    char dlq[256];
-    char instance[300];
-    mqr_logger log;
-    mqrpc_handler_fn handler;
-    void *arg;
-    mqr_conn *conn;
-    atomic_int stop;
-    mqrpc_service_stats st;
-    uint64_t rng; /* backoff jitter */
-    bool batch_open;        /* replies corked, acks deferred */
-    bool corked;            /* a reply waits in the corked socket */
-    uint64_t batch_tag;     /* last delivery answered in the open batch */
-    int64_t batch_start_us; /* when the batch opened */
-    int64_t blocked_us;     /* when the broker blocked us; 0: it does not */
-    struct out_list held;   /* not yet published, in order */
-    struct out_list unconfirmed; /* on the confirm channel, by seq */
-    char err[512];
-};
 
 bool mqr_redelivery_decide(uint32_t deliveries, unsigned max_deliveries,
                            uint32_t *failed)
@@ -152,24 +96,39 @@ static void cut_short_string(char *s)
     s[n] = '\0';
 }
 
-mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
-                                 mqrpc_handler_fn handler, void *arg)
+static void run_handler(mqrpc_request *r, void *arg);
+
+static mqrpc_service *service_new(const mqrpc_service_opts *opts,
+                                  mqrpc_handler_fn handler,
+                                  mqrpc_request_fn fn, void *arg)
 {
     mqrpc_service *s;
     mqr_conn_params p = {0};
 
     if (!opts || !opts->queue || !*opts->queue ||
-        strlen(opts->queue) > QUEUE_MAX || !handler) {
+        strlen(opts->queue) > QUEUE_MAX || (!handler && !fn)) {
         errno = EINVAL;
         return NULL;
     }
     s = calloc(1, sizeof *s);
     if (!s)
         return NULL;
+    s->wake_fd = -1;
     if (!mqr_opts_copy(&s->opts, sizeof s->opts, opts)) {
         free(s);
         return NULL;
     }
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->conn_lock, NULL);
+    {
+        /* The lone handler thread's stand-by wait is timed: monotonic. */
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_cond_init(&s->work, &ca);
+        pthread_condattr_destroy(&ca);
+    }
+    pthread_cond_init(&s->handback, NULL);
     if (s->opts.instance_id && *s->opts.instance_id)
         snprintf(s->instance, sizeof s->instance, "%s", s->opts.instance_id);
     else
@@ -183,7 +142,8 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
     p.connect_timeout_ms = s->opts.connect_timeout_ms;
     p.tls = s->opts.tls;
     s->queue = strdup(opts->queue);
-    if (!s->queue || !mqr_conn_cfg_init(&s->cfg, &p)) {
+    s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (!s->queue || s->wake_fd < 0 || !mqr_conn_cfg_init(&s->cfg, &p)) {
         mqrpc_service_free(s);
         errno = ENOMEM;
         return NULL;
@@ -193,8 +153,12 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
     s->opts.url = s->opts.url_file = NULL;
     memset(&s->opts.tls, 0, sizeof s->opts.tls);
     s->opts.instance_id = NULL;
+    if (s->opts.threads == 0)
+        s->opts.threads = 1;
+    if (s->opts.threads > 1024)
+        s->opts.threads = 1024;
     if (s->opts.prefetch == 0)
-        s->opts.prefetch = 1;
+        s->opts.prefetch = s->opts.threads;
     if (s->opts.prefetch > 65535)
         s->opts.prefetch = 65535;
     if (s->opts.max_body == 0)
@@ -217,10 +181,41 @@ mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
     s->log.arg = s->opts.log_arg;
     s->log.name = s->instance;
     s->handler = handler;
+    s->fn = handler ? run_handler : fn;
     s->arg = arg;
     atomic_init(&s->stop, 0);
+    atomic_init(&s->stopping, false);
     snprintf(s->err, sizeof s->err, "not connected");
     return s;
+}
+
+mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
+                                 mqrpc_handler_fn handler, void *arg)
+{
+    return service_new(opts, handler, NULL, arg);
+}
+
+mqrpc_service *mqrpc_service_new_async(const mqrpc_service_opts *opts,
+                                       mqrpc_request_fn fn, void *arg)
+{
+    return service_new(opts, NULL, fn, arg);
+}
+
+/* A pure handler, as a request function that answers before returning. */
+static void run_handler(mqrpc_request *r, void *arg)
+{
+    mqrpc_service *s = r->s;
+    mqrpc_fault fault = {{0}, {0}};
+    json_t *result;
+
+    (void)arg;
+    result = s->handler(mqrpc_request_params(r), &fault, s->arg);
+    if (result)
+        mqrpc_request_reply(r, result);
+    else if (fault.code[0])
+        mqrpc_request_fail(r, fault.code, "%s", fault.message);
+    else
+        mqrpc_request_reply(r, NULL);
 }
 
 /* Declares the queue and its dead-letter queue and consumes the queue:
@@ -270,6 +265,8 @@ static mqrpc_err connect_once(mqrpc_service *s)
         s->conn = NULL;
         return e;
     }
+    mqr_conn_set_wake_fd(s->conn, s->wake_fd);
+    s->gen++;
     s->err[0] = '\0';
     s->blocked_us = 0;
     return MQRPC_OK;
@@ -343,399 +340,160 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s)
     }
 }
 
-static int shown_len(mqr_str s)
+int mqr_service_shown_len(mqr_str s)
 {
     return (int)(s.len > 64 ? 64 : s.len);
 }
 
-/* A request problem found before decoding the body, or NULL. */
-static const char *envelope_problem(const mqr_msg *m, char *buf, size_t len)
+/* --------------------------------------------------------- acknowledging */
+
+/* Acknowledges the gathered deliveries: one multiple ack when no earlier
+ * delivery is still unacknowledged (none in hand below the highest, none
+ * waiting for a publish), else one by one. */
+static mqrpc_err flush_acks(mqrpc_service *s)
 {
-    static const char json[] = "application/json";
+    uint64_t max = 0;
+    mqrpc_err e = MQRPC_OK;
+    unsigned i;
 
-    if (m->bad_headers)
-        return "headers " MQR_HDR_DEADLINE " and " MQR_HDR_DELIVERIES
-               " must be integers";
-    /* pika's seed client sends no content type; "application/json;
-     * charset=utf-8" is still JSON. */
-    if (m->content_type.len &&
-        !(m->content_type.len >= sizeof json - 1 &&
-          strncasecmp(m->content_type.ptr, json, sizeof json - 1) == 0 &&
-          (m->content_type.len == sizeof json - 1 ||
-           m->content_type.ptr[sizeof json - 1] == ';'))) {
-        snprintf(buf, len,
-                 "content_type must be application/json (got \"%.*s\")",
-                 shown_len(m->content_type), m->content_type.ptr);
-        return buf;
-    }
-    return NULL;
-}
-
-/* Runs the handler; returns the reply body (malloc'd) and whether it is an
- * error reply. Never fails: an encoding problem becomes an internal error. */
-static char *answer(mqrpc_service *s, const mqr_msg *m, size_t *len,
-                    bool *is_error)
-{
-    mqrpc_fault fault = {{0}, {0}};
-    mqr_limits lim = {s->opts.max_body, s->opts.max_depth, s->opts.max_string};
-    json_t *request = NULL, *result = NULL;
-    char *out = NULL, why[160];
-    const char *problem = envelope_problem(m, why, sizeof why);
-
-    if (problem)
-        mqrpc_fault_set(&fault, MQRPC_BAD_REQUEST, "%s", problem);
-    else if (mqr_decode_request(m->body.ptr, m->body.len, &lim, &request,
-                                &fault) == MQRPC_OK) {
-        result = s->handler(request, &fault, s->arg);
-        json_decref(request);
-        if (result) {
-            out = mqr_encode_result(result, len);
-            json_decref(result);
-            if (!out)
-                mqrpc_fault_set(&fault, MQRPC_INTERNAL,
-                                "the result could not be encoded as JSON");
-        } else if (!fault.code[0]) {
-            mqrpc_fault_set(&fault, MQRPC_INTERNAL,
-                            "the handler failed without saying why");
-        }
-    }
-    *is_error = out == NULL;
-    if (!out)
-        out = mqr_encode_fault(&fault, len);
-    if (*is_error && s->opts.verbose)
-        mqr_log(&s->log, MQRPC_LOG_DEBUG, "error reply %s: %s", fault.code, fault.message);
-    return out;
-}
-
-/* ------------------------------------------------- held and unconfirmed */
-
-static void out_push(struct out_list *l, struct out *o)
-{
-    o->next = NULL;
-    if (l->tail)
-        l->tail->next = o;
+    if (!s->nacks)
+        return MQRPC_OK;
+    for (i = 0; i < s->nacks; i++)
+        if (s->acks[i] > max)
+            max = s->acks[i];
+    if (s->nacks == 1)
+        e = mqr_conn_ack(s->conn, max, false);
+    else if (!mqr_acks_waiting(s) &&
+             (!s->in_hand_head || s->in_hand_head->tag > max))
+        e = mqr_conn_ack(s->conn, max, true);
     else
-        l->head = o;
-    l->tail = o;
-    l->n++;
-}
-
-static struct out *out_pop(struct out_list *l)
-{
-    struct out *o = l->head;
-
-    if (o) {
-        l->head = o->next;
-        if (!l->head)
-            l->tail = NULL;
-        l->n--;
-    }
-    return o;
-}
-
-static void out_clear(struct out_list *l)
-{
-    struct out *o;
-
-    while ((o = out_pop(l)))
-        free(o);
-}
-
-/* A delivery whose acknowledgement waits for a publish: while there is
- * one, a multiple ack (the batch's) could cover it, so acks go one by one. */
-static bool acks_waiting(const mqrpc_service *s)
-{
-    return s->held.n || s->unconfirmed.n;
-}
-
-/* Copies s into the entry's data at *at. */
-static mqr_str out_copy(char **at, mqr_str s)
-{
-    mqr_str r = {*at, s.len};
-
-    if (s.len)
-        memcpy(*at, s.ptr, s.len);
-    *at += s.len;
-    return r;
-}
-
-/* An entry with copies of what the message in hand lends (valid only until
- * the next mqr_conn_wait). */
-static struct out *out_new(enum out_kind kind, uint64_t tag, mqr_str rk,
-                           mqr_str reply_to, const mqr_props *p, mqr_str body)
-{
-    size_t n = rk.len + reply_to.len + p->correlation_id.len +
-               p->reply_to.len + p->type.len + p->app_id.len +
-               p->expiration.len + body.len;
-    struct out *o = calloc(1, sizeof *o + n + 1);
-    char *at;
-
-    if (!o)
-        return NULL;
-    at = o->data;
-    o->kind = kind;
-    o->tag = tag;
-    o->props = *p;
-    o->rk = out_copy(&at, rk);
-    o->reply_to = out_copy(&at, reply_to);
-    o->props.correlation_id = out_copy(&at, p->correlation_id);
-    o->props.reply_to = out_copy(&at, p->reply_to);
-    o->props.type = out_copy(&at, p->type);
-    o->props.app_id = out_copy(&at, p->app_id);
-    o->props.expiration = out_copy(&at, p->expiration);
-    o->body = out_copy(&at, body);
-    return o;
-}
-
-/* Acknowledges a delivery that is done with. Inside a batch, and when no
- * other delivery waits for a publish, the acknowledgement waits for
- * flush_batch; otherwise it goes now. */
-static mqrpc_err done_with(mqrpc_service *s, uint64_t tag)
-{
-    if (s->batch_open && !acks_waiting(s)) {
-        s->batch_tag = tag;
-        return MQRPC_OK;
-    }
-    return mqr_conn_ack(s->conn, tag, false);
-}
-
-static mqr_props reply_props(const mqrpc_service *s, mqr_str correlation_id,
-                             bool persistent, bool is_error)
-{
-    mqr_props props = {0};
-
-    props.correlation_id = correlation_id;
-    props.app_id = mqr_cstr(s->instance);
-    /* A caller that made its request survive a broker restart wants the
-     * reply to survive it too. */
-    props.persistent = persistent;
-    if (is_error)
-        props.type = mqr_cstr("error");
-    return props;
-}
-
-/* Publishes held entries, in order, as far as the broker and the socket
- * let us: replies on the main channel (then their delivery is acked),
- * re-publishes on the confirm channel (then they wait for the confirm). */
-static mqrpc_err send_held(mqrpc_service *s)
-{
-    mqrpc_err e = MQRPC_OK;
-
-    while (s->held.head &&
-           mqr_conn_can_publish(s->conn, s->held.head->body.len)) {
-        struct out *o = out_pop(&s->held);
-
-        if (o->kind == OUT_REPLY) {
-            e = mqr_conn_publish(s->conn, o->rk, &o->props, o->body.ptr,
-                                 o->body.len, false);
-            if (e == MQRPC_OK)
-                e = mqr_conn_ack(s->conn, o->tag, false);
-            free(o);
-        } else {
-            e = mqr_conn_publish_confirmed(s->conn, o->rk, &o->props,
-                                           o->body.ptr, o->body.len, &o->seq);
-            if (e == MQRPC_OK)
-                out_push(&s->unconfirmed, o);
-            else
-                free(o);
-        }
-        if (e != MQRPC_OK)
-            return e;
-    }
+        for (i = 0; i < s->nacks && e == MQRPC_OK; i++)
+            e = mqr_conn_ack(s->conn, s->acks[i], false);
+    s->nacks = 0;
     return e;
 }
 
-/* Queues o behind what is held already, then sends what can go. */
-static mqrpc_err submit(mqrpc_service *s, struct out *o)
+mqrpc_err mqr_service_done_with(mqrpc_service *s, uint64_t tag)
 {
-    if (!o)
-        return MQRPC_ENOMEM;
-    out_push(&s->held, o);
-    return send_held(s);
-}
-
-/* Sends a reply, or holds it (with its delivery's ack) when it cannot go
- * now or something is held before it. */
-static mqrpc_err send_reply(mqrpc_service *s, uint64_t tag,
-                            mqr_str correlation_id, mqr_str reply_to,
-                            bool persistent, const char *body, size_t len,
-                            bool is_error)
-{
-    mqr_props props = reply_props(s, correlation_id, persistent, is_error);
-    mqr_str b = {body, len};
-    mqrpc_err e;
-
-    if (!s->held.head && mqr_conn_can_publish(s->conn, len)) {
-        e = mqr_conn_publish(s->conn, reply_to, &props, body, len, false);
-        if (e != MQRPC_OK)
-            return e;
-        if (s->batch_open)
-            s->corked = true;
-        return done_with(s, tag);
+    if (mqr_acks_waiting(s))
+        return mqr_conn_ack(s->conn, tag, false);
+    if (s->nacks == s->acks_cap) {
+        unsigned cap = s->acks_cap ? s->acks_cap * 2 : 64;
+        uint64_t *a = realloc(s->acks, cap * sizeof *a);
+        if (!a)
+            return mqr_conn_ack(s->conn, tag, false);
+        s->acks = a;
+        s->acks_cap = cap;
     }
-    return submit(s, out_new(OUT_REPLY, tag, reply_to, mqr_cstr(""), &props,
-                             b));
-}
-
-/* Sends the caller of a refused or dead-lettered request an error reply,
- * then acknowledges its delivery. */
-static mqrpc_err send_fault(mqrpc_service *s, const struct out *o,
-                            const mqrpc_fault *fault)
-{
-    size_t len;
-    char *body = mqr_encode_fault(fault, &len);
-    mqrpc_err e;
-
-    if (!body)
-        return MQRPC_ENOMEM;
-    e = send_reply(s, o->tag, o->props.correlation_id, o->reply_to,
-                   o->props.persistent, body, len, true);
-    free(body);
-    return e;
-}
-
-/* The broker confirmed (ack) or refused (nack) the re-publish o. */
-static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
-{
-    mqr_str id = o->props.correlation_id;
-    mqrpc_fault fault;
-
-    switch (o->kind) {
-    case OUT_REQUEUE:
-        if (ack) {
-            s->st.redelivered++;
-            if (s->opts.verbose)
-                mqr_log(&s->log, MQRPC_LOG_DEBUG,
-                        "request %.*s redelivered (%u failed deliveries): "
-                        "queued again",
-                        shown_len(id), id.ptr, (unsigned)o->props.deliveries);
-            return mqr_conn_ack(s->conn, o->tag, false);
-        }
-        s->st.refused++;
-        mqr_log(&s->log, MQRPC_LOG_WARN,
-                "request %.*s redelivered, but the broker refused to queue "
-                "it again (%s full?): answered overloaded",
-                shown_len(id), id.ptr, s->queue);
-        mqrpc_fault_set(&fault, OVERLOADED,
-                        "the request was redelivered after its instance "
-                        "died and %s refused to take it back (full)",
-                        s->queue);
-        return send_fault(s, o, &fault);
-    case OUT_DEAD_LETTER:
-        if (ack) {
-            s->st.dead_lettered++;
-            mqr_log(&s->log, MQRPC_LOG_WARN,
-                    "request %.*s dead-lettered to %s after %u deliveries",
-                    shown_len(id), id.ptr, s->dlq,
-                    (unsigned)o->props.deliveries);
-            mqrpc_fault_set(&fault, MQRPC_DEAD_LETTER,
-                            "the request was delivered %u times and never "
-                            "answered (the instances that took it died); it "
-                            "is in %s and will not be run again",
-                            (unsigned)o->props.deliveries, s->dlq);
-        } else {
-            s->st.refused++;
-            mqr_log(&s->log, MQRPC_LOG_WARN,
-                    "request %.*s failed %u deliveries, and the broker "
-                    "refused it in %s: dropped, its caller told",
-                    shown_len(id), id.ptr, (unsigned)o->props.deliveries,
-                    s->dlq);
-            mqrpc_fault_set(&fault, MQRPC_DEAD_LETTER,
-                            "the request was delivered %u times and never "
-                            "answered (the instances that took it died); it "
-                            "could not be kept (%s refused it) and will not "
-                            "be run again",
-                            (unsigned)o->props.deliveries, s->dlq);
-        }
-        return send_fault(s, o, &fault);
-    case OUT_HAND_BACK:
-        if (ack) {
-            s->st.handed_back++;
-            return mqr_conn_ack(s->conn, o->tag, false);
-        }
-        /* Left unacknowledged: closing the channel puts it back, where it
-         * counts one failed delivery. */
-        mqr_log(&s->log, MQRPC_LOG_WARN,
-                "request %.*s: the broker refused to take it back; it "
-                "returns as a redelivery",
-                shown_len(id), id.ptr);
-        return MQRPC_OK;
-    case OUT_REPLY: break;
-    }
-    return MQRPC_OK;
-}
-
-/* A publisher confirm from the confirm channel: settles the re-publishes it
- * covers. Confirms of different queues may come out of order. */
-static mqrpc_err on_confirm(mqrpc_service *s, const mqr_msg *m)
-{
-    struct out **pp = &s->unconfirmed.head, *prev = NULL;
-    mqrpc_err e = MQRPC_OK;
-
-    while (*pp && e == MQRPC_OK) {
-        struct out *o = *pp;
-        if (o->seq == m->delivery_tag ||
-            (m->multiple && o->seq < m->delivery_tag)) {
-            *pp = o->next;
-            if (s->unconfirmed.tail == o)
-                s->unconfirmed.tail = prev;
-            s->unconfirmed.n--;
-            e = settle(s, o, m->kind == MQR_ACK);
-            free(o);
-        } else {
-            prev = o;
-            pp = &o->next;
-        }
-    }
-    return e;
+    s->acks[s->nacks++] = tag;
+    return s->nacks >= ACKS_MAX ? flush_acks(s) : MQRPC_OK;
 }
 
 /* ------------------------------------------------------------- requests */
 
-/* A redelivered request goes back to the tail of the queue with its count
- * of failed deliveries, or into the dead-letter queue once it reached
- * max_deliveries; its delivery is acknowledged once the broker confirmed
- * the copy. Otherwise it is a stop's hand-back of an unstarted delivery:
- * re-published unchanged (a redelivered one counts as it would have). */
-static mqrpc_err republish(mqrpc_service *s, const mqr_msg *m)
+static void in_hand_append(mqrpc_service *s, mqrpc_request *r)
 {
-    mqr_props props = {0};
-    uint32_t failed = m->deliveries;
-    enum out_kind kind = OUT_HAND_BACK;
-    char expiration[24];
-
-    if (m->redelivered)
-        kind = mqr_redelivery_decide(m->deliveries, s->opts.max_deliveries,
-                                     &failed)
-                   ? OUT_DEAD_LETTER
-                   : OUT_REQUEUE;
-    props.correlation_id = m->correlation_id;
-    props.reply_to = m->reply_to;
-    props.persistent = m->persistent;
-    props.deadline_ms = m->deadline_ms;
-    props.deliveries = failed;
-    if (kind != OUT_DEAD_LETTER && m->deadline_ms) {
-        /* The broker's expiration restarts with the copy: give it what is
-         * left of the caller's time. */
-        int64_t left = m->deadline_ms - mqr_wall_ms();
-        snprintf(expiration, sizeof expiration, "%" PRId64,
-                 left > 0 ? left : 1);
-        props.expiration = mqr_cstr(expiration);
-    }
-    return submit(s, out_new(kind, m->delivery_tag,
-                             mqr_cstr(kind == OUT_DEAD_LETTER ? s->dlq
-                                                              : s->queue),
-                             m->reply_to, &props, m->body));
+    r->inext = NULL;
+    r->iprev = s->in_hand_tail;
+    if (s->in_hand_tail)
+        s->in_hand_tail->inext = r;
+    else
+        s->in_hand_head = r;
+    s->in_hand_tail = r;
+    r->in_hand = true;
 }
 
-/* Handles one delivery; run false (a stop) hands back the requests it
- * would have run. */
-static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m, bool run)
+static void in_hand_unlink(mqrpc_service *s, mqrpc_request *r)
 {
-    size_t len = 0;
-    bool is_error;
-    char *body;
+    if (!r->in_hand)
+        return;
+    if (r->iprev)
+        r->iprev->inext = r->inext;
+    else
+        s->in_hand_head = r->inext;
+    if (r->inext)
+        r->inext->iprev = r->iprev;
+    else
+        s->in_hand_tail = r->iprev;
+    r->iprev = r->inext = NULL;
+    r->in_hand = false;
+}
+
+/* Forgets a request that will not be answered here. */
+static void drop_request(mqrpc_service *s, mqrpc_request *r)
+{
+    in_hand_unlink(s, r);
+    s->outstanding--;
+    mqr_request_free(r);
+}
+
+/* The delivery a request came from, to re-publish it. */
+static mqr_msg msg_of(const mqrpc_request *r)
+{
+    mqr_msg m = {0};
+
+    m.kind = MQR_DELIVERY;
+    m.delivery_tag = r->tag;
+    m.body = r->body;
+    m.correlation_id = r->correlation_id;
+    m.reply_to = r->reply_to;
+    m.persistent = r->persistent;
+    m.deadline_ms = r->deadline_ms;
+    m.deliveries = r->deliveries;
+    m.progress = r->want_progress;
+    return m;
+}
+
+/* Takes back the requests no handler started: on the current connection
+ * they are handed back (re-published unchanged); otherwise their
+ * deliveries return by themselves. */
+static mqrpc_err take_back_unstarted(mqrpc_service *s, bool hand_back)
+{
+    mqrpc_request *r = mqr_workers_take_unstarted(s), *next;
+    mqrpc_err e = MQRPC_OK;
+
+    for (; r; r = next) {
+        next = r->next;
+        if (hand_back && e == MQRPC_OK && r->gen == s->gen && s->conn) {
+            mqr_msg m = msg_of(r);
+            e = mqr_republish(s, &m);
+        }
+        drop_request(s, r);
+    }
+    return e;
+}
+
+static mqrpc_err drain_done(mqrpc_service *s);
+
+/* Runs r's handler on the connection thread, lending the connection to
+ * the idle handler thread meanwhile (it takes it only if the handler runs
+ * long), then takes it back and sends the answer. */
+static mqrpc_err run_inline(mqrpc_service *s, mqrpc_request *r)
+{
     mqrpc_err e;
+
+    pthread_mutex_unlock(&s->conn_lock);
+    mqr_run_request(s, r);
+    pthread_mutex_lock(&s->lock);
+    s->inline_since_us = 0;
+    if (s->taken_over) {
+        /* The stand-in may sleep in mqr_conn_wait: make it look. */
+        mqr_service_wake(s);
+        while (s->taken_over)
+            pthread_cond_wait(&s->handback, &s->lock);
+    }
+    pthread_mutex_unlock(&s->lock);
+    pthread_mutex_lock(&s->conn_lock);
+    e = s->lent_err;
+    s->lent_err = MQRPC_OK;
+    return e != MQRPC_OK ? e : drain_done(s);
+}
+
+/* Handles one delivery: skipped, re-published, run inline, or queued for a
+ * handler thread. */
+static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
+{
+    mqrpc_request *r;
 
     if (m->reply_to.len == 0 || m->correlation_id.len == 0) {
         /* Nobody could match an answer: acknowledge so it does not come
@@ -745,9 +503,9 @@ static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m, bool run)
                 "request without %s (correlation_id \"%.*s\"): "
                 "acknowledged and dropped",
                 m->reply_to.len == 0 ? "reply_to" : "correlation_id",
-                shown_len(m->correlation_id),
+                mqr_service_shown_len(m->correlation_id),
                 m->correlation_id.ptr ? m->correlation_id.ptr : "");
-        return done_with(s, m->delivery_tag);
+        return mqr_service_done_with(s, m->delivery_tag);
     }
     if (m->deadline_ms && mqr_wall_ms() >= m->deadline_ms) {
         /* Its caller gave up: running it would be wasted work. */
@@ -755,66 +513,168 @@ static mqrpc_err serve_one(mqrpc_service *s, const mqr_msg *m, bool run)
         if (s->opts.verbose)
             mqr_log(&s->log, MQRPC_LOG_DEBUG,
                     "request %.*s skipped: past its deadline",
-                    shown_len(m->correlation_id), m->correlation_id.ptr);
-        return done_with(s, m->delivery_tag);
+                    mqr_service_shown_len(m->correlation_id),
+                    m->correlation_id.ptr);
+        return mqr_service_done_with(s, m->delivery_tag);
     }
-    if (m->redelivered || !run)
-        return republish(s, m);
-    /* Replies already computed in this batch leave before a handler that
-     * may take long; only the multiple ack stays deferred. */
-    if (s->corked) {
-        mqr_conn_cork(s->conn, false);
-        mqr_conn_cork(s->conn, true);
-        s->corked = false;
-    }
-    body = answer(s, m, &len, &is_error);
-    if (!body)
+    if (m->redelivered || atomic_load(&s->stopping))
+        return mqr_republish(s, m);
+    r = mqr_request_new(s, m);
+    if (!r)
         return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
-    s->st.served++;
-    if (s->opts.verbose)
-        mqr_log(&s->log, MQRPC_LOG_DEBUG, "answered %.*s",
-                shown_len(m->correlation_id), m->correlation_id.ptr);
-    e = send_reply(s, m->delivery_tag, m->correlation_id, m->reply_to,
-                   m->persistent, body, len, is_error);
+    in_hand_append(s, r);
+    s->outstanding++;
+    if (s->opts.threads == 1 && pthread_equal(pthread_self(), s->conn_thread)) {
+        bool idle;
+        pthread_mutex_lock(&s->lock);
+        idle = !s->jobs_head && !s->busy && !s->taken_over;
+        if (idle)
+            s->inline_since_us = mqr_now_us();
+        pthread_mutex_unlock(&s->lock);
+        if (idle)
+            return run_inline(s, r);
+    }
+    mqr_workers_submit(s, r);
+    return MQRPC_OK;
+}
+
+/* The caller of r gave up: its deadline passed, or a progress message came
+ * back unroutable (its reply queue is gone). */
+static bool caller_gone(const mqrpc_request *r)
+{
+    return atomic_load(&r->gone) ||
+           (r->deadline_ms && mqr_wall_ms() >= r->deadline_ms);
+}
+
+/* A progress message: advisory, so it is dropped rather than held when it
+ * cannot go at once. Mandatory, so that the broker returns it when the
+ * caller's reply queue is gone. */
+static mqrpc_err send_progress(mqrpc_service *s, mqrpc_request *r,
+                               double percent, const char *text)
+{
+    mqr_props props = {0};
+    json_t *j;
+    char *body;
+    mqrpc_err e;
+
+    if (r->gen != s->gen || caller_gone(r) || s->held.head ||
+        !mqr_conn_can_publish(s->conn, 512))
+        return MQRPC_OK;
+    j = *text ? json_pack("{s:f, s:s}", "percent", percent, "text", text)
+              : json_pack("{s:f}", "percent", percent);
+    body = j ? json_dumps(j, JSON_COMPACT) : NULL;
+    json_decref(j);
+    if (!body)
+        return MQRPC_OK; /* out of memory: progress is the first to go */
+    props.correlation_id = r->correlation_id;
+    props.app_id = mqr_cstr(s->instance);
+    props.progress = true;
+    e = mqr_conn_publish(s->conn, r->reply_to, &props, body, strlen(body),
+                         true);
     free(body);
+    if (e == MQRPC_OK)
+        s->st.progress++;
     return e;
 }
 
-/* Deliveries arrive in order on one channel, and each was answered before
- * the next was read: one multiple ack covers the whole batch (done_with
- * keeps deliveries that wait for a publish out of batches). */
-static mqrpc_err flush_batch(mqrpc_service *s)
+/* Sends r's answer (unless its caller gave up) and forgets r. A request of
+ * an earlier connection is still answered, without an acknowledgement: its
+ * delivery came back to the queue, and its caller drops a second answer. */
+static mqrpc_err finish_request(mqrpc_service *s, mqrpc_request *r)
 {
+    bool current = r->gen == s->gen;
     mqrpc_err e = MQRPC_OK;
 
-    if (s->batch_tag)
-        e = mqr_conn_ack(s->conn, s->batch_tag, true);
-    mqr_conn_cork(s->conn, false);
-    s->batch_tag = 0;
-    s->batch_open = false;
-    s->corked = false;
+    if (r->skipped) {
+        s->st.expired++;
+        if (s->opts.verbose)
+            mqr_log(&s->log, MQRPC_LOG_DEBUG,
+                    "request %.*s skipped: past its deadline",
+                    mqr_service_shown_len(r->correlation_id),
+                    r->correlation_id.ptr);
+        if (current)
+            e = mqr_service_done_with(s, r->tag);
+    } else if (caller_gone(r)) {
+        s->st.abandoned++;
+        if (s->opts.verbose)
+            mqr_log(&s->log, MQRPC_LOG_DEBUG,
+                    "request %.*s: reply not sent, its caller gave up",
+                    mqr_service_shown_len(r->correlation_id),
+                    r->correlation_id.ptr);
+        if (current)
+            e = mqr_service_done_with(s, r->tag);
+    } else {
+        s->st.served++;
+        if (s->opts.verbose)
+            mqr_log(&s->log, MQRPC_LOG_DEBUG, "answered %.*s",
+                    mqr_service_shown_len(r->correlation_id),
+                    r->correlation_id.ptr);
+        e = mqr_send_reply(s, current ? r->tag : 0, r->correlation_id,
+                           r->reply_to, r->persistent, r->reply_body,
+                           r->reply_len, r->reply_is_error);
+    }
+    drop_request(s, r);
     return e;
 }
 
-/* With prefetch above 1, requests that are already read behind the current
- * one are answered as a batch: their acknowledgements leave as one multiple
- * ack when nothing more is buffered (so no request waits for data that has
- * not arrived) or after BATCH_MAX_US, and the replies leave together unless
- * a handler is about to run (serve_one uncorks them first). The broker then
- * handles one ack and one read per batch instead of one per request. */
-static void maybe_open_batch(mqrpc_service *s)
+/* What handler threads posted: progress to send, requests ended. Their
+ * replies leave together (corked) and are acknowledged together. */
+static mqrpc_err drain_done(mqrpc_service *s)
 {
-    if (s->batch_open || s->opts.prefetch < 2 || !mqr_conn_buffered(s->conn))
-        return;
-    s->batch_open = true;
-    s->batch_start_us = mqr_now_us();
-    mqr_conn_cork(s->conn, true);
+    mqrpc_request *r = mqr_take_done(s), *next;
+    mqrpc_err e = MQRPC_OK;
+    bool cork = r && r->next;
+    char text[sizeof r->progress_text];
+
+    if (cork)
+        mqr_conn_cork(s->conn, true);
+    for (; r; r = next) {
+        bool ended, progress;
+        double percent;
+
+        pthread_mutex_lock(&s->lock);
+        next = r->next;
+        r->queued_done = false;
+        ended = r->ended;
+        progress = r->has_progress && !ended;
+        r->has_progress = false;
+        percent = r->percent;
+        memcpy(text, r->progress_text, sizeof text);
+        pthread_mutex_unlock(&s->lock);
+        if (e != MQRPC_OK) {
+            /* The connection failed: answers wait for the next one. */
+            if (ended)
+                finish_request(s, r);
+            continue;
+        }
+        if (ended)
+            e = finish_request(s, r);
+        else if (progress)
+            e = send_progress(s, r, percent, text);
+    }
+    if (e == MQRPC_OK)
+        e = flush_acks(s);
+    if (cork)
+        mqr_conn_cork(s->conn, false);
+    return e;
 }
 
-static bool batch_due(const mqrpc_service *s)
+/* A basic.return: a progress message its caller's queue no longer takes. */
+static void on_return(mqrpc_service *s, const mqr_msg *m)
 {
-    return s->batch_open && (!mqr_conn_buffered(s->conn) ||
-                             mqr_now_us() - s->batch_start_us > BATCH_MAX_US);
+    for (mqrpc_request *r = s->in_hand_head; r; r = r->inext)
+        if (mqr_str_eq(m->correlation_id, r->correlation_id.ptr) &&
+            r->correlation_id.len == m->correlation_id.len) {
+            atomic_store(&r->gone, true);
+            if (s->opts.verbose)
+                mqr_log(&s->log, MQRPC_LOG_DEBUG,
+                        "request %.*s: its caller's reply queue is gone "
+                        "(%d %.*s); the handler sees it cancelled",
+                        mqr_service_shown_len(r->correlation_id),
+                        r->correlation_id.ptr, m->reply_code,
+                        (int)m->reply_text.len, m->reply_text.ptr);
+            return;
+        }
 }
 
 /* The broker cancelled our consumer: its queue was deleted (by a person,
@@ -841,15 +701,28 @@ static mqrpc_err consume_again(mqrpc_service *s)
     return MQRPC_OK;
 }
 
-/* Messages other than deliveries, in serve() and when stopping. */
+static void drain_wake(mqrpc_service *s)
+{
+    uint64_t n;
+
+    if (read(s->wake_fd, &n, sizeof n) < 0) {
+        /* EAGAIN: another read took it; nothing to do */
+    }
+}
+
+/* Messages other than deliveries. */
 static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
 {
     switch (m->kind) {
+    case MQR_WAKE:
+        drain_wake(s);
+        return drain_done(s);
     case MQR_ACK:
     case MQR_NACK:
         if (m->channel == MQR_CONFIRM_CHANNEL)
-            return on_confirm(s, m);
+            return mqr_on_confirm(s, m);
         return MQRPC_OK;
+    case MQR_RETURN: on_return(s, m); return MQRPC_OK;
     case MQR_BLOCKED:
         s->st.blocked++;
         s->blocked_us = mqr_now_us();
@@ -866,90 +739,95 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
                               : 0.0,
                 s->held.n);
         s->blocked_us = 0;
-        return send_held(s);
-    case MQR_CANCEL: return consume_again(s);
+        return mqr_send_held(s);
+    case MQR_CANCEL:
+        /* While stopping, the cancel is ours. */
+        return atomic_load(&s->stopping) ? MQRPC_OK : consume_again(s);
     default: return MQRPC_OK;
     }
 }
 
-/* How long serve() may sleep in mqr_conn_wait. */
+/* How long the connection thread may sleep in mqr_conn_wait. */
 static int wait_ms(const mqrpc_service *s)
 {
-    if (s->batch_open)
-        return 0; /* an open batch is flushed as soon as the input runs dry */
     if (s->held.head && !mqr_conn_blocked(s->conn))
         return HELD_RETRY_MS; /* the socket was full: try again soon */
     return STOP_CHECK_MS;
 }
 
+/* Waits for one message and handles it. */
+static mqrpc_err step(mqrpc_service *s)
+{
+    mqr_msg m;
+    mqrpc_err e = mqr_conn_wait(s->conn, wait_ms(s), &m);
+
+    if (e == MQRPC_ETIMEOUT)
+        e = MQRPC_OK;
+    else if (e == MQRPC_OK && m.kind == MQR_DELIVERY)
+        e = on_delivery(s, &m);
+    else if (e == MQRPC_OK)
+        e = on_event(s, &m);
+    if (e == MQRPC_OK && s->held.head)
+        e = mqr_send_held(s);
+    /* Acknowledgements wait while more input is buffered (it may end more
+     * requests), not longer. */
+    if (e == MQRPC_OK && s->nacks && !mqr_conn_buffered(s->conn))
+        e = flush_acks(s);
+    return e;
+}
+
+/* The broker's consumer_timeout closes the channel of a consumer that held
+ * a delivery unacknowledged too long; its message alone does not say what
+ * to do about it. */
+static bool consumer_timeout(const char *err)
+{
+    return strstr(err, "PRECONDITION_FAILED") &&
+           strstr(err, "delivery acknowledgement") && strstr(err, "timed out");
+}
+
+void mqr_service_stand_in(mqrpc_service *s)
+{
+    mqrpc_err e;
+    bool lent = true;
+
+    pthread_mutex_lock(&s->conn_lock);
+    /* Posts made before the take-over did not wake anyone. */
+    e = s->conn ? drain_done(s) : MQRPC_ECLOSED;
+    while (e == MQRPC_OK) {
+        pthread_mutex_lock(&s->lock);
+        lent = s->inline_since_us != 0;
+        pthread_mutex_unlock(&s->lock);
+        if (!lent)
+            break;
+        e = step(s);
+    }
+    if (e != MQRPC_OK && s->conn)
+        snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
+    /* The connection thread finds a failure here and reconnects. */
+    s->lent_err = e;
+    pthread_mutex_unlock(&s->conn_lock);
+    pthread_mutex_lock(&s->lock);
+    s->taken_over = false;
+    pthread_cond_broadcast(&s->handback);
+    pthread_mutex_unlock(&s->lock);
+}
+
 /* Serves until stopped (MQRPC_OK) or the connection fails. */
 static mqrpc_err serve(mqrpc_service *s)
 {
-    mqr_msg m;
     mqrpc_err e;
 
     while (!atomic_load(&s->stop)) {
-        e = mqr_conn_wait(s->conn, wait_ms(s), &m);
-        if (e == MQRPC_ETIMEOUT) {
-            e = s->batch_open ? flush_batch(s) : MQRPC_OK;
-        } else if (e == MQRPC_OK && m.kind == MQR_DELIVERY) {
-            maybe_open_batch(s);
-            e = serve_one(s, &m, true);
-            if (e == MQRPC_OK && batch_due(s))
-                e = flush_batch(s);
-        } else if (e == MQRPC_OK) {
-            e = on_event(s, &m);
-        }
-        if (e == MQRPC_OK && s->held.head)
-            e = send_held(s);
+        e = step(s);
         if (e != MQRPC_OK) {
             /* Acknowledge what was answered, so only the rest comes back. */
-            if (s->batch_open)
-                flush_batch(s);
+            if (s->nacks)
+                flush_acks(s);
             snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
             return e;
         }
     }
-    if (s->batch_open)
-        flush_batch(s);
     return MQRPC_OK;
-}
-
-/* A clean stop: cancel the consumer, hand back what the broker had sent
- * before the cancel-ok (re-published unchanged, so that it does not count
- * as a failed delivery, and acknowledged once confirmed), send what is
- * held, and wait (bounded) for the outstanding confirms. Skipped while the
- * broker blocks us: it does not read, so nothing would be answered. */
-static void hand_back(mqrpc_service *s)
-{
-    int64_t end = mqr_now_us() + HAND_BACK_MAX_US;
-    mqr_msg m;
-    mqrpc_err e;
-
-    if (!s->conn || mqr_conn_blocked(s->conn) ||
-        mqr_conn_cancel(s->conn) != MQRPC_OK)
-        return;
-    while (mqr_now_us() < end) {
-        bool busy = acks_waiting(s);
-        e = mqr_conn_wait(s->conn, busy ? HELD_RETRY_MS : 0, &m);
-        if (e == MQRPC_ETIMEOUT) {
-            if (!busy)
-                return;
-            e = MQRPC_OK;
-        } else if (e == MQRPC_OK && m.kind == MQR_DELIVERY) {
-            e = serve_one(s, &m, false);
-        } else if (e == MQRPC_OK && m.kind != MQR_CANCEL) {
-            e = on_event(s, &m);
-        }
-        if (e == MQRPC_OK && s->held.head)
-            e = send_held(s);
-        if (e != MQRPC_OK || mqr_conn_blocked(s->conn))
-            return;
-    }
-    mqr_log(&s->log, MQRPC_LOG_WARN,
-            "stopping without the broker's confirm for %u re-published "
-            "requests; they return as redeliveries",
-            s->unconfirmed.n);
 }
 
 /* Reopens the connection with exponential backoff until it works or the
@@ -994,48 +872,144 @@ static mqrpc_err reconnect(mqrpc_service *s)
 }
 
 /* Forgets the connection and what waited on it: the deliveries behind
- * held and unconfirmed publishes come back as redeliveries. */
+ * held and unconfirmed publishes, and the requests no handler started, come
+ * back as redeliveries. Requests being handled go on; their answers go out
+ * on the next connection. */
 static void drop_conn(mqrpc_service *s)
 {
     mqr_conn_free(s->conn);
     s->conn = NULL;
-    s->batch_open = false;
-    s->corked = false;
-    s->batch_tag = 0;
     s->blocked_us = 0;
-    out_clear(&s->held);
-    out_clear(&s->unconfirmed);
+    s->nacks = 0;
+    mqr_out_clear(&s->held);
+    mqr_out_clear(&s->unconfirmed);
+    take_back_unstarted(s, false);
+    while (s->in_hand_head)
+        in_hand_unlink(s, s->in_hand_head);
+}
+
+/* A clean stop: cancel the consumer, hand back what no handler started and
+ * what the broker sent before the cancel-ok (re-published unchanged, so it
+ * does not count as a failed delivery, and acknowledged once confirmed),
+ * tell the requests in hand they are cancelled and wait for each to end
+ * and be answered, then wait (bounded) for the outstanding confirms. The
+ * hand-back is skipped while the broker blocks us: it does not read. */
+static void finish(mqrpc_service *s)
+{
+    int64_t end = 0;
+
+    atomic_store(&s->stopping, true);
+    if (s->conn && (mqr_conn_blocked(s->conn) ||
+                    mqr_conn_cancel(s->conn) != MQRPC_OK))
+        drop_conn(s);
+    if (take_back_unstarted(s, s->conn != NULL) != MQRPC_OK)
+        drop_conn(s);
+    if (s->outstanding)
+        mqr_log(&s->log, MQRPC_LOG_INFO,
+                "stopping: waiting for %u request%s in hand", s->outstanding,
+                s->outstanding == 1 ? "" : "s");
+    for (;;) {
+        if (!s->conn) {
+            /* Without a connection the answers have nowhere to go. */
+            mqrpc_request *r = mqr_take_done(s), *next;
+            for (; r; r = next) {
+                pthread_mutex_lock(&s->lock);
+                next = r->next;
+                r->queued_done = false;
+                pthread_mutex_unlock(&s->lock);
+                if (r->ended)
+                    drop_request(s, r);
+            }
+            if (!s->outstanding)
+                return;
+            struct timespec ts = {0, 10 * 1000000L};
+            nanosleep(&ts, NULL);
+            continue;
+        }
+        if (!s->outstanding && !mqr_acks_waiting(s) && !s->nacks &&
+            !mqr_conn_buffered(s->conn)) {
+            /* Deliveries sent before the cancel-ok may still be in the
+             * socket: one look without waiting. */
+            mqr_msg m;
+            mqrpc_err e = mqr_conn_wait(s->conn, 0, &m);
+            if (e == MQRPC_ETIMEOUT)
+                return;
+            if (e == MQRPC_OK)
+                e = m.kind == MQR_DELIVERY ? on_delivery(s, &m)
+                                           : on_event(s, &m);
+            if (e != MQRPC_OK)
+                drop_conn(s);
+            continue;
+        }
+        if (!s->outstanding) {
+            if (!end)
+                end = mqr_now_us() + HAND_BACK_MAX_US;
+            if (mqr_now_us() >= end || mqr_conn_blocked(s->conn)) {
+                mqr_log(&s->log, MQRPC_LOG_WARN,
+                        "stopping without the broker's confirm for %u "
+                        "re-published requests; they return as "
+                        "redeliveries",
+                        s->unconfirmed.n);
+                return;
+            }
+        }
+        if (step(s) != MQRPC_OK) {
+            mqr_log(&s->log, MQRPC_LOG_WARN,
+                    "connection lost while stopping: %s",
+                    mqr_conn_errmsg(s->conn));
+            drop_conn(s);
+        }
+    }
 }
 
 mqrpc_err mqrpc_service_run(mqrpc_service *s)
 {
-    mqrpc_err e;
+    mqrpc_err e = MQRPC_OK;
 
     if (!s->conn)
         return MQRPC_ESTATE;
+    s->conn_thread = pthread_self();
+    pthread_mutex_lock(&s->conn_lock);
+    if (mqr_workers_start(s) != MQRPC_OK) {
+        pthread_mutex_unlock(&s->conn_lock);
+        return MQRPC_ENOMEM;
+    }
     while (!atomic_load(&s->stop)) {
         e = serve(s);
         if (e == MQRPC_OK)
             break;
         drop_conn(s);
         if (e == MQRPC_ENOMEM || s->opts.reconnect_max_ms < 0)
-            return e;
+            break;
         s->st.lost++;
-        mqr_log(&s->log, MQRPC_LOG_WARN, "connection lost: %s; reconnecting",
-                s->err);
+        if (consumer_timeout(s->err))
+            mqr_log(&s->log, MQRPC_LOG_WARN,
+                    "the broker closed the channel: a request was held "
+                    "longer than its consumer_timeout (%s); raise "
+                    "consumer_timeout for handlers this long (README, "
+                    "Long-running handlers); reconnecting",
+                    s->err);
+        else
+            mqr_log(&s->log, MQRPC_LOG_WARN,
+                    "connection lost: %s; reconnecting", s->err);
         e = reconnect(s);
         if (e != MQRPC_OK)
-            return e;
+            break;
     }
-    hand_back(s);
+    finish(s);
+    /* No handler runs inline any more: the handler threads may end. */
+    pthread_mutex_unlock(&s->conn_lock);
+    mqr_workers_join(s);
     /* Closing the channel returns what is still unacknowledged. */
     drop_conn(s);
-    return MQRPC_OK;
+    atomic_store(&s->stopping, false);
+    return e;
 }
 
 void mqrpc_service_stop(mqrpc_service *s)
 {
     atomic_store(&s->stop, 1);
+    mqr_service_wake(s); /* write(2): async-signal-safe */
 }
 
 const char *mqrpc_service_instance(const mqrpc_service *s)
@@ -1060,6 +1034,13 @@ void mqrpc_service_free(mqrpc_service *s)
         return;
     drop_conn(s);
     free(s->queue);
+    free(s->acks);
+    if (s->wake_fd >= 0)
+        close(s->wake_fd);
+    pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->conn_lock);
+    pthread_cond_destroy(&s->work);
+    pthread_cond_destroy(&s->handback);
     mqr_conn_cfg_clear(&s->cfg);
     free(s);
 }

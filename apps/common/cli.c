@@ -16,6 +16,7 @@ enum {
     OPT_QUEUE,
     OPT_PREFETCH,
     OPT_WORKERS,
+    OPT_THREADS,
     OPT_MAX_BODY,
     OPT_MAX_DEPTH,
     OPT_MAX_STRING,
@@ -192,10 +193,13 @@ static void usage(const struct cli *c, FILE *f)
         fprintf(f, "  --queue NAME       queue to consume (default %s)\n",
                 c->queue);
         fprintf(f, "  --prefetch N       unacknowledged requests at once "
-                   "(default 1: fair round-robin)\n");
+                   "(default: --threads;\n"
+                   "                     1 gives fair round-robin)\n");
+        fprintf(f, "  --threads N        handlers running at once on one "
+                   "connection (default 1)\n");
         fprintf(f, "  --workers N        consumers in this process, each on "
                    "its own connection\n"
-                   "                     (default 1)\n");
+                   "                     with its --threads (default 1)\n");
         fprintf(f,
                 "  --max-body BYTES   larger requests get bad_request "
                 "(default %u)\n",
@@ -326,6 +330,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
                                     OPT_MAX_STRING};
         opts[n++] =
             (struct option){"workers", required_argument, NULL, OPT_WORKERS};
+        opts[n++] =
+            (struct option){"threads", required_argument, NULL, OPT_THREADS};
         opts[n++] = (struct option){"max-queue", required_argument, NULL,
                                     OPT_MAX_QUEUE};
         opts[n++] = (struct option){"max-deliveries", required_argument, NULL,
@@ -419,6 +425,15 @@ int cli_parse(struct cli *c, int argc, char **argv)
                 return CLI_EXIT_USAGE;
             }
             c->workers = (unsigned)v;
+            break;
+        case OPT_THREADS:
+            if (!cli_parse_long(optarg, 1, CLI_MAX_THREADS, &v)) {
+                cli_error(c,
+                          "--threads takes a number from 1 to %d, got \"%s\"",
+                          CLI_MAX_THREADS, optarg);
+                return CLI_EXIT_USAGE;
+            }
+            c->threads = (unsigned)v;
             break;
         case OPT_MAX_BODY:
             if (!cli_parse_long(optarg, 2, 128L * 1024 * 1024, &v)) {

@@ -25,11 +25,14 @@ enum cli_exit {
 
 /* Upper bound of --workers: each worker is a thread and a connection. */
 #define CLI_MAX_WORKERS 64
+/* Upper bound of --threads: handler threads of one connection. */
+#define CLI_MAX_THREADS 1024
 
 /* Which of the common options a program takes. */
 #define CLI_CALLER 1u  /* --timeout, --raw */
 #define CLI_TIMEOUT 4u /* --timeout alone */
-/* --queue, --prefetch, --workers, --max-body, --max-depth, --max-string */
+/* --queue, --prefetch, --threads, --workers, --max-body, --max-depth,
+ * --max-string */
 #define CLI_SERVICE 2u
 
 /* A program-specific option: "--db PATH", or a flag when arg is NULL (its
@@ -61,6 +64,7 @@ struct cli {
     int heartbeat_s;
     unsigned prefetch;
     unsigned workers; /* consumers in the process, each on its own connection */
+    unsigned threads; /* handler threads of each worker; 0: the library's 1 */
     size_t max_body;  /* 0: the library's default, as for the next two */
     unsigned max_depth;
     size_t max_string;

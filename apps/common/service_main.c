@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* One per --workers: its own handler argument and its own service, hence
  * its own connection (rabbitmq-c connections are not thread-safe). */
@@ -27,9 +28,21 @@ static void stop_all(void)
             mqrpc_service_stop(workers[i].svc); /* async-signal-safe */
 }
 
+/* The first SIGINT/SIGTERM stops cleanly: running handlers finish and are
+ * answered, however long they take. A second one exits at once, as Celery's
+ * second Ctrl-C does; the broker returns the requests in hand to the queue. */
 static void on_signal(int sig)
 {
-    (void)sig;
+    static volatile sig_atomic_t signalled;
+    static const char msg[] = "stopping now: the requests in hand return to "
+                              "the queue\n";
+
+    if (signalled) {
+        if (write(STDERR_FILENO, msg, sizeof msg - 1) < 0) {
+        }
+        _exit(128 + sig);
+    }
+    signalled = 1;
     stop_all();
 }
 
@@ -101,6 +114,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
         opts.queue = c.queue;
         opts.instance_id = instance;
         opts.prefetch = c.prefetch;
+        opts.threads = c.threads;
         opts.max_body = c.max_body;
         opts.max_depth = c.max_depth;
         opts.max_string = c.max_string;
@@ -109,7 +123,9 @@ int service_main(int argc, char **argv, const struct service_program *p)
         opts.durable = c.durable;
         opts.max_queue = c.max_queue;
         opts.max_deliveries = c.max_deliveries;
-        w->svc = mqrpc_service_new(&opts, p->handler, w->arg);
+        w->svc = p->request
+                     ? mqrpc_service_new_async(&opts, p->request, w->arg)
+                     : mqrpc_service_new(&opts, p->handler, w->arg);
         if (!w->svc) {
             cli_error(&c, "out of memory");
             rc = CLI_EXIT_FAILURE;
@@ -162,6 +178,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
         sum.cancelled += st.cancelled;
         sum.handed_back += st.handed_back;
         sum.refused += st.refused;
+        sum.abandoned += st.abandoned;
         if ((i > 0 && !w->started) || w->status == MQRPC_OK)
             continue;
         cli_error(&c, "%s", mqrpc_service_errmsg(w->svc));
@@ -174,7 +191,8 @@ int service_main(int argc, char **argv, const struct service_program *p)
                 "%s: stopped after answering %llu requests (%llu skipped "
                 "past their deadline, %llu requeued after a redelivery, %llu "
                 "dead-lettered, %llu refused by the broker, %llu handed back "
-                "unstarted; connection lost %llu times, regained %llu; "
+                "unstarted, %llu not sent as their callers had given up; "
+                "connection lost %llu times, regained %llu; "
                 "consumer cancelled %llu times; blocked by the broker %llu "
                 "times)\n",
                 instance, (unsigned long long)sum.served,
@@ -183,6 +201,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
                 (unsigned long long)sum.dead_lettered,
                 (unsigned long long)sum.refused,
                 (unsigned long long)sum.handed_back,
+                (unsigned long long)sum.abandoned,
                 (unsigned long long)sum.lost,
                 (unsigned long long)sum.reconnects,
                 (unsigned long long)sum.cancelled,

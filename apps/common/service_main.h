@@ -13,9 +13,14 @@ struct service_program {
     const char *queue;   /* default queue, "service_soma" */
     const char *label;   /* for "[x] Serviço SOMA pronto..." */
     const char *summary; /* --help paragraph */
+    /* The logic: a pure handler, or a request function (progress,
+     * deadline, deferred replies); exactly one is set. */
     mqrpc_handler_fn handler;
+    mqrpc_request_fn request;
     struct cli_extra *extra; /* program options, or NULL */
-    /* Optional: builds the handler's argument once options are known;
+    /* Optional: builds the handler's argument once options are known,
+     * once per --workers; the --threads of a worker share it (the handler
+     * must then be thread-safe);
      * returns NULL with a one-line reason in err on failure. */
     void *(*open)(struct cli_extra *extra, const char *instance, char *err,
                   size_t errlen);

@@ -211,6 +211,17 @@ typedef struct mqrpc_client mqrpc_client;
 typedef struct mqrpc_reply mqrpc_reply;
 
 /*
+ * mqrpc_progress_fn receives a progress message of a call made with
+ * MQRPC_CALL_PROGRESS: call_arg is that call's arg (NULL for mqrpc_call),
+ * percent in 0..100, text one line ("" when none; valid during the call),
+ * progress_arg is mqrpc_client_opts.progress_arg. It runs where done
+ * callbacks run, under the same re-entrancy rules. Progress is advisory: a
+ * service sends the latest when it can, and none after the reply.
+ */
+typedef void (*mqrpc_progress_fn)(void *call_arg, double percent,
+                                  const char *text, void *progress_arg);
+
+/*
  * Client options. Fill them with mqrpc_client_opts_init, then set what
  * differs from the defaults: init records the size of the struct this
  * program was compiled with, which lets a newer library, whose struct has
@@ -256,6 +267,10 @@ typedef struct mqrpc_client_opts {
     const char *name;
     mqrpc_log_fn log; /* NULL: stderr */
     void *log_arg;
+    /* Receives the progress messages of calls made with
+     * MQRPC_CALL_PROGRESS; see mqrpc_progress_fn. */
+    mqrpc_progress_fn progress;
+    void *progress_arg;
 } mqrpc_client_opts;
 
 /* mqrpc_client_opts_init zeroes *o (all defaults) and sets o->size. */
@@ -269,6 +284,10 @@ static inline void mqrpc_client_opts_init(mqrpc_client_opts *o)
  * does no harm, so the call may be re-sent after a lost connection (up to
  * mqrpc_client_opts.retries times). */
 #define MQRPC_CALL_IDEMPOTENT 1u
+/* MQRPC_CALL_PROGRESS: ask the service for progress messages (a header on
+ * the request; services that know nothing of it ignore it). They reach
+ * mqrpc_client_opts.progress, before the reply. */
+#define MQRPC_CALL_PROGRESS 2u
 
 /*
  * mqrpc_done_fn is called exactly once per mqrpc_call_async that returned
@@ -353,12 +372,22 @@ MQRPC_API mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const v
  * for the first frame, expires calls past their deadline and keeps the
  * heartbeat going, reconnects when a reconnection attempt is due and sends
  * what waits for a connection. Callbacks run inside it. Returns MQRPC_OK
- * when something happened (a callback ran, a reconnection), MQRPC_ETIMEOUT
+ * when something happened (a callback ran, a reconnection, a wake), MQRPC_ETIMEOUT
  * if nothing did, the connection failure when it was lost (after failing
  * the calls that cannot wait), MQRPC_ECANCELED when a callback freed the
  * client, MQRPC_ESTATE inside a callback or before mqrpc_client_connect.
  */
 MQRPC_API mqrpc_err mqrpc_client_process(mqrpc_client *c, int timeout_ms);
+
+/*
+ * mqrpc_client_wake makes the mqrpc_client_process running on another
+ * thread (or the next one) return MQRPC_OK at once: a thread that wants
+ * calls made hands them to the client's thread (its own queue and lock)
+ * and wakes it, as libuv's uv_async_send does. Wakes that come together
+ * may return once. The only client function that may be called from any
+ * thread, and from a signal handler.
+ */
+MQRPC_API void mqrpc_client_wake(mqrpc_client *c);
 
 /*
  * mqrpc_client_fd returns the connection's socket, for poll/epoll/libuv:
@@ -464,8 +493,13 @@ typedef struct mqrpc_fault {
  * JSON object the caller sent (borrowed; never NULL, always an object).
  * Returns a new reference to the result (any JSON value), or NULL after
  * filling fault (mqrpc_fault_set). Returning NULL with an empty fault is
- * reported to the caller as "internal". It runs on the thread that called
- * mqrpc_service_run; arg is the pointer given to mqrpc_service_new.
+ * reported to the caller as "internal". It may take minutes: the
+ * connection is serviced meanwhile. With opts.threads 1 it runs on the
+ * thread that called mqrpc_service_run when the service's handler thread
+ * is idle (that thread then services the connection if the handler runs
+ * over 100 ms), else on that handler thread; with threads above 1, on
+ * several threads at once, with the same arg: it must then be thread-safe.
+ * arg is the pointer given to mqrpc_service_new.
  */
 typedef json_t *(*mqrpc_handler_fn)(json_t *request, mqrpc_fault *fault,
                                     void *arg);
@@ -497,10 +531,11 @@ typedef struct mqrpc_service_opts {
      * NULL: "<queue>@<hostname>:<pid>". Cut to 255 bytes (an AMQP short
      * string), at a UTF-8 character boundary. */
     const char *instance_id;
-    /* Unacknowledged requests at once; 0: 1. Above 1, requests that
-     * arrive together are answered as a batch: one multiple ack covers
-     * them (within 1 ms); their replies leave together, or before the next
-     * handler runs. */
+    /* Unacknowledged requests at once; 0: threads. Above threads, the
+     * rest wait in the service for a free handler thread (a stop hands
+     * them back unstarted). Replies that are ready together leave
+     * together, and their deliveries are acknowledged with one multiple
+     * ack when no earlier delivery is still in hand. */
     unsigned prefetch;
     /* Input limits, checked before the handler runs: a request over one
      * gets bad_request. 0 means the MQRPC_DEFAULT_MAX_* value. max_depth
@@ -540,6 +575,9 @@ typedef struct mqrpc_service_opts {
      * this many ms; < 0: until mqrpc_service_stop. A refused login, a
      * refused access, a TLS or URL problem fails at once. */
     int connect_retry_ms;
+    /* Handler threads: requests handled at once on the one connection;
+     * 0: 1. prefetch defaults to this. */
+    unsigned threads;
 } mqrpc_service_opts;
 
 /* mqrpc_service_opts_init zeroes *o and sets o->size. */
@@ -549,12 +587,74 @@ static inline void mqrpc_service_opts_init(mqrpc_service_opts *o)
     o->size = sizeof *o;
 }
 
+/*
+ * A request in the hands of a service, for handlers that need more than a
+ * pure function: to report progress, to know their deadline, or to answer
+ * later (a deferred reply, e.g. from a client callback once the services
+ * they call have answered). mqrpc_request_fn receives it on a handler
+ * thread and must end it exactly once, with mqrpc_request_reply or
+ * mqrpc_request_fail, before or after returning, from any thread; the
+ * handle is invalid after that. Returning without ending it frees the
+ * handler thread for the next request: the request keeps its place among
+ * the prefetch unacknowledged deliveries until it ends. The functions
+ * below may be called from any thread, one thread at a time per request.
+ */
+typedef struct mqrpc_request mqrpc_request;
+typedef void (*mqrpc_request_fn)(mqrpc_request *req, void *arg);
+
+/* mqrpc_request_params: the JSON object the caller sent (borrowed; valid
+ * until the request ends). */
+MQRPC_API json_t *mqrpc_request_params(const mqrpc_request *r);
+
+/* mqrpc_request_correlation_id: the caller's correlation id (for logs). */
+MQRPC_API const char *mqrpc_request_correlation_id(const mqrpc_request *r);
+
+/* mqrpc_request_time_left_ms: how long the caller will still wait, in ms
+ * (0: it gave up), or -1 when it set no deadline (e.g. the seed's pika
+ * client). Its deadline is its clock: hosts need synchronized clocks. */
+MQRPC_API int64_t mqrpc_request_time_left_ms(const mqrpc_request *r);
+
+/* mqrpc_request_cancelled: nonzero when the answer is no longer wanted:
+ * the caller's deadline passed, or its reply queue is gone (seen when a
+ * progress message came back unroutable). A long handler checks it and
+ * stops early; it still ends the request (e.g. mqrpc_request_fail with
+ * "cancelled"), whose reply is not sent (counted in stats.abandoned). */
+MQRPC_API int mqrpc_request_cancelled(const mqrpc_request *r);
+
+/* mqrpc_request_progress sends the caller a progress message (percent in
+ * 0..100, clamped; text one line or NULL, cut to 256 bytes) if it asked
+ * for progress (MQRPC_CALL_PROGRESS); otherwise does nothing. Progress is
+ * advisory: a newer one replaces one not yet sent, and none is sent while
+ * the broker blocks publishers. Returns MQRPC_EINVAL for a NaN percent,
+ * MQRPC_ENOMEM, else MQRPC_OK. */
+MQRPC_API mqrpc_err mqrpc_request_progress(mqrpc_request *r, double percent,
+                                           const char *text);
+
+/* mqrpc_request_reply ends the request with result (a new reference, which
+ * it takes; NULL is answered as an internal error). */
+MQRPC_API void mqrpc_request_reply(mqrpc_request *r, json_t *result);
+
+/* mqrpc_request_fail ends the request with an error reply: code (as in
+ * mqrpc_fault) and a printf-style one-line message. */
+MQRPC_API void mqrpc_request_fail(mqrpc_request *r, const char *code,
+                                  const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
  * with errno ENOMEM when out of memory, or EINVAL when opts->queue is NULL,
  * empty or too long (over 251 bytes, room for ".dlq"), handler is NULL, or
  * opts->size is wrong (see mqrpc_client_new). */
 MQRPC_API mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
                                  mqrpc_handler_fn handler, void *arg);
+
+/* mqrpc_service_new_async is mqrpc_service_new for a mqrpc_request_fn:
+ * fn receives each request whose body passed the checks. */
+MQRPC_API mqrpc_service *mqrpc_service_new_async(const mqrpc_service_opts *opts,
+                                                 mqrpc_request_fn fn,
+                                                 void *arg);
 
 /*
  * mqrpc_service_connect connects, declares the queue (non-durable, as the
@@ -568,11 +668,17 @@ MQRPC_API mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
 MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
 
 /*
- * mqrpc_service_run serves requests until mqrpc_service_stop (returns
- * MQRPC_OK after finishing and answering the request in hand; it then
- * cancels its consumer and hands back the deliveries it had not started,
- * re-published unchanged so that they do not count as failed deliveries,
- * waiting up to 5 s for the broker's confirms). A lost connection is
+ * mqrpc_service_run services the connection on the calling thread and runs
+ * the handler on opts.threads threads of its own (or, with one, on the
+ * calling thread while the other stands in), until mqrpc_service_stop.
+ * It then cancels its consumer, hands back the deliveries no handler had
+ * started (re-published unchanged so that they do not count as failed
+ * deliveries, waiting up to 5 s for the broker's confirms), waits for the
+ * requests in hand to end and be answered (without a limit: a program that
+ * must stop sooner exits, and the broker returns those requests to the
+ * queue), joins its threads and returns MQRPC_OK. Heartbeats, acknowledgements, consumer
+ * cancels and flow control are handled while handlers work, however long
+ * they take (mind the broker's consumer_timeout, README). A lost connection is
  * logged and reopened with backoff (one line when lost, one for the first
  * failed attempt and for each new reason, one when regained), and
  * consuming resumes; a consumer the broker cancels (its queue deleted) is
@@ -591,13 +697,16 @@ MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
  * the body is checked
  * (the limits in mqrpc_service_opts, a JSON object, content type
  * application/json or none), the handler runs, the reply is published to
- * reply_to, then the delivery is acknowledged (with prefetch above 1, once
- * for a batch; see mqrpc_service_opts.prefetch). A delivery with no
- * reply_to or correlation_id is logged and acknowledged. Log lines go to
- * opts.log (stderr by default). The handler runs on the calling thread; to serve on several threads, give
- * each its own mqrpc_service (and connection), as service_main's --workers
- * does: a service handle must not be shared between threads, except for
- * mqrpc_service_stop.
+ * reply_to, then the delivery is acknowledged (see
+ * mqrpc_service_opts.prefetch). A reply whose caller gave up meanwhile
+ * (mqrpc_request_cancelled) is not sent; the delivery is acknowledged. A
+ * reply that ends after its connection was lost is still sent, on the new
+ * connection (the delivery itself came back to the queue: the caller drops
+ * the second answer). A delivery with no reply_to or correlation_id is
+ * logged and acknowledged. Log lines go to opts.log (stderr by default).
+ * Apart from mqrpc_service_stop and the mqrpc_request functions, a service
+ * handle is used from one thread; for several connections, give each its
+ * own mqrpc_service, as service_main's --workers does.
  */
 MQRPC_API mqrpc_err mqrpc_service_run(mqrpc_service *s);
 
@@ -625,6 +734,9 @@ typedef struct mqrpc_service_stats {
                                at a stop (not counted as failed) */
     uint64_t refused;       /* re-publishes or dead letters the broker
                                refused (a full queue): caller got an error */
+    uint64_t abandoned;     /* replies not sent: the caller gave up while
+                               the handler ran */
+    uint64_t progress;      /* progress messages sent */
 } mqrpc_service_stats;
 
 /* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out); call it

@@ -1,6 +1,7 @@
 #include "busca.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -17,6 +18,8 @@
 struct busca_db {
     sqlite3 *db;
     sqlite3_stmt *lookup; /* SELECT idade, cidade ... WHERE chave = ?1 */
+    /* Handler threads (--threads) share the one prepared statement. */
+    pthread_mutex_t lock;
 };
 
 /*
@@ -416,6 +419,7 @@ busca_db *busca_open(const char *db_path, const char *data_path, char *err,
         set_err(err, errlen, "out of memory");
         return NULL;
     }
+    pthread_mutex_init(&b->lock, NULL);
     rc = sqlite3_open_v2(db_path, &b->db,
                          SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, NULL);
     if (rc != SQLITE_OK) {
@@ -444,6 +448,7 @@ void busca_close(busca_db *b)
         return;
     sqlite3_finalize(b->lookup);
     sqlite3_close(b->db);
+    pthread_mutex_destroy(&b->lock);
     free(b);
 }
 
@@ -498,6 +503,7 @@ json_t *busca_handle(json_t *request, mqrpc_fault *fault, void *arg)
                                "field \"nome\" must not be empty");
     }
 
+    pthread_mutex_lock(&b->lock);
     sqlite3_bind_text(b->lookup, 1, key, -1, SQLITE_STATIC);
     rc = sqlite3_step(b->lookup);
     if (rc == SQLITE_ROW) {
@@ -522,6 +528,7 @@ json_t *busca_handle(json_t *request, mqrpc_fault *fault, void *arg)
      * instance's import; the key binding must go before the key does. */
     sqlite3_reset(b->lookup);
     sqlite3_clear_bindings(b->lookup);
+    pthread_mutex_unlock(&b->lock);
     free(key);
     return result;
 }

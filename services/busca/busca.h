@@ -34,7 +34,8 @@ busca_db *busca_open(const char *db_path, const char *data_path, char *err,
 void busca_close(busca_db *db);
 
 /*
- * busca_handle is an mqrpc_handler_fn: it answers {"nome": name} with
+ * busca_handle is an mqrpc_handler_fn, safe to run on several handler
+ * threads at once with one db (--threads): it answers {"nome": name} with
  * {"idade": integer, "cidade": string} of the person whose busca_key equals
  * that of name, so "João", "JOAO" and " joao " find the same person. Fails
  * with bad_request if nome is missing, not a string, blank or too long;

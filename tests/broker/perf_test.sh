@@ -110,7 +110,7 @@ expect_json 'd["errors_by_kind"] == {"no_route": 10}'
 run "$B/rpc_bench" --url amqp://127.0.0.1:1/ -n 10
 expect_rc 3
 expect_err_has "rpc_bench: cannot connect to 127.0.0.1:1: connection refused"
-for bad in "-c 0" "-n x" "--connections 65" "-d 0"; do
+for bad in "-c 0" "-n x" "--connections 513" "-d 0"; do
     # shellcheck disable=SC2086 # split on purpose
     run "$B/rpc_bench" $bad
     expect_rc 2

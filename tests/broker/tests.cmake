@@ -33,3 +33,18 @@ mqrpc_broker_test(flow bash ${CMAKE_CURRENT_SOURCE_DIR}/flow_test.sh)
 # hand-back at a stop, batch replies, long instance ids. Raises and lowers
 # the broker's memory alarm: the resource lock keeps others out meanwhile.
 mqrpc_broker_test(service bash ${CMAKE_CURRENT_SOURCE_DIR}/service_test.sh)
+
+# Services that do real work: a handler of several heartbeat intervals
+# answered once, --threads, progress replies (a pika caller gets none), a
+# handler that stops when its caller gives up, stopping with work in hand,
+# and the broker's consumer_timeout (lowered for one service, restored).
+mqrpc_broker_test(long bash ${CMAKE_CURRENT_SOURCE_DIR}/long_test.sh)
+
+# service_resumo: a service that calls service_soma and service_media with
+# deferred replies (its handler thread is free while its calls are out).
+mqrpc_broker_test(resumo bash ${CMAKE_CURRENT_SOURCE_DIR}/resumo_test.sh)
+
+# Open-loop load (rpc_bench --rate): a 5 ms service offered half and twice
+# its capacity; latency from the scheduled start grows with the backlog.
+# Ratios, not speeds; about 20 s.
+mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)

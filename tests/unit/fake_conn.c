@@ -272,3 +272,10 @@ mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
         *consumers = 1;
     return c->open ? MQRPC_OK : MQRPC_ECLOSED;
 }
+
+void mqr_conn_set_wake_fd(mqr_conn *c, int fd)
+{
+    /* The fake's wait never sleeps on a socket: nothing to watch. */
+    (void)c;
+    (void)fd;
+}
