@@ -24,6 +24,8 @@ def load(path):
             line = line.strip()
             if line:
                 d = json.loads(line)
+                if "label" not in d:
+                    continue  # bench_threads.sh's rows
                 rounds.setdefault(re.sub(r" #\d+$", "", d["label"]),
                                   []).append(d)
     runs = {}
