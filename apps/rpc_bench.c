@@ -20,6 +20,12 @@
 #define _GNU_SOURCE /* ppoll */
 #include "cli.h"
 #include "latency.h"
+#ifdef RPC_BENCH_KNOBS
+/* rpc_bench_knobs (bench/CMakeLists.txt): this same program linked with
+ * the static library, whose internal mqr_client_without turns guarantees
+ * off, to measure what each costs. Not installed. */
+#include "internal.h"
+#endif
 
 #include <math.h>
 #include <poll.h>
@@ -114,6 +120,7 @@ struct bench {
     double rate;             /* the rate being measured */
     bool abort;              /* open loop: a connection failed, no rows */
     mqrpc_client_opts copts;
+    unsigned without; /* MQR_WITHOUT_* (rpc_bench_knobs) */
     pthread_barrier_t warm, go; /* all warmed up; t0 is set */
     pthread_barrier_t row_done; /* open loop: every connection drained */
     atomic_uint finished;       /* connections whose thread is done */
@@ -367,6 +374,9 @@ static void *run_conn(void *arg)
     if (!cn->client) {
         cn->fatal = MQRPC_ENOMEM;
     } else {
+#ifdef RPC_BENCH_KNOBS
+        mqr_client_without(cn->client, b->without);
+#endif
         cn->fatal = mqrpc_client_connect(cn->client);
         if (cn->fatal != MQRPC_OK)
             snprintf(cn->first_error, sizeof cn->first_error, "%s",
@@ -721,6 +731,12 @@ int main(int argc, char **argv)
         X_HIST,
         X_DIRECT,
         X_RATE,
+        X_DURABLE,
+#ifdef RPC_BENCH_KNOBS
+        X_NO_CONFIRMS,
+        X_NO_MANDATORY,
+        X_NO_EXPIRATION,
+#endif
         X_END
     };
     struct cli_extra extra[] = {
@@ -775,6 +791,19 @@ int main(int argc, char **argv)
                     .arg = "R[,R...]",
                     .help = "open loop: R calls/s in all on a schedule; "
                             "one row per rate"},
+        [X_DURABLE] = {.name = "durable",
+                       .help = "persistent requests and a durable reply "
+                               "queue (give the service --durable too)"},
+#ifdef RPC_BENCH_KNOBS
+        [X_NO_CONFIRMS] = {.name = "no-confirms",
+                           .help = "benchmark only: no publisher confirms"},
+        [X_NO_MANDATORY] = {.name = "no-mandatory",
+                            .help = "benchmark only: requests without the "
+                                    "mandatory flag"},
+        [X_NO_EXPIRATION] = {.name = "no-expiration",
+                             .help = "benchmark only: requests without "
+                                     "expiration and deadline header"},
+#endif
         [X_END] = {.name = NULL},
     };
     struct cli c = {
@@ -878,6 +907,12 @@ int main(int argc, char **argv)
     b.copts.tls = c.tls;
     b.copts.heartbeat_s = c.heartbeat_s;
     b.copts.direct_reply_to = extra[X_DIRECT].value != NULL;
+    b.copts.durable = extra[X_DURABLE].value != NULL;
+#ifdef RPC_BENCH_KNOBS
+    b.without = (extra[X_NO_CONFIRMS].value ? MQR_WITHOUT_CONFIRMS : 0) |
+                (extra[X_NO_MANDATORY].value ? MQR_WITHOUT_MANDATORY : 0) |
+                (extra[X_NO_EXPIRATION].value ? MQR_WITHOUT_EXPIRATION : 0);
+#endif
 
     b.conns = calloc(b.nconn, sizeof *b.conns);
     lat = malloc(sizeof *lat);

@@ -71,6 +71,10 @@ def main():
             line = line.strip()
             if line:
                 d = json.loads(line)
+                # bench_threads.sh's rows ("kind": "threads") have a
+                # table of their own
+                if "label" not in d:
+                    continue
                 label = re.sub(r" #\d+$", "", d["label"])
                 rounds.setdefault(label, []).append(d)
     runs = {}

@@ -2,7 +2,7 @@
 # The benchmark: one run, one private broker, every implementation measured
 # back to back so the ratios between them mean something on a noisy machine.
 #
-#   scripts/bench.sh [--quick]
+#   scripts/bench.sh [--quick] [--costs]
 #
 # Builds a Release tree in build-bench/ (no sanitizers), starts a private
 # broker of its own (state in var/bench, port $MQRPC_BENCH_PORT, default
@@ -17,6 +17,10 @@
 #     a computing handler, calls/s, CPU per call, peak memory;
 #   - memory: a service's peak RSS under load, a client's RSS over
 #     1,000,000 calls, and valgrind on a service and on rpc_bench;
+#   - instructions per call (callgrind) of client and service, ours and the
+#     floor, and the price of each guarantee (confirms, mandatory,
+#     expiration, durable, TLS: on and off at 1 and 64 in flight), printed
+#     as two more tables (bench/report_costs.py).
 #   - open loop: rpc_bench --rate, bare_pingpong call --rate and the Go
 #     peer's call --rate at rates
 #     from 5% to 100% of the measured pipelined capacity (prefetch 64),
@@ -28,15 +32,27 @@
 # and the 1-in-flight comparison is repeated with everything on one CPU.
 # Prints one table with the ratios and the targets; writes the raw JSON lines
 # to build-bench/results.jsonl and a latency plot to build-bench/latency.svg.
-# --quick: two rounds of 2 s, 100,000 calls for the memory run, no valgrind,
-# a sweep of 5 rates of 1 s.
+# --quick: two rounds of 2 s, 100,000 calls for the memory run, no valgrind
+# leak check, a sweep of 5 rates of 1 s, fewer calls under callgrind.
+# --costs: only the instructions per call and the guarantee table (the goal
+# ratios then need a results.jsonl from a full run).
 # The broker's state directory is $MQRPC_STATE_DIR if set, else var/bench.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$repo"
 quick=0
-[[ "${1:-}" == --quick ]] && quick=1
+costs_only=0
+for arg in "$@"; do
+    case $arg in
+    --quick) quick=1 ;;
+    --costs) costs_only=1 ;;
+    *)
+        echo "usage: scripts/bench.sh [--quick] [--costs]" >&2
+        exit 2
+        ;;
+    esac
+done
 secs=3
 rounds=3
 long_calls=1000000
@@ -53,6 +69,9 @@ export MQRPC_STATE_DIR=${MQRPC_STATE_DIR:-$repo/var/bench}
 export MQRPC_BROKER_PORT=${MQRPC_BENCH_PORT:-5702}
 export MQRPC_BROKER_MANAGEMENT=0
 unset AMQP_URL
+# The broker also listens with TLS, for the TLS row of the guarantee table;
+# everything else uses the plain port (split_tls_urls).
+export MQRPC_BROKER_TLS=1
 logs=$MQRPC_STATE_DIR/log
 py=/usr/bin/python3 # Debian's, which has python3-pika
 
@@ -161,6 +180,179 @@ peak_rss_kib() {
     awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0
 }
 
+# ------------------------------------------------- the costs (issue 14)
+costs=$out/costs.jsonl
+
+# split_tls_urls: with MQRPC_BROKER_TLS=1 the broker writes amqps:// URL
+# files; the TLS ones are kept as <role>-tls.url for the guarantee table and
+# the files our programs read by role get the plain port again, so every
+# other row measures what it always did.
+split_tls_urls() {
+    local role f url rest
+    for role in clients services; do
+        f=$MQRPC_STATE_DIR/$role.url
+        url=$(<"$f")
+        [[ $url == amqps://* ]] || continue
+        (umask 077 && printf '%s\n' "$url" >"$MQRPC_STATE_DIR/$role-tls.url")
+        rest=${url#amqps://}
+        (umask 077 && printf 'amqp://%s@127.0.0.1:%s/\n' "${rest%%@*}" \
+            "$MQRPC_BROKER_PORT" >"$f.tmp") && mv -f "$f.tmp" "$f"
+    done
+}
+
+# callgrind_total FILE: the instructions callgrind counted.
+callgrind_total() {
+    awk '/^(summary|totals):/ {print $2; exit}' "$1"
+}
+
+# insns_per_call: instructions per call of client and service, ours
+# (rpc_bench, service_soma) and the floor (bare_pingpong call, serve), one
+# call in flight. Each runs twice under callgrind, with n1 and n2 calls; the
+# difference over n2 - n1 calls cancels start-up, connection and exit. The
+# other side of each pair runs natively. callgrind counts user space only:
+# system calls count as the instructions that make them, and `rep` string
+# instructions once per iteration.
+insns_per_call() {
+    local n1=2000 n2=12000 n who side cg f pid i
+    ((quick)) && n1=500 n2=3000
+    cg=(valgrind --tool=callgrind --dump-instr=no)
+    for n in "$n1" "$n2"; do
+        say "callgrind: clients, $n calls"
+        start p1soma "pronto" "$bin/service_soma" --queue service_ipc
+        start p1bare "ready" "${svc[@]}" "$bin/bare_pingpong" serve \
+            --queue service_ipc_bare --prefetch 1
+        "${cg[@]}" --callgrind-out-file="$out/cg-ours-client-$n.out" \
+            "$bin/rpc_bench" -n "$n" --warmup 0 service_ipc '{"a":1,"b":2}' \
+            >"$logs/cg-ours-client.log" 2>&1 || die "callgrind rpc_bench failed"
+        "${cli[@]}" "${cg[@]}" --callgrind-out-file="$out/cg-bare-client-$n.out" \
+            "$bin/bare_pingpong" call -n "$n" --warmup 0 \
+            --queue service_ipc_bare >"$logs/cg-bare-client.log" 2>&1 ||
+            die "callgrind bare_pingpong call failed"
+        stop_services
+        say "callgrind: services, $n calls"
+        for who in ours bare; do
+            f=$out/cg-$who-service-$n.out
+            if [[ $who == ours ]]; then
+                "${cg[@]}" --callgrind-out-file="$f" "$bin/service_soma" \
+                    --queue service_ipc >"$logs/cg-$who-service.log" 2>&1 &
+            else
+                "${svc[@]}" "${cg[@]}" --callgrind-out-file="$f" \
+                    "$bin/bare_pingpong" serve --queue service_ipc_bare \
+                    --prefetch 1 >"$logs/cg-$who-service.log" 2>&1 &
+            fi
+            pid=$!
+            for ((i = 0; i < 400; i++)); do
+                grep -q "pronto\|ready" "$logs/cg-$who-service.log" && break
+                sleep 0.05
+            done
+            if [[ $who == ours ]]; then
+                "$bin/rpc_bench" -n "$n" --warmup 0 service_ipc \
+                    '{"a":1,"b":2}' >/dev/null 2>&1
+            else
+                "${cli[@]}" "$bin/bare_pingpong" call -n "$n" --warmup 0 \
+                    --queue service_ipc_bare >/dev/null 2>&1
+            fi || {
+                kill -TERM "$pid"
+                wait "$pid" || true
+                die "the client of callgrind $who service failed"
+            }
+            kill -TERM "$pid"
+            wait "$pid" || die "callgrind $who service failed"
+        done
+    done
+    # The client's share of each guarantee, which the noisy calls/s of the
+    # guarantee table cannot show (the broker's share callgrind cannot see).
+    local cfg opts
+    start ksoma "pronto" "$bin/service_soma" --queue service_ipc
+    for cfg in on no-confirms no-mandatory no-expiration none; do
+        case $cfg in
+        on) opts=() ;;
+        none) opts=(--no-confirms --no-mandatory --no-expiration) ;;
+        *) opts=("--$cfg") ;;
+        esac
+        say "callgrind: rpc_bench_knobs $cfg"
+        for n in "$n1" "$n2"; do
+            "${cg[@]}" --callgrind-out-file="$out/cg-knobs-$cfg-$n.out" \
+                "$bin/rpc_bench_knobs" -n "$n" --warmup 0 "${opts[@]}" \
+                service_ipc '{"a":1,"b":2}' >"$logs/cg-knobs.log" 2>&1 ||
+                die "callgrind rpc_bench_knobs $cfg failed"
+        done
+        printf '{"label":"insns knobs %s","n1":%d,"n2":%d,"i1":%s,"i2":%s}\n' \
+            "$cfg" "$n1" "$n2" \
+            "$(callgrind_total "$out/cg-knobs-$cfg-$n1.out")" \
+            "$(callgrind_total "$out/cg-knobs-$cfg-$n2.out")" >>"$costs"
+    done
+    stop_services
+    for who in ours bare; do
+        for side in client service; do
+            printf '{"label":"insns %s %s","n1":%d,"n2":%d,"i1":%s,"i2":%s}\n' \
+                "$who" "$side" "$n1" "$n2" \
+                "$(callgrind_total "$out/cg-$who-$side-$n1.out")" \
+                "$(callgrind_total "$out/cg-$who-$side-$n2.out")" >>"$costs"
+        done
+    done
+}
+
+# guarantee_prices: calls/s and p50 with each guarantee on (as shipped) and
+# off, at 1 and 64 in flight, against service_soma at prefetch 64, all with
+# rpc_bench_knobs (rpc_bench plus the --no-* options), in turns over the
+# rounds. Durable: persistent requests, a durable reply queue and a durable
+# service queue. TLS: client and service over amqps://.
+guarantee_prices() {
+    local results=$costs r c i cfg tls_ok=0
+    local kb=("$bin/rpc_bench_knobs" --json -d "$secs")
+    local cfgs=(on no-confirms no-mandatory no-expiration none durable tls)
+    start gsoma "pronto" "$bin/service_soma" --prefetch 64
+    start gsoma-durable "pronto" "$bin/service_soma" --prefetch 64 --durable \
+        --queue service_bench_durable
+    if [[ -f $MQRPC_STATE_DIR/services-tls.url ]]; then
+        start gsoma-tls "pronto" "$bin/service_soma" --prefetch 64 \
+            --url-file "$MQRPC_STATE_DIR/services-tls.url" \
+            --queue service_bench_tls
+        tls_ok=1
+    fi
+    # one unrecorded second each (warm's -d would come after the queue)
+    "${kb[0]}" -d 1 -c 64 --warmup 0 >/dev/null 2>&1 ||
+        die "warm-up of rpc_bench_knobs failed"
+    "${kb[0]}" -d 1 -c 64 --warmup 0 --durable --expect 3 \
+        service_bench_durable '{"a":1,"b":2}' >/dev/null 2>&1 ||
+        die "warm-up of rpc_bench_knobs --durable failed"
+    if ((tls_ok)); then
+        "${kb[0]}" -d 1 -c 64 --warmup 0 --expect 3 \
+            --url-file "$MQRPC_STATE_DIR/clients-tls.url" service_bench_tls \
+            '{"a":1,"b":2}' >/dev/null 2>&1 ||
+            die "warm-up of rpc_bench_knobs over TLS failed"
+    fi
+    for ((r = 1; r <= rounds; r++)); do
+        for c in 1 64; do
+            # each round starts with the next one, so none always
+            # follows the same neighbour's load
+            for ((i = 0; i < ${#cfgs[@]}; i++)); do
+                cfg=${cfgs[(i + r) % ${#cfgs[@]}]}
+                case $cfg in
+                on) record "price $cfg c=$c #$r" "${kb[@]}" -c "$c" ;;
+                none)
+                    record "price $cfg c=$c #$r" "${kb[@]}" -c "$c" \
+                        --no-confirms --no-mandatory --no-expiration
+                    ;;
+                durable)
+                    record "price $cfg c=$c #$r" "${kb[@]}" -c "$c" --durable \
+                        --expect 3 service_bench_durable '{"a":1,"b":2}'
+                    ;;
+                tls)
+                    ((tls_ok)) || continue
+                    record "price $cfg c=$c #$r" "${kb[@]}" -c "$c" \
+                        --url-file "$MQRPC_STATE_DIR/clients-tls.url" \
+                        --expect 3 service_bench_tls '{"a":1,"b":2}'
+                    ;;
+                *) record "price $cfg c=$c #$r" "${kb[@]}" -c "$c" "--$cfg" ;;
+                esac
+            done
+        done
+    done
+    stop_services
+}
+
 # ------------------------------------------------ open loop, many clients
 # rpc_bench, bare_pingpong call and the Go peer take the same flags (-c,
 # --connections, -d, --warmup, --rate) and print the same JSON fields, so
@@ -257,13 +449,17 @@ if ! "$repo/scripts/broker.sh" status >/dev/null 2>&1; then
     "$repo/scripts/broker.sh" start >&2
     started_broker=1
 fi
+split_tls_urls
 # bare_pingpong and the seed take their URL from AMQP_URL, not the command
 # line (where ps shows passwords); our programs find the URL files by role.
 svc=(env "AMQP_URL=$(<"$MQRPC_STATE_DIR/services.url")")
 cli=(env "AMQP_URL=$(<"$MQRPC_STATE_DIR/clients.url")")
 broker_pid=$(<"$MQRPC_STATE_DIR/broker.pid")
 mkdir -p "$logs"
-: >"$results"
+if ((!costs_only)); then
+    : >"$results"
+    : >"$costs"
+fi
 rb=("$bin/rpc_bench" --json -d "$secs")
 
 # The implementations take turns, round after round, and the report keeps
@@ -325,6 +521,13 @@ warm() {
     "$@" -d 1 >/dev/null 2>&1 || die "warm-up failed: $*"
 }
 
+if ((costs_only)); then
+    : >"$costs"
+    insns_per_call
+    guarantee_prices
+    $py "$repo/bench/report_costs.py" "$costs" "$results"
+    exit 0
+fi
 # ------------------------------------------------------------ the Go peer
 # bench/go/go_pingpong: the floor's AMQP pattern and command line in Go with
 # amqp091-go. Its service listens on a queue of its own, so it can run next
@@ -513,6 +716,9 @@ for n in 1 2 4 8; do
     stop_services
 done
 
+insns_per_call
+guarantee_prices
+
 # --------------------------------------------------------------- valgrind
 leaks="skipped (--quick)"
 if ((!quick)); then
@@ -575,6 +781,7 @@ $py "$repo/bench/report.py" "$results" --service-rss "$soma_rss" \
 echo
 echo "--threads against --workers: one service_work, 4 connections x 8 calls in flight"
 echo "$threads_table"
+$py "$repo/bench/report_costs.py" "$costs" "$results"
 [[ -f "$out/latency.svg" ]] && echo "latency plot: $out/latency.svg"
 [[ -f "$out/load.svg" ]] &&
     echo "latency against load: $out/load.svg and .png (copied to docs/)"

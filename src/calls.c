@@ -18,26 +18,74 @@ bool mqr_calls_init(mqr_calls *t)
     return t->map != NULL;
 }
 
-mqr_call *mqr_call_new(const char *queue)
+/* Calls kept for reuse: a closed loop keeps about as many in flight as it
+ * had, and an allocation and a free per call were ~500 of the client's
+ * instructions per call (callgrind). */
+#define MAX_SPARE 64
+/* Queue names up to this long share one size of allocation, so that any
+ * spare fits the next call of most programs. */
+#define MIN_QUEUE_CAP 64
+
+static mqr_call *call_alloc(const char *queue, size_t qlen)
 {
-    size_t qlen = strlen(queue);
-    mqr_call *k = calloc(1, sizeof *k + qlen + 1);
+    size_t cap = qlen + 1 < MIN_QUEUE_CAP ? MIN_QUEUE_CAP : qlen + 1;
+    mqr_call *k = calloc(1, sizeof *k + cap);
 
     if (!k)
         return NULL;
+    k->queue_cap = cap;
     memcpy(k->queue, queue, qlen + 1);
     return k;
+}
+
+mqr_call *mqr_call_new(const char *queue)
+{
+    return call_alloc(queue, strlen(queue));
+}
+
+/* Frees what k owns, not k. */
+static void call_clear(mqr_call *k)
+{
+    if (k->own_body)
+        free(k->body);
+    json_decref(k->reply.result);
+    free(k->text);
 }
 
 void mqr_call_free(mqr_call *k)
 {
     if (!k)
         return;
-    if (k->own_body)
-        free(k->body);
-    json_decref(k->reply.result);
-    free(k->text);
+    call_clear(k);
     free(k);
+}
+
+mqr_call *mqr_calls_new_call(mqr_calls *t, const char *queue)
+{
+    size_t qlen = strlen(queue), cap;
+    mqr_call *k = t->spare;
+
+    if (!k || k->queue_cap < qlen + 1)
+        return call_alloc(queue, qlen);
+    t->spare = k->hnext;
+    t->nspare--;
+    cap = k->queue_cap;
+    memset(k, 0, sizeof *k);
+    k->queue_cap = cap;
+    memcpy(k->queue, queue, qlen + 1);
+    return k;
+}
+
+void mqr_calls_release(mqr_calls *t, mqr_call *k)
+{
+    if (t->nspare >= MAX_SPARE) {
+        mqr_call_free(k);
+        return;
+    }
+    call_clear(k);
+    k->hnext = t->spare;
+    t->spare = k;
+    t->nspare++;
 }
 
 void mqr_calls_clear(mqr_calls *t)
@@ -51,6 +99,10 @@ void mqr_calls_clear(mqr_calls *t)
     for (k = t->dhead; k; k = next) {
         next = k->next;
         mqr_call_free(k);
+    }
+    for (k = t->spare; k; k = next) {
+        next = k->hnext;
+        free(k);
     }
     free(t->map);
     memset(t, 0, sizeof *t);

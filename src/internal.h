@@ -235,6 +235,7 @@ struct mqr_call {
     mqrpc_reply reply; /* the outcome, once finished (points into the
                           call; for a reply, into the current message) */
     char *text;         /* owned message the outcome points to */
+    size_t queue_cap;   /* bytes allocated for queue */
     char queue[];
 };
 
@@ -245,6 +246,8 @@ typedef struct mqr_calls {
     mqr_call *head, *tail;     /* earliest deadline first */
     mqr_call *chead, *ctail;   /* unconfirmed, oldest publish first */
     mqr_call *dhead, *dtail;   /* finished, callbacks not yet run */
+    mqr_call *spare;           /* freed calls kept for reuse (hnext) */
+    size_t nspare;
 } mqr_calls;
 
 bool mqr_calls_init(mqr_calls *t);
@@ -254,6 +257,12 @@ void mqr_calls_clear(mqr_calls *t);
 mqr_call *mqr_call_new(const char *queue);
 /* mqr_call_free frees k, its owned body and outcome. */
 void mqr_call_free(mqr_call *k);
+/* mqr_calls_new_call is mqr_call_new, reusing a call that
+ * mqr_calls_release kept when one fits. */
+mqr_call *mqr_calls_new_call(mqr_calls *t, const char *queue);
+/* mqr_calls_release frees k's owned body and outcome and keeps k for
+ * reuse (a few dozen at most), else frees it. k is in no list. */
+void mqr_calls_release(mqr_calls *t, mqr_call *k);
 /* Puts k into the id map and the deadline list. */
 void mqr_calls_add(mqr_calls *t, mqr_call *k);
 /* The live call with this seq, or NULL. */
@@ -265,6 +274,21 @@ void mqr_calls_unconfirmed_unlink(mqr_calls *t, mqr_call *k);
 void mqr_calls_finish(mqr_calls *t, mqr_call *k);
 /* The oldest finished call, unlinked, or NULL. */
 mqr_call *mqr_calls_pop_finished(mqr_calls *t);
+
+/* ---------------------------------------------------------- bench knobs */
+/* Guarantees a client can be told to drop, for the benchmark that measures
+ * what each one costs (bench/CMakeLists.txt builds rpc_bench_knobs with
+ * them): nothing else may use them, and the public API has no way to. */
+#define MQR_WITHOUT_CONFIRMS 1u   /* no confirm.select: a full queue's
+                                     refusal is never heard of */
+#define MQR_WITHOUT_MANDATORY 2u  /* a request to a queue nobody declared
+                                     waits for its timeout */
+#define MQR_WITHOUT_EXPIRATION 4u /* no expiration property nor deadline
+                                     header: stale requests get served */
+
+/* mqr_client_without drops the guarantees in what (MQR_WITHOUT_* bits)
+ * from the next connection on; call it before mqrpc_client_connect. */
+void mqr_client_without(mqrpc_client *c, unsigned what);
 
 /* ----------------------------------------------------------------- conn */
 /* The AMQP connection: the only code that speaks rabbitmq-c. One channel

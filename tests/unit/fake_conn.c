@@ -62,6 +62,11 @@ void fake_unblocked(void)
     push(MQR_UNBLOCKED);
 }
 
+void fake_wake(void)
+{
+    push(MQR_WAKE);
+}
+
 mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
                         size_t errlen)
 {

@@ -58,5 +58,6 @@ void fake_ack(uint64_t tag, bool multiple);
 void fake_fail(void); /* the connection drops */
 void fake_blocked(const char *reason);
 void fake_unblocked(void);
+void fake_wake(void); /* mqrpc_client_wake's eventfd became readable */
 
 #endif

@@ -436,6 +436,34 @@ static void durable_replies_are_acknowledged(void **state)
     mqrpc_client_free(c);
 }
 
+/* A confirm alone completes nothing, so process waits on within its
+ * timeout for what follows (the reply, with one call at a time); a wake
+ * still ends that wait at once, before the reply is read. */
+static void lone_confirm_waits_on_but_a_wake_ends_the_wait(void **state)
+{
+    mqrpc_client *c = connected(0);
+    struct rec *a, *b;
+    (void)state;
+
+    assert_int_equal(start(c, "{}", 0, 5000, &a), MQRPC_OK);
+    fake_ack(1, false);
+    reply_to(0, "1");
+    assert_int_equal(mqrpc_client_process(c, 5000), MQRPC_OK);
+    assert_int_equal(a->calls, 1); /* one process call: confirm and reply */
+
+    assert_int_equal(start(c, "{}", 0, 5000, &b), MQRPC_OK);
+    fake_ack(2, false);
+    fake_wake();
+    reply_to(1, "2");
+    assert_int_equal(mqrpc_client_process(c, 5000), MQRPC_OK);
+    assert_int_equal(b->calls, 0); /* returned at the wake */
+    assert_int_equal(fake.next_ev, fake.nev - 1);
+    assert_int_equal(mqrpc_client_process(c, 5000), MQRPC_OK);
+    assert_int_equal(b->calls, 1);
+    assert_string_equal(b->body, "2");
+    mqrpc_client_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -450,6 +478,7 @@ int main(void)
         cmocka_unit_test(blocked_broker_fails_calls_at_their_deadline),
         cmocka_unit_test(queued_calls_leave_when_unblocked_or_writable),
         cmocka_unit_test(durable_replies_are_acknowledged),
+        cmocka_unit_test(lone_confirm_waits_on_but_a_wake_ends_the_wait),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
