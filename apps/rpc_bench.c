@@ -717,6 +717,23 @@ static void quiet(mqrpc_log_level level, const char *line, void *arg)
     (void)arg;
 }
 
+/* --hist FILE: the latency histogram, for plotting (NULL: not asked). */
+static void write_hist(struct cli *c, const char *path,
+                       const struct latency *lat)
+{
+    FILE *f;
+
+    if (!path)
+        return;
+    f = fopen(path, "w");
+    if (!f) {
+        cli_error(c, "cannot write %s", path);
+        return;
+    }
+    latency_write(lat, f);
+    fclose(f);
+}
+
 int main(int argc, char **argv)
 {
     static const char inflight_default[] = "1";
@@ -976,15 +993,7 @@ int main(int argc, char **argv)
             cli_error(&c, "%s%s", first_error,
                       cli_connect_hint(b.conns[0].fatal));
         } else {
-            if (extra[X_HIST].value) {
-                FILE *f = fopen(extra[X_HIST].value, "w");
-                if (!f) {
-                    cli_error(&c, "cannot write %s", extra[X_HIST].value);
-                } else {
-                    latency_write(lat, f);
-                    fclose(f);
-                }
-            }
+            write_hist(&c, extra[X_HIST].value, lat);
             rc = nerr_rows || interrupted ? CLI_EXIT_REMOTE : CLI_EXIT_OK;
         }
         goto out;
@@ -1031,15 +1040,7 @@ int main(int argc, char **argv)
             print_json(&b, lat, errors, nerr, secs, rss0, rss1);
         else
             print_text(&b, lat, errors, nerr, secs, rss0, rss1, first_error);
-        if (extra[X_HIST].value) {
-            FILE *f = fopen(extra[X_HIST].value, "w");
-            if (!f) {
-                cli_error(&c, "cannot write %s", extra[X_HIST].value);
-            } else {
-                latency_write(lat, f);
-                fclose(f);
-            }
-        }
+        write_hist(&c, extra[X_HIST].value, lat);
         rc = nerr || interrupted ? CLI_EXIT_REMOTE : CLI_EXIT_OK;
     }
 

@@ -27,7 +27,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -135,7 +134,7 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
         free(c);
         return NULL;
     }
-    c->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    c->wake_fd = mqr_wake_open();
     if (c->wake_fd < 0 || !mqr_conn_cfg_init(&c->cfg, &p)) {
         if (c->wake_fd >= 0)
             close(c->wake_fd);
@@ -453,7 +452,6 @@ static void expire_due(mqrpc_client *c)
 }
 
 static void sync_done(const mqrpc_reply *r, void *arg);
-static void drain_wake(mqrpc_client *c);
 
 /* A progress message of a call that asked for it: to opts.progress, at
  * once (no list is being walked here, and the call cannot end meanwhile).
@@ -776,22 +774,9 @@ static void on_blocked(mqrpc_client *c, const mqr_msg *m)
     flush_unsent(c);
 }
 
-static void drain_wake(mqrpc_client *c)
-{
-    uint64_t n;
-
-    if (read(c->wake_fd, &n, sizeof n) < 0) {
-        /* EAGAIN: nothing to drain */
-    }
-}
-
 void mqrpc_client_wake(mqrpc_client *c)
 {
-    uint64_t one = 1;
-
-    if (write(c->wake_fd, &one, sizeof one) < 0) {
-        /* only a full counter, which still leaves it readable */
-    }
+    mqr_wake_signal(c->wake_fd);
 }
 
 /* Disconnected: sleep until the next thing that can happen (a deadline, a
@@ -805,7 +790,7 @@ static bool wait_offline(mqrpc_client *c, int timeout_ms)
     if (timeout_ms >= 0 && (wait < 0 || wait > timeout_ms))
         wait = timeout_ms;
     if (wait != 0 && poll(&p, 1, wait) > 0) {
-        drain_wake(c);
+        mqr_wake_drain(c->wake_fd);
         return true;
     }
     if (try_reconnect(c) != MQRPC_OK)
@@ -863,7 +848,7 @@ static mqrpc_err read_messages(mqrpc_client *c, int wait, int64_t now)
             lost(c);
             break;
         case MQR_WAKE:
-            drain_wake(c);
+            mqr_wake_drain(c->wake_fd);
             woken = true;
             break;
         }

@@ -22,6 +22,14 @@ mqr_str mqr_cstr(const char *s);
 /* mqr_str_eq: s holds exactly the NUL-terminated lit. */
 bool mqr_str_eq(mqr_str s, const char *lit);
 
+/* A wake fd (an eventfd) lets one thread, or a signal handler, make
+ * another's mqr_conn_wait or poll return: mqr_wake_open creates it (-1 on
+ * failure), mqr_wake_signal makes it readable (async-signal-safe),
+ * mqr_wake_drain makes it unreadable again. */
+int mqr_wake_open(void);
+void mqr_wake_signal(int fd);
+void mqr_wake_drain(int fd);
+
 /* mqr_now_us: monotonic clock in microseconds. */
 int64_t mqr_now_us(void);
 

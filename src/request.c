@@ -64,13 +64,29 @@ void mqr_request_free(mqrpc_request *r)
     free(r);
 }
 
-void mqr_service_wake(mqrpc_service *s)
+/* The job queue and the done list: FIFOs of requests under s->lock. */
+static void fifo_push(mqrpc_request **head, mqrpc_request **tail,
+                      mqrpc_request *r)
 {
-    uint64_t one = 1;
+    r->next = NULL;
+    if (*tail)
+        (*tail)->next = r;
+    else
+        *head = r;
+    *tail = r;
+}
 
-    /* A full counter (never, in practice) still leaves it readable. */
-    if (write(s->wake_fd, &one, sizeof one) < 0) {
-    }
+/* Empties a FIFO; returns its requests, in order, linked by next. */
+static mqrpc_request *fifo_take_all(mqrpc_service *s, mqrpc_request **head,
+                                    mqrpc_request **tail)
+{
+    mqrpc_request *r;
+
+    pthread_mutex_lock(&s->lock);
+    r = *head;
+    *head = *tail = NULL;
+    pthread_mutex_unlock(&s->lock);
+    return r;
 }
 
 /* Appends r to the done list (under s->lock); wakes the connection thread
@@ -88,25 +104,31 @@ static void post_locked(mqrpc_service *s, mqrpc_request *r)
     if (r->queued_done)
         return;
     r->queued_done = true;
-    r->next = NULL;
-    if (s->done_tail)
-        s->done_tail->next = r;
-    else
-        s->done_head = r;
-    s->done_tail = r;
+    fifo_push(&s->done_head, &s->done_tail, r);
     if (was_empty)
-        mqr_service_wake(s);
+        mqr_wake_signal(s->wake_fd);
 }
 
 mqrpc_request *mqr_take_done(mqrpc_service *s)
 {
-    mqrpc_request *head;
+    return fifo_take_all(s, &s->done_head, &s->done_tail);
+}
+
+mqrpc_request *mqr_done_unqueue(mqrpc_service *s, mqrpc_request *r,
+                                struct mqr_done *d)
+{
+    mqrpc_request *next;
 
     pthread_mutex_lock(&s->lock);
-    head = s->done_head;
-    s->done_head = s->done_tail = NULL;
+    next = r->next;
+    r->queued_done = false;
+    d->ended = r->ended;
+    d->progress = r->has_progress && !r->ended;
+    r->has_progress = false;
+    d->percent = r->percent;
+    memcpy(d->text, r->progress_text, sizeof d->text);
     pthread_mutex_unlock(&s->lock);
-    return head;
+    return next;
 }
 
 /* ------------------------------------------------------- ending requests */
@@ -349,25 +371,14 @@ static void *worker(void *p)
 void mqr_workers_submit(mqrpc_service *s, mqrpc_request *r)
 {
     pthread_mutex_lock(&s->lock);
-    r->next = NULL;
-    if (s->jobs_tail)
-        s->jobs_tail->next = r;
-    else
-        s->jobs_head = r;
-    s->jobs_tail = r;
+    fifo_push(&s->jobs_head, &s->jobs_tail, r);
     pthread_cond_signal(&s->work);
     pthread_mutex_unlock(&s->lock);
 }
 
 mqrpc_request *mqr_workers_take_unstarted(mqrpc_service *s)
 {
-    mqrpc_request *head;
-
-    pthread_mutex_lock(&s->lock);
-    head = s->jobs_head;
-    s->jobs_head = s->jobs_tail = NULL;
-    pthread_mutex_unlock(&s->lock);
-    return head;
+    return fifo_take_all(s, &s->jobs_head, &s->jobs_tail);
 }
 
 mqrpc_err mqr_workers_start(mqrpc_service *s)

@@ -42,7 +42,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -142,7 +141,7 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     p.connect_timeout_ms = s->opts.connect_timeout_ms;
     p.tls = s->opts.tls;
     s->queue = strdup(opts->queue);
-    s->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    s->wake_fd = mqr_wake_open();
     if (!s->queue || s->wake_fd < 0 || !mqr_conn_cfg_init(&s->cfg, &p)) {
         mqrpc_service_free(s);
         errno = ENOMEM;
@@ -478,7 +477,7 @@ static mqrpc_err run_inline(mqrpc_service *s, mqrpc_request *r)
     s->inline_since_us = 0;
     if (s->taken_over) {
         /* The stand-in may sleep in mqr_conn_wait: make it look. */
-        mqr_service_wake(s);
+        mqr_wake_signal(s->wake_fd);
         while (s->taken_over)
             pthread_cond_wait(&s->handback, &s->lock);
     }
@@ -585,22 +584,17 @@ static mqrpc_err finish_request(mqrpc_service *s, mqrpc_request *r)
     bool current = r->gen == s->gen;
     mqrpc_err e = MQRPC_OK;
 
-    if (r->skipped) {
-        s->st.expired++;
+    if (r->skipped || caller_gone(r)) {
+        if (r->skipped)
+            s->st.expired++;
+        else
+            s->st.abandoned++;
         if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG,
-                    "request %.*s skipped: past its deadline",
+            mqr_log(&s->log, MQRPC_LOG_DEBUG, "request %.*s%s",
                     mqr_service_shown_len(r->correlation_id),
-                    r->correlation_id.ptr);
-        if (current)
-            e = mqr_service_done_with(s, r->tag);
-    } else if (caller_gone(r)) {
-        s->st.abandoned++;
-        if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG,
-                    "request %.*s: reply not sent, its caller gave up",
-                    mqr_service_shown_len(r->correlation_id),
-                    r->correlation_id.ptr);
+                    r->correlation_id.ptr,
+                    r->skipped ? " skipped: past its deadline"
+                               : ": reply not sent, its caller gave up");
         if (current)
             e = mqr_service_done_with(s, r->tag);
     } else {
@@ -624,33 +618,23 @@ static mqrpc_err drain_done(mqrpc_service *s)
     mqrpc_request *r = mqr_take_done(s), *next;
     mqrpc_err e = MQRPC_OK;
     bool cork = r && r->next;
-    char text[sizeof r->progress_text];
+    struct mqr_done d;
 
     if (cork)
         mqr_conn_cork(s->conn, true);
     for (; r; r = next) {
-        bool ended, progress;
-        double percent;
-
-        pthread_mutex_lock(&s->lock);
-        next = r->next;
-        r->queued_done = false;
-        ended = r->ended;
-        progress = r->has_progress && !ended;
-        r->has_progress = false;
-        percent = r->percent;
-        memcpy(text, r->progress_text, sizeof text);
-        pthread_mutex_unlock(&s->lock);
+        next = mqr_done_unqueue(s, r, &d);
         if (e != MQRPC_OK) {
-            /* The connection failed: answers wait for the next one. */
-            if (ended)
+            /* The connection failed: an answer is lost with it (its
+             * delivery returns to the queue); progress is dropped. */
+            if (d.ended)
                 finish_request(s, r);
             continue;
         }
-        if (ended)
+        if (d.ended)
             e = finish_request(s, r);
-        else if (progress)
-            e = send_progress(s, r, percent, text);
+        else if (d.progress)
+            e = send_progress(s, r, d.percent, d.text);
     }
     if (e == MQRPC_OK)
         e = flush_acks(s);
@@ -701,21 +685,12 @@ static mqrpc_err consume_again(mqrpc_service *s)
     return MQRPC_OK;
 }
 
-static void drain_wake(mqrpc_service *s)
-{
-    uint64_t n;
-
-    if (read(s->wake_fd, &n, sizeof n) < 0) {
-        /* EAGAIN: another read took it; nothing to do */
-    }
-}
-
 /* Messages other than deliveries. */
 static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
 {
     switch (m->kind) {
     case MQR_WAKE:
-        drain_wake(s);
+        mqr_wake_drain(s->wake_fd);
         return drain_done(s);
     case MQR_ACK:
     case MQR_NACK:
@@ -912,12 +887,10 @@ static void finish(mqrpc_service *s)
         if (!s->conn) {
             /* Without a connection the answers have nowhere to go. */
             mqrpc_request *r = mqr_take_done(s), *next;
+            struct mqr_done d;
             for (; r; r = next) {
-                pthread_mutex_lock(&s->lock);
-                next = r->next;
-                r->queued_done = false;
-                pthread_mutex_unlock(&s->lock);
-                if (r->ended)
+                next = mqr_done_unqueue(s, r, &d);
+                if (d.ended)
                     drop_request(s, r);
             }
             if (!s->outstanding)
@@ -1009,7 +982,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
 void mqrpc_service_stop(mqrpc_service *s)
 {
     atomic_store(&s->stop, 1);
-    mqr_service_wake(s); /* write(2): async-signal-safe */
+    mqr_wake_signal(s->wake_fd); /* async-signal-safe */
 }
 
 const char *mqrpc_service_instance(const mqrpc_service *s)

@@ -181,8 +181,17 @@ void mqr_workers_submit(mqrpc_service *s, mqrpc_request *r);
 mqrpc_request *mqr_workers_take_unstarted(mqrpc_service *s);
 /* Takes the done list, in order. */
 mqrpc_request *mqr_take_done(mqrpc_service *s);
-/* Wakes the connection thread (async-signal-safe). */
-void mqr_service_wake(mqrpc_service *s);
+/* What a request of the taken done list brought, read under s->lock as r
+ * leaves the list (after which a handler may post r again). */
+struct mqr_done {
+    bool ended;    /* r ended: its answer is in r */
+    bool progress; /* progress to send (not when it ended) */
+    double percent;
+    char text[257];
+};
+/* Reads d of r and returns the next request of the taken list. */
+mqrpc_request *mqr_done_unqueue(mqrpc_service *s, mqrpc_request *r,
+                                struct mqr_done *d);
 /* Checks and decodes r, then runs the user's function on it. */
 void mqr_run_request(mqrpc_service *s, mqrpc_request *r);
 

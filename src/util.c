@@ -6,7 +6,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <time.h>
+#include <unistd.h>
 
 mqr_str mqr_cstr(const char *s)
 {
@@ -140,4 +142,27 @@ unsigned mqrpc_version(void)
 const char *mqrpc_version_string(void)
 {
     return MQRPC_VERSION;
+}
+
+int mqr_wake_open(void)
+{
+    return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+}
+
+void mqr_wake_signal(int fd)
+{
+    uint64_t one = 1;
+
+    if (write(fd, &one, sizeof one) < 0) {
+        /* only a full counter, which still leaves it readable */
+    }
+}
+
+void mqr_wake_drain(int fd)
+{
+    uint64_t n;
+
+    if (read(fd, &n, sizeof n) < 0) {
+        /* EAGAIN: nothing to drain (another read took it) */
+    }
 }
