@@ -7,6 +7,7 @@
 #
 # Usage: scripts/broker.sh start|stop|status|restart|rotate|pid|url [clients|services]|--help
 #        scripts/broker.sh ctl RABBITMQCTL-ARGS...
+#        scripts/broker.sh kill N|start-node N       (cluster fault tests)
 #
 # Accounts (no guest): "services" may declare and consume only queues named
 # service_*, "clients" may publish requests and use their own server-named
@@ -22,7 +23,8 @@
 #   MQRPC_DIST_PORT              Erlang distribution port (default AMQP+20000)
 #   MQRPC_EPMD_PORT              private epmd port (default AMQP-1000)
 #   MQRPC_BROKER_MANAGEMENT      1 = enable management plugin (default), 0 = off
-#   MQRPC_BROKER_START_TIMEOUT   seconds to wait for readiness (default 60)
+#   MQRPC_BROKER_START_TIMEOUT   seconds to wait for readiness (default 60,
+#                                120 for a cluster)
 #   MQRPC_BROKER_TLS             1 = also listen with TLS (mutual: client
 #                                certificate required) and write amqps://
 #                                URL files; CA and certificates are generated
@@ -33,6 +35,42 @@
 #                                service may hold a request unacknowledged,
 #                                so the longest a handler may run (default
 #                                1800000, RabbitMQ's own 30 minutes)
+#   MQRPC_BROKER_NODES           nodes of the broker: 1 (default, one node as
+#                                always) or 2-7, a cluster (below). Unset, the
+#                                count of the last "start" in this state
+#                                directory is used, so stop/status/url/ctl need
+#                                not repeat it.
+#   MQRPC_BROKER_NODE            the node "ctl" and "pid" address (default 1)
+#
+# Cluster mode (MQRPC_BROKER_NODES=3 scripts/broker.sh start): N nodes of one
+# RabbitMQ cluster on this machine, all on 127.0.0.1, with the same accounts
+# and permissions (the cluster shares them), one Erlang cookie
+# (<state>/broker/home/.erlang.cookie) and the one private epmd. Node n
+# (1-based) has, with P = MQRPC_BROKER_PORT:
+#   node name    mqrpc<AMQP port of node n>@localhost
+#   AMQP         P + 2(n-1)         (5682, 5684, 5686 by default)
+#   TLS          AMQP port + 1      (5683, 5685, 5687; MQRPC_BROKER_TLS_PORT
+#                                    moves node 1's, the others follow by 2)
+#   distribution AMQP port + 20000  (25682, 25684, 25686)
+#   epmd         P - 1000, shared   (4682)
+#   management   P + 10000, node 1 only (15682; the others run its agent)
+#   state        <state>/broker (node 1), <state>/broker-n (n >= 2)
+#   PID file     <state>/broker.pid (node 1), <state>/broker-n.pid
+# The AMQP ports step by 2 so that every node's TLS port stays AMQP+1, as
+# with one node. Nodes 2..N join node 1 (join_cluster) on their first start;
+# later starts find each other by themselves. The URL files list every node,
+# comma-separated, node 1 first. Each node's config bounds its quorum
+# write-ahead log (raft.wal_max_size_bytes, 64 MiB) and its memory watermark
+# (vm_memory_high_watermark.absolute, 1 GiB): three nodes on a small machine.
+# Changing the node count of a state directory wipes its queues (the nodes'
+# databases); the credentials stay.
+#   kill N        SIGKILL node N's Erlang VM (a crash, for fault tests)
+#   start-node N  start node N again; it rejoins the cluster
+#   status        one line per node, running or not; exit 3 if any is down
+# Which node leads a quorum queue (the one whose loss costs an election):
+#   scripts/broker.sh ctl list_queues name type leader members
+# (RabbitMQ 3.10: the "leader" column; rabbitmq-queues quorum_status NAME
+# shows every member's Raft state).
 #
 # Exit codes: 0 ok, 1 error, 2 usage error,
 #             3 not running (status/url; LSB convention for "program is not running").
@@ -44,6 +82,14 @@ readonly EXIT_NOT_RUNNING=3
 usage() {
     echo "usage: ${0##*/} start|stop|status|restart|rotate|pid|url [clients|services]|--help"
     echo "       ${0##*/} ctl RABBITMQCTL-ARGS..."
+    echo "       ${0##*/} kill N|start-node N"
+}
+
+# --help: the usage and the environment, from the header of this file.
+help_text() {
+    usage
+    echo
+    sed -n '/^# Accounts/,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"
 }
 
 die() {
@@ -68,18 +114,18 @@ setup_env() {
     mkdir -p "$state_dir" || die "cannot create state dir $state_dir"
     state_dir=$(cd "$state_dir" && pwd -P)
 
-    amqp_port=${MQRPC_BROKER_PORT:-5682}
-    is_uint "$amqp_port" || die "MQRPC_BROKER_PORT must be a number, got '$amqp_port'"
+    base_port=${MQRPC_BROKER_PORT:-5682}
+    is_uint "$base_port" || die "MQRPC_BROKER_PORT must be a number, got '$base_port'"
     # Derived ports keep parallel brokers (demo, tests) from colliding as long
     # as their AMQP ports differ.
-    mgmt_port=${MQRPC_MGMT_PORT:-$((amqp_port + 10000))}
-    dist_port=${MQRPC_DIST_PORT:-$((amqp_port + 20000))}
-    epmd_port=${MQRPC_EPMD_PORT:-$((amqp_port - 1000))}
+    mgmt_port=${MQRPC_MGMT_PORT:-$((base_port + 10000))}
+    base_dist_port=${MQRPC_DIST_PORT:-$((base_port + 20000))}
+    epmd_port=${MQRPC_EPMD_PORT:-$((base_port - 1000))}
     local p
-    for p in "$mgmt_port" "$dist_port" "$epmd_port"; do
+    for p in "$mgmt_port" "$base_dist_port" "$epmd_port"; do
         is_uint "$p" || die "port settings must be numbers, got '$p'"
     done
-    for p in "$amqp_port" "$mgmt_port" "$dist_port" "$epmd_port"; do
+    for p in "$base_port" "$mgmt_port" "$base_dist_port" "$epmd_port"; do
         ((p >= 1 && p <= 65535)) || die "port $p out of range (check MQRPC_*_PORT)"
     done
     management=${MQRPC_BROKER_MANAGEMENT:-1}
@@ -87,29 +133,39 @@ setup_env() {
         die "MQRPC_BROKER_MANAGEMENT must be 0 or 1, got '$management'"
     tls=${MQRPC_BROKER_TLS:-0}
     [[ "$tls" == 0 || "$tls" == 1 ]] || die "MQRPC_BROKER_TLS must be 0 or 1, got '$tls'"
-    tls_port=${MQRPC_BROKER_TLS_PORT:-$((amqp_port + 1))}
-    is_uint "$tls_port" && ((tls_port >= 1 && tls_port <= 65535)) ||
-        die "MQRPC_BROKER_TLS_PORT must be a port number, got '$tls_port'"
+    base_tls_port=${MQRPC_BROKER_TLS_PORT:-$((base_port + 1))}
+    is_uint "$base_tls_port" && ((base_tls_port >= 1 && base_tls_port <= 65535)) ||
+        die "MQRPC_BROKER_TLS_PORT must be a port number, got '$base_tls_port'"
     consumer_timeout=${MQRPC_BROKER_CONSUMER_TIMEOUT_MS:-1800000}
     is_uint "$consumer_timeout" && ((consumer_timeout >= 1)) ||
         die "MQRPC_BROKER_CONSUMER_TIMEOUT_MS must be a number of milliseconds, got '$consumer_timeout'"
-    start_timeout=${MQRPC_BROKER_START_TIMEOUT:-60}
-    is_uint "$start_timeout" || die "MQRPC_BROKER_START_TIMEOUT must be a number of seconds"
 
-    node="mqrpc${amqp_port}@localhost"
-    broker_dir=$state_dir/broker
-    pid_file=$state_dir/broker.pid
+    # Shared by every node of a cluster: node 1's directory holds them.
+    shared_dir=$state_dir/broker
     clients_url_file=$state_dir/clients.url
     services_url_file=$state_dir/services.url
     mgmt_url_file=$state_dir/management_url
-    cred_file=$broker_dir/credentials
-    definitions_file=$broker_dir/definitions.json
+    cred_file=$shared_dir/credentials
+    definitions_file=$shared_dir/definitions.json
+    nodes_file=$shared_dir/nodes
     tls_dir=$state_dir/tls
-    log_dir=$broker_dir/log
-    mnesia_base=$broker_dir/mnesia
-    startup_log=$log_dir/startup.log
-    # RabbitMQ's own pid file; ours (broker.pid) is authoritative for stop.
-    rmq_pid_file=$broker_dir/$node.pid
+
+    # The node count: asked for, else the one this state directory last
+    # started with, else 1.
+    recorded_nodes=1
+    if [[ -s "$nodes_file" ]]; then
+        read -r recorded_nodes <"$nodes_file" || true
+        is_uint "${recorded_nodes:-x}" || recorded_nodes=1
+    fi
+    nodes=${MQRPC_BROKER_NODES:-$recorded_nodes}
+    [[ "$nodes" =~ ^[1-7]$ ]] || die "MQRPC_BROKER_NODES must be 1 to 7, got '$nodes'"
+    for p in $((base_port + 2 * (nodes - 1))) $((base_tls_port + 2 * (nodes - 1))) \
+        $((base_dist_port + 2 * (nodes - 1))); do
+        ((p <= 65535)) || die "port $p of node $nodes out of range (check MQRPC_*_PORT)"
+    done
+
+    start_timeout=${MQRPC_BROKER_START_TIMEOUT:-$((nodes > 1 ? 120 : 60))}
+    is_uint "$start_timeout" || die "MQRPC_BROKER_START_TIMEOUT must be a number of seconds"
 
     # Drop any RABBITMQ_* inherited from the caller (e.g. RABBITMQ_LOGS,
     # RABBITMQ_MNESIA_DIR) so they cannot redirect our node into shared paths.
@@ -117,6 +173,45 @@ setup_env() {
     for v in $(compgen -e); do
         if [[ "$v" == RABBITMQ_* ]]; then unset "$v"; fi
     done
+    # The Erlang cookie lives in $HOME; a private HOME avoids sharing (or
+    # clobbering) the user's ~/.erlang.cookie. One HOME for every node of a
+    # cluster: one cookie, which nodes and CLI tools must share.
+    export HOME=$shared_dir/home
+    # A private epmd, one for all nodes (they find each other through it):
+    # the system one (4369) belongs to the system service.
+    export ERL_EPMD_PORT=$epmd_port
+    export ERL_EPMD_ADDRESS=127.0.0.1
+    # Without this the distribution listener binds to 0.0.0.0.
+    export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    # The CLI tools also open a distribution listener (ports 35672-35682).
+    export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+    select_node 1
+}
+
+node_name() {
+    echo "mqrpc$((base_port + 2 * ($1 - 1)))@localhost"
+}
+
+# select_node N: makes node N (1-based) the one the helpers below act on.
+# Node 1's names and paths are those of the single node.
+select_node() {
+    node_index=$1
+    amqp_port=$((base_port + 2 * (node_index - 1)))
+    tls_port=$((base_tls_port + 2 * (node_index - 1)))
+    dist_port=$((base_dist_port + 2 * (node_index - 1)))
+    node=$(node_name "$node_index")
+    if ((node_index == 1)); then
+        broker_dir=$state_dir/broker
+        pid_file=$state_dir/broker.pid
+    else
+        broker_dir=$state_dir/broker-$node_index
+        pid_file=$state_dir/broker-$node_index.pid
+    fi
+    log_dir=$broker_dir/log
+    mnesia_base=$broker_dir/mnesia
+    startup_log=$log_dir/startup.log
+    # RabbitMQ's own pid file; ours (broker.pid) is authoritative for stop.
+    rmq_pid_file=$broker_dir/$node.pid
 
     export RABBITMQ_NODENAME=$node
     export RABBITMQ_USE_LONGNAME=false
@@ -133,16 +228,6 @@ setup_env() {
     export RABBITMQ_CONF_ENV_FILE=$broker_dir/rabbitmq-env.conf
     export RABBITMQ_ENABLED_PLUGINS_FILE=$broker_dir/enabled_plugins
     export RABBITMQ_PID_FILE=$rmq_pid_file
-    # The Erlang cookie lives in $HOME; a private HOME avoids sharing (or
-    # clobbering) the user's ~/.erlang.cookie.
-    export HOME=$broker_dir/home
-    # A private epmd: the system one (4369) belongs to the system service.
-    export ERL_EPMD_PORT=$epmd_port
-    export ERL_EPMD_ADDRESS=127.0.0.1
-    # Without this the distribution listener binds to 0.0.0.0.
-    export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
-    # The CLI tools also open a distribution listener (ports 35672-35682).
-    export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
 }
 
 ctl() {
@@ -209,7 +294,7 @@ port_in_use() {
 }
 
 mask_url() {
-    sed -E 's#(amqps?://[^:/]*:)[^@]*@#\1****@#' <<<"$1"
+    sed -E 's#(amqps?://[^:/]*:)[^@]*@#\1****@#g' <<<"$1"
 }
 
 show_logs() {
@@ -258,10 +343,15 @@ load_or_create_credentials() {
     if [[ ! -s "$cred_file" ]] || ! grep -q '^clients=' "$cred_file"; then
         # The DB already holds users whose passwords we no longer know:
         # start over rather than run with unusable credentials.
-        if [[ -d "$mnesia_base" ]] && [[ -n "$(ls -A "$mnesia_base" 2>/dev/null)" ]]; then
-            echo "broker: no credentials for this node's accounts, wiping $mnesia_base"
-            rm -rf "$mnesia_base"
-        fi
+        local n
+        for ((n = 1; n <= (nodes > recorded_nodes ? nodes : recorded_nodes); n++)); do
+            select_node "$n"
+            if [[ -d "$mnesia_base" ]] && [[ -n "$(ls -A "$mnesia_base" 2>/dev/null)" ]]; then
+                echo "broker: no credentials for this node's accounts, wiping $mnesia_base"
+                rm -rf "$mnesia_base"
+            fi
+        done
+        select_node 1
         admin_pass=$(new_password)
         services_pass=$(new_password)
         clients_pass=$(new_password)
@@ -357,15 +447,33 @@ make_certificates() {
     rm -f "$log"
 }
 
-write_config() {
-    mkdir -p "$broker_dir" "$HOME" "$log_dir" "$mnesia_base" "$RABBITMQ_CONFIG_FILES"
-    chmod 700 "$broker_dir" "$HOME"
-    : >"$RABBITMQ_CONF_ENV_FILE"
-    [[ -f "$RABBITMQ_ADVANCED_CONFIG_FILE" ]] || echo '[].' >"$RABBITMQ_ADVANCED_CONFIG_FILE"
-
+# What every node shares: accounts, definitions, certificates, the cookie.
+write_shared() {
+    mkdir -p "$shared_dir" "$HOME"
+    chmod 700 "$shared_dir" "$HOME"
     load_or_create_credentials
     write_definitions
     if ((tls)); then make_certificates; fi
+    # Erlang writes a cookie at a node's first start when there is none;
+    # nodes started together would each write their own.
+    if ((nodes > 1)) && [[ ! -s "$HOME/.erlang.cookie" ]]; then
+        local cookie
+        # tr on a bounded input avoids SIGPIPE failures under pipefail.
+        cookie=$(head -c 4096 /dev/urandom | LC_ALL=C tr -dc '[:upper:]')
+        (
+            umask 077
+            printf '%s' "${cookie:0:20}" >"$HOME/.erlang.cookie"
+        )
+        chmod 400 "$HOME/.erlang.cookie"
+    fi
+}
+
+# The selected node's own files.
+write_config() {
+    mkdir -p "$broker_dir" "$log_dir" "$mnesia_base" "$RABBITMQ_CONFIG_FILES"
+    chmod 700 "$broker_dir"
+    : >"$RABBITMQ_CONF_ENV_FILE"
+    [[ -f "$RABBITMQ_ADVANCED_CONFIG_FILE" ]] || echo '[].' >"$RABBITMQ_ADVANCED_CONFIG_FILE"
 
     # Regenerated on every start so changes to ports/management take effect.
     # default_user only applies when the DB is created: it replaces guest.
@@ -384,6 +492,16 @@ write_config() {
             # may run (README, Long-running handlers). RabbitMQ's default,
             # set explicitly so that it is visible and can be changed.
             echo "consumer_timeout = $consumer_timeout"
+            if ((nodes > 1)); then
+                # Three nodes share 2 cores and the memory of one machine:
+                # the quorum WAL (default 512 MiB, kept in memory until it
+                # rolls over) and the watermark (default 40% of RAM, each)
+                # are bounded per node.
+                echo "raft.wal_max_size_bytes = 67108864"
+                # Otherwise each node names the cluster after itself.
+                echo "cluster_name = mqrpc$base_port"
+                echo "vm_memory_high_watermark.absolute = 1GiB"
+            fi
             if ((tls)); then
                 echo "listeners.ssl.1 = 127.0.0.1:$tls_port"
                 echo "ssl_options.cacertfile = $tls_dir/ca.pem"
@@ -394,14 +512,17 @@ write_config() {
                 echo "ssl_options.versions.1 = tlsv1.3"
                 echo "ssl_options.versions.2 = tlsv1.2"
             fi
-            if ((management)); then
+            if ((management && node_index == 1)); then
                 echo "management.tcp.ip = 127.0.0.1"
                 echo "management.tcp.port = $mgmt_port"
             fi
         } >"$RABBITMQ_CONFIG_FILE"
     )
-    if ((management)); then
+    if ((management && node_index == 1)); then
         echo '[rabbitmq_management].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+    elif ((management)); then
+        # The UI on node 1 shows the other nodes through their agents.
+        echo '[rabbitmq_management_agent].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
     else
         echo '[].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
     fi
@@ -412,11 +533,32 @@ write_config() {
 # ---------------------------------------------------------------------------
 print_ready() {
     local pid=$1
-    echo "broker $node ready on $(mask_url "$(<"$clients_url_file")") (pid $pid)"
+    if ((nodes > 1)); then
+        echo "broker cluster of $nodes nodes ready on $(mask_url "$(<"$clients_url_file")")"
+        cluster_lines
+    else
+        echo "broker $node ready on $(mask_url "$(<"$clients_url_file")") (pid $pid)"
+    fi
     echo "URLs (with passwords) written to $clients_url_file and $services_url_file"
     if ((management)) && [[ -f "$mgmt_url_file" ]]; then
         echo "management UI: $(<"$mgmt_url_file") (user admin, password in $cred_file)"
     fi
+}
+
+# One line per node of a cluster (status and start).
+cluster_lines() {
+    local n rc=0
+    for ((n = 1; n <= nodes; n++)); do
+        select_node "$n"
+        if node_running; then
+            echo "node $n: running $node pid $(read_pid) amqp 127.0.0.1:$amqp_port$( ((tls)) && echo " tls 127.0.0.1:$tls_port")"
+        else
+            echo "node $n: not running $node (amqp 127.0.0.1:$amqp_port)"
+            rc=$EXIT_NOT_RUNNING
+        fi
+    done
+    select_node 1
+    return "$rc"
 }
 
 # Percent-encodes what would end a URL query value.
@@ -430,15 +572,21 @@ url_escape() {
     echo "$s"
 }
 
-# One URL file per account, mode 600: programs find them by role.
+# One URL file per account, mode 600: programs find them by role. A
+# cluster's lists every node, comma-separated.
 write_url_file() {
-    local file=$1 user=$2 pass=$3 url
-    if ((tls)); then
-        url="amqps://$user:$pass@localhost:$tls_port/?cacertfile=$(url_escape "$tls_dir/ca.pem")"
-        url+="&certfile=$(url_escape "$tls_dir/client.pem")&keyfile=$(url_escape "$tls_dir/client.key")"
-    else
-        url="amqp://$user:$pass@127.0.0.1:$amqp_port/"
-    fi
+    local file=$1 user=$2 pass=$3 url="" n port
+    for ((n = 1; n <= nodes; n++)); do
+        ((n == 1)) || url+=","
+        if ((tls)); then
+            port=$((base_tls_port + 2 * (n - 1)))
+            url+="amqps://$user:$pass@localhost:$port/?cacertfile=$(url_escape "$tls_dir/ca.pem")"
+            url+="&certfile=$(url_escape "$tls_dir/client.pem")&keyfile=$(url_escape "$tls_dir/client.key")"
+        else
+            port=$((base_port + 2 * (n - 1)))
+            url+="amqp://$user:$pass@127.0.0.1:$port/"
+        fi
+    done
     (
         umask 077
         echo "$url" >"$file.tmp"
@@ -456,16 +604,11 @@ write_urls() {
     fi
 }
 
-cmd_start() {
+# launch_node: starts the selected node's server in the background; sets
+# launcher. Dies if the node cannot be started.
+launch_node() {
     local pid
     pid=$(read_pid)
-    if pid_alive "$pid" && diag -q check_running >/dev/null 2>&1; then
-        load_or_create_credentials
-        [[ -f "$clients_url_file" && -f "$services_url_file" ]] || write_urls
-        echo "broker $node already running (pid $pid)"
-        print_ready "$pid"
-        return 0
-    fi
     if [[ -n "$pid" ]]; then
         if pid_alive "$pid" && is_beam "$pid"; then
             # Our node exists but is not answering: do not start a second one
@@ -476,34 +619,40 @@ cmd_start() {
     fi
     # The URL files stay until write_urls replaces them (atomically): see
     # cmd_stop.
-    rm -f "$pid_file" "$mgmt_url_file" "$rmq_pid_file"
+    rm -f "$pid_file" "$rmq_pid_file"
+    ((node_index == 1)) && rm -f "$mgmt_url_file"
 
     local p ports=("$amqp_port" "$dist_port")
     ((tls)) && ports+=("$tls_port")
-    ((management)) && ports+=("$mgmt_port")
+    ((management && node_index == 1)) && ports+=("$mgmt_port")
     for p in "${ports[@]}"; do
         port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (another broker? set MQRPC_BROKER_PORT)"
     done
 
     write_config
+    # A node without a database of its own has never been a member.
+    fresh=0
+    [[ -d "$mnesia_base/$node" ]] || fresh=1
 
-    local t0 launcher beam="" deadline now
-    t0=$(date +%s.%N)
     # setsid: own session so the node survives the calling shell/terminal;
     # nohup + </dev/null: no stdin and no SIGHUP in CI.
     setsid nohup "$RMQ_BIN/rabbitmq-server" </dev/null >"$startup_log" 2>&1 &
     launcher=$!
     # Record something killable at once, refined to beam.smp below.
     echo "$launcher" >"$pid_file"
+}
 
-    deadline=$(($(date +%s) + start_timeout))
+# await_node LAUNCHER DEADLINE: waits until the selected node is up; on
+# failure shows its logs, kills it and exits.
+await_node() {
+    local launcher=$1 deadline=$2 beam="" now
     while :; do
         now=$(date +%s)
         if ! pid_alive "$launcher" && { [[ -z "$beam" ]] || ! pid_alive "$beam"; }; then
             echo "broker: $node exited during startup" >&2
             show_logs
             rm -f "$pid_file"
-            stop_epmd
+            ((nodes > 1)) || stop_epmd
             exit 1
         fi
         if [[ -z "$beam" ]] && beam=$(find_beam_pid "$launcher"); then
@@ -517,17 +666,118 @@ cmd_start() {
             show_logs
             kill_recorded "${beam:-$launcher}"
             rm -f "$pid_file"
-            stop_epmd
+            ((nodes > 1)) || stop_epmd
             exit 1
         fi
         sleep 0.5
     done
+}
 
+# join_new: the selected node (2..N), started for the first time, joins
+# node 1's cluster. Its own database (the accounts it loaded alone) is
+# reset: the cluster's is the one that counts.
+join_new() {
+    local first
+    first=$(node_name 1)
+    echo "broker: $node joins $first"
+    {
+        ctl -q stop_app && ctl -q reset && ctl -q join_cluster "$first" && ctl -q start_app
+    } >>"$startup_log" 2>&1 || {
+        show_logs
+        echo "broker: $node could not join $first" >&2
+        return 1
+    }
+}
+
+# A change of the node count makes the nodes' databases (which name their
+# cluster) useless: they go, with their queues; the credentials stay.
+change_node_count() {
+    local n
+    for ((n = 1; n <= (nodes > recorded_nodes ? nodes : recorded_nodes); n++)); do
+        select_node "$n"
+        if pid_alive "$(read_pid)"; then
+            die "the broker in $state_dir runs with $recorded_nodes node(s); stop it before starting $nodes"
+        fi
+    done
+    for ((n = 1; n <= (nodes > recorded_nodes ? nodes : recorded_nodes); n++)); do
+        select_node "$n"
+        if [[ -d "$mnesia_base" ]] && [[ -n "$(ls -A "$mnesia_base" 2>/dev/null)" ]]; then
+            echo "broker: $recorded_nodes node(s) before, $nodes now: wiping $mnesia_base"
+            rm -rf "$mnesia_base"
+        fi
+        ((n <= nodes)) || rm -rf "$broker_dir" "$pid_file"
+    done
+    select_node 1
+}
+
+# start_nodes N...: starts the given nodes (not running) together, waits
+# for each, lets new ones join node 1 (together: each join costs several
+# CLI calls of seconds each).
+start_nodes() {
+    local n deadline launchers=() joining=() joins=() failed=0
+    write_shared
+    for n in "$@"; do
+        select_node "$n"
+        launch_node
+        launchers[n]=$launcher
+        ((fresh && n > 1)) && joining+=("$n")
+    done
+    deadline=$(($(date +%s) + start_timeout))
+    for n in "$@"; do
+        select_node "$n"
+        await_node "${launchers[n]}" "$deadline"
+    done
+    for n in "${joining[@]}"; do
+        select_node "$n"
+        join_new &
+        joins+=($!)
+    done
+    for n in "${joins[@]}"; do
+        wait "$n" || failed=1
+    done
+    select_node 1
+    ((failed == 0)) || die "the cluster did not form; '${0##*/} stop' stops its nodes"
+}
+
+cmd_start() {
+    local pid n down=() t0 elapsed
+    if ((nodes != recorded_nodes)); then
+        change_node_count
+    fi
+    for ((n = 1; n <= nodes; n++)); do
+        select_node "$n"
+        node_running || down+=("$n")
+    done
+    select_node 1
+    if ((${#down[@]} == 0)); then
+        pid=$(read_pid)
+        load_or_create_credentials
+        [[ -f "$clients_url_file" && -f "$services_url_file" ]] || write_urls
+        if ((nodes > 1)); then
+            echo "broker cluster of $nodes nodes already running"
+        else
+            echo "broker $node already running (pid $pid)"
+        fi
+        print_ready "$pid"
+        return 0
+    fi
+    if ((nodes > 1)); then
+        mkdir -p "$shared_dir"
+        echo "$nodes" >"$nodes_file.tmp"
+        mv -f "$nodes_file.tmp" "$nodes_file"
+    else
+        rm -f "$nodes_file"
+    fi
+    t0=$(date +%s.%N)
+    start_nodes "${down[@]}"
     write_urls
-    local elapsed
     elapsed=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
-    echo "broker $node started in ${elapsed}s"
-    print_ready "$beam"
+    if ((nodes > 1)); then
+        echo "broker cluster of $nodes nodes started in ${elapsed}s"
+    else
+        echo "broker $node started in ${elapsed}s"
+    fi
+    print_ready "$(read_pid)"
 }
 
 # TERM then KILL one PID we recorded; never matches by name.
@@ -542,15 +792,16 @@ kill_recorded() {
     kill -KILL "$pid" 2>/dev/null || true
 }
 
-cmd_stop() {
+# stop_node: stops the selected node (gracefully, else by signal).
+stop_node() {
     local pid
     pid=$(read_pid)
     # The URL files stay: the passwords stay valid for the next start, and
     # a program started meanwhile must fail to connect to this broker (and
     # reconnect once it is back), not fall back to guest@localhost:5672.
     if ! pid_alive "$pid"; then
-        rm -f "$pid_file" "$mgmt_url_file"
-        stop_epmd
+        rm -f "$pid_file"
+        ((node_index == 1)) && rm -f "$mgmt_url_file"
         echo "broker $node not running"
         return 0
     fi
@@ -566,12 +817,35 @@ cmd_stop() {
         sleep 0.25
     done
     pid_alive "$pid" && die "pid $pid still alive after stop"
-    stop_epmd
-    rm -f "$pid_file" "$mgmt_url_file" "$rmq_pid_file"
+    rm -f "$pid_file" "$rmq_pid_file"
+    ((node_index == 1)) && rm -f "$mgmt_url_file"
     echo "broker $node stopped"
 }
 
+# Node 1 last: it then holds the cluster's last word, and the next start
+# (all nodes together) finds every node waiting for it, not the reverse.
+# The others stop together (each stop is seconds of CLI and shutdown).
+cmd_stop() {
+    local n stops=() failed=0
+    for ((n = nodes; n >= 2; n--)); do
+        select_node "$n"
+        stop_node &
+        stops+=($!)
+    done
+    for n in "${stops[@]}"; do
+        wait "$n" || failed=1
+    done
+    select_node 1
+    stop_node
+    stop_epmd
+    ((failed == 0)) || die "some node did not stop"
+}
+
 cmd_status() {
+    if ((nodes > 1)); then
+        cluster_lines
+        return
+    fi
     if node_running; then
         local extra=""
         # The file, not the env, tells whether this node was started with management.
@@ -583,10 +857,24 @@ cmd_status() {
     return "$EXIT_NOT_RUNNING"
 }
 
+# True if some node of the broker answers.
+any_node_running() {
+    local n
+    for ((n = 1; n <= nodes; n++)); do
+        select_node "$n"
+        if node_running; then
+            select_node 1
+            return 0
+        fi
+    done
+    select_node 1
+    return 1
+}
+
 cmd_url() {
     local file=$clients_url_file
     [[ "$1" == services ]] && file=$services_url_file
-    if node_running && [[ -s "$file" ]]; then
+    if any_node_running && [[ -s "$file" ]]; then
         cat "$file"
         return 0
     fi
@@ -598,10 +886,15 @@ cmd_url() {
 # connections stay up (RabbitMQ checks passwords at login only); programs
 # pick the new URL files up when they next connect.
 cmd_rotate() {
-    node_running || {
+    any_node_running || {
         echo "broker: $node not running" >&2
         return "$EXIT_NOT_RUNNING"
     }
+    local n
+    for ((n = 1; n <= nodes; n++)); do
+        select_node "$n"
+        node_running && break
+    done
     load_or_create_credentials
     admin_pass=$(new_password)
     services_pass=$(new_password)
@@ -626,13 +919,67 @@ cmd_pid() {
     echo "$pid"
 }
 
+# kill N: a crash of node N (SIGKILL of its Erlang VM), for fault tests.
+cmd_kill() {
+    local pid i
+    pid=$(read_pid)
+    if ! pid_alive "$pid" || ! is_beam "$pid"; then
+        echo "broker: node $node_index ($node) not running" >&2
+        return "$EXIT_NOT_RUNNING"
+    fi
+    kill -KILL "$pid"
+    for ((i = 0; i < 100; i++)); do
+        pid_alive "$pid" || break
+        sleep 0.05
+    done
+    pid_alive "$pid" && die "pid $pid still alive after SIGKILL"
+    rm -f "$pid_file"
+    echo "broker: node $node_index ($node, pid $pid) killed"
+}
+
+# start-node N: starts node N again (after kill N); it rejoins the cluster.
+cmd_start_node() {
+    local t0 elapsed
+    if node_running; then
+        echo "broker: node $node_index ($node) already running (pid $(read_pid))"
+        return 0
+    fi
+    t0=$(date +%s.%N)
+    start_nodes "$node_index"
+    select_node "$1"
+    elapsed=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
+    echo "broker: node $node_index ($node) started in ${elapsed}s (pid $(read_pid))"
+}
+
+# MQRPC_BROKER_NODE: the node ctl and pid address.
+select_asked_node() {
+    local n=${MQRPC_BROKER_NODE:-1}
+    if [[ ! "$n" =~ ^[1-9]$ ]] || ((n > nodes)); then
+        die "MQRPC_BROKER_NODE must be a node of the broker (1 to $nodes), got '$n'"
+    fi
+    select_node "$n"
+}
+
 main() {
     if [[ "${1:-}" == ctl ]]; then
         # rabbitmqctl against this node (tests: list_connections,
         # close_connection), with the environment that finds it.
         shift
         setup_env
+        select_asked_node
         ctl "$@"
+        return
+    fi
+    if [[ "${1:-}" == kill || "${1:-}" == start-node ]]; then
+        if (($# != 2)) || [[ ! "$2" =~ ^[1-9]$ ]]; then
+            usage >&2
+            exit 2
+        fi
+        [[ -x "$RMQ_BIN/rabbitmq-server" ]] || die "$RMQ_BIN/rabbitmq-server not found (run scripts/deps.sh)"
+        setup_env
+        (($2 <= nodes)) || die "no node $2: the broker has $nodes node(s)"
+        select_node "$2"
+        if [[ $1 == kill ]]; then cmd_kill; else cmd_start_node "$2"; fi
         return
     fi
     if (($# < 1 || $# > 2)) || { (($# == 2)) && [[ "$1" != url || ! "$2" =~ ^(clients|services)$ ]]; }; then
@@ -641,7 +988,7 @@ main() {
     fi
     case "$1" in
     -h | --help | help)
-        usage
+        help_text
         exit 0
         ;;
     start | stop | status | url | restart | rotate | pid) ;;
@@ -658,7 +1005,10 @@ main() {
     status) cmd_status ;;
     url) cmd_url "${2:-clients}" ;;
     rotate) cmd_rotate ;;
-    pid) cmd_pid ;;
+    pid)
+        select_asked_node
+        cmd_pid
+        ;;
     restart)
         cmd_stop
         cmd_start
