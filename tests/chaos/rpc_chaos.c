@@ -8,7 +8,10 @@
  * Every answer is checked against what the call asked for.
  *
  * The script marks the broker restart with SIGUSR1 (stopping) and SIGUSR2
- * (up again); the report says how long callers went without answers.
+ * (up again); the report says how long callers went without answers. On a
+ * cluster (scripts/chaos.sh --cluster, the broker.cluster test) SIGRTMIN
+ * marks each node kill; the report gives, for each, how long until every
+ * connection and every service answered correctly again.
  */
 #include "cli.h"
 
@@ -35,6 +38,7 @@
 #define NOBODY UINT16_MAX
 #define MAX_KINDS 32
 #define EXAMPLE_LEN 200
+#define MAX_MARKS 256 /* node kills marked with SIGRTMIN */
 
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2,
                "the signal handlers store times in atomic long longs");
@@ -95,6 +99,10 @@ struct conn {
     bool no_more;            /* the call budget is spent */
     struct tally t;
     mqrpc_client_stats stats;
+    /* the first correct answer after each node kill, on this connection */
+    unsigned marks_seen;
+    int64_t first_after_mark[MAX_MARKS];
+    unsigned qmarks_seen[NQUEUES];
     /* for the progress line, read by the main thread */
     atomic_ullong made, correct, errors;
 };
@@ -111,6 +119,8 @@ struct chaos {
     mqrpc_client_opts copts;
     struct person *people;
     size_t npeople;
+    uint8_t queues[NQUEUES]; /* --services: the ones called, in turn */
+    unsigned nqueues;
     int64_t t0_us;
     struct conn *conns;
 };
@@ -121,6 +131,11 @@ static atomic_llong first_correct_after_usr2_us; /* completed after USR2 */
 static atomic_llong first_sent_after_usr2_us;    /* sent after USR2 */
 static atomic_llong last_correct_us, longest_gap_us, last_done_us;
 static volatile sig_atomic_t interrupted;
+/* Node kills (SIGRTMIN), in order; only the main thread takes signals. */
+static atomic_llong mark_us[MAX_MARKS];
+static atomic_uint nmarks;
+/* The first correct answer of each service after each node kill. */
+static atomic_llong mark_queue_first_us[MAX_MARKS][NQUEUES];
 
 static int64_t now_us(void)
 {
@@ -134,6 +149,17 @@ static int64_t now_us(void)
 static void on_restart_signal(int sig)
 {
     atomic_store(sig == SIGUSR1 ? &usr1_us : &usr2_us, now_us());
+}
+
+static void on_mark_signal(int sig)
+{
+    unsigned i = atomic_load(&nmarks);
+
+    (void)sig;
+    if (i < MAX_MARKS) {
+        atomic_store(&mark_us[i], now_us());
+        atomic_store(&nmarks, i + 1);
+    }
 }
 
 static void on_stop_signal(int sig)
@@ -230,6 +256,25 @@ static void merge_tally(struct tally *into, const struct tally *t)
         memcpy(into->first_duplicate, t->first_duplicate, EXAMPLE_LEN);
 }
 
+/* The first correct answer after each node kill, per connection and per
+ * service: a kill stalls the callers on the lost node and the services
+ * whose queue lost its leader, not everyone. */
+static void note_marks(struct conn *cn, const struct call *k, int64_t t)
+{
+    unsigned n = atomic_load(&nmarks), *q = &cn->qmarks_seen[k->queue];
+
+    for (; cn->marks_seen < n; cn->marks_seen++) {
+        if (atomic_load(&mark_us[cn->marks_seen]) > t)
+            break;
+        cn->first_after_mark[cn->marks_seen] = t;
+    }
+    for (; *q < n; (*q)++) {
+        if (atomic_load(&mark_us[*q]) > t)
+            break;
+        atomic_min_set(&mark_queue_first_us[*q][k->queue], t);
+    }
+}
+
 static void note_correct(struct conn *cn, const struct call *k, int64_t t)
 {
     int64_t usr2 = atomic_load(&usr2_us);
@@ -243,6 +288,7 @@ static void note_correct(struct conn *cn, const struct call *k, int64_t t)
         atomic_min_set(&first_correct_after_usr2_us, t);
     if (usr2 && k->sent_us >= usr2)
         atomic_min_set(&first_sent_after_usr2_us, t);
+    note_marks(cn, k, t);
 }
 
 static void note_wrong(struct conn *cn, const struct call *k,
@@ -267,7 +313,7 @@ static int make_body(struct conn *cn, struct call *k, long idx, char *buf,
     const struct chaos *ch = cn->ch;
     int n = 0;
 
-    k->queue = (uint8_t)(idx % NQUEUES);
+    k->queue = ch->queues[idx % ch->nqueues];
     switch (k->queue) {
     case Q_SOMA: {
         int64_t a = rnd_range(cn, -1000000000, 1000000000);
@@ -289,7 +335,7 @@ static int make_body(struct conn *cn, struct call *k, long idx, char *buf,
         return n + snprintf(buf + n, len - (size_t)n, "]}");
     case Q_BUSCA:
         /* A name nobody has: the remote not_found is the right answer. */
-        if ((idx / NQUEUES) % NOT_FOUND_EVERY == 0) {
+        if ((idx / ch->nqueues) % NOT_FOUND_EVERY == 0) {
             k->person = NOBODY;
             return snprintf(buf, len, "{\"nome\":\"Ninguém Caos %ld\"}", idx);
         }
@@ -605,6 +651,11 @@ struct figures {
     double outage_s, recovery_s, gap_s; /* < 0: not measured */
     bool restarted;
     unsigned failed; /* bit per invariant */
+    unsigned nmarks;
+    /* per node kill: until every connection and every service called had
+     * a correct answer again; < 0: one never had */
+    double mark_at_s[MAX_MARKS], mark_gap_s[MAX_MARKS];
+    double mark_conn_s[MAX_MARKS], mark_queue_s[MAX_MARKS];
 };
 
 enum { F_LOST = 1, F_DUPLICATE = 2, F_WRONG = 4, F_ACCOUNTING = 8 };
@@ -613,6 +664,33 @@ static double since_usr(atomic_llong *what, atomic_llong *base)
 {
     int64_t w = atomic_load(what), b = atomic_load(base);
     return w && b ? (double)(w - b) / 1e6 : -1;
+}
+
+static void gather_marks(const struct chaos *ch, struct figures *f)
+{
+    f->nmarks = atomic_load(&nmarks);
+    for (unsigned m = 0; m < f->nmarks; m++) {
+        int64_t at = atomic_load(&mark_us[m]), conn = 0, queue = 0;
+        bool never = false;
+        for (unsigned i = 0; i < ch->nconn; i++) {
+            int64_t first = ch->conns[i].first_after_mark[m];
+            if (!first)
+                never = true;
+            else if (first - at > conn)
+                conn = first - at;
+        }
+        for (unsigned j = 0; j < ch->nqueues; j++) {
+            int64_t first = atomic_load(&mark_queue_first_us[m][ch->queues[j]]);
+            if (!first)
+                never = true;
+            else if (first - at > queue)
+                queue = first - at;
+        }
+        f->mark_at_s[m] = (double)(at - ch->t0_us) / 1e6;
+        f->mark_conn_s[m] = (double)conn / 1e6;
+        f->mark_queue_s[m] = (double)queue / 1e6;
+        f->mark_gap_s[m] = never ? -1 : (double)(conn > queue ? conn : queue) / 1e6;
+    }
 }
 
 static void gather(struct chaos *ch, struct figures *f)
@@ -636,6 +714,7 @@ static void gather(struct chaos *ch, struct figures *f)
     f->outage_s = since_usr(&first_correct_after_usr2_us, &usr1_us);
     f->recovery_s = since_usr(&first_sent_after_usr2_us, &usr2_us);
     f->gap_s = (double)atomic_load(&longest_gap_us) / 1e6;
+    gather_marks(ch, f);
     if (f->t.lost)
         f->failed |= F_LOST;
     if (f->t.duplicates)
@@ -717,6 +796,17 @@ static void print_text(const struct chaos *ch, const struct figures *f,
         printf("recovery after broker restart: no restart signalled\n");
     }
     printf("longest gap between correct answers: %.1f s\n", f->gap_s);
+    for (unsigned m = 0; m < f->nmarks; m++) {
+        if (f->mark_gap_s[m] < 0)
+            printf("node kill %u at %.1f s: some connection or service had no "
+                   "correct answer after it\n",
+                   m + 1, f->mark_at_s[m]);
+        else
+            printf("node kill %u at %.1f s: answers resumed after %.2f s "
+                   "(slowest connection %.2f s, slowest service %.2f s)\n",
+                   m + 1, f->mark_at_s[m], f->mark_gap_s[m], f->mark_conn_s[m],
+                   f->mark_queue_s[m]);
+    }
     printf("throughput: %.0f calls/s (correct answers over %.1f s)\n",
            f->calls_per_s, f->secs);
     if (t->first_wrong[0])
@@ -784,6 +874,16 @@ static bool write_report(const struct chaos *ch, const struct figures *f,
     json_object_set_new(o, "outage_s", json_seconds(f->outage_s));
     json_object_set_new(o, "recovery_s", json_seconds(f->recovery_s));
     json_object_set_new(o, "longest_gap_s", json_real(f->gap_s));
+    {
+        json_t *kills = json_array();
+        for (unsigned m = 0; m < f->nmarks; m++) {
+            json_t *k = json_object();
+            json_object_set_new(k, "at_s", json_real(f->mark_at_s[m]));
+            json_object_set_new(k, "gap_s", json_seconds(f->mark_gap_s[m]));
+            json_array_append_new(kills, k);
+        }
+        json_object_set_new(o, "node_kills", kills);
+    }
     json_object_set_new(o, "seconds", json_real(f->secs));
     json_object_set_new(o, "calls_per_s", json_real(f->calls_per_s));
     json_object_set_new(o, "ok", json_boolean(f->failed == 0));
@@ -866,6 +966,8 @@ static void install_restart_signals(void)
     sigemptyset(&sa.sa_mask);
     sigaction(SIGUSR1, &sa, NULL);
     sigaction(SIGUSR2, &sa, NULL);
+    sa.sa_handler = on_mark_signal;
+    sigaction(SIGRTMIN, &sa, NULL);
 }
 
 /* Connects every client before the clock starts; the status of the first
@@ -902,6 +1004,7 @@ static bool run_all(struct chaos *ch, const struct cli *c, long max_seconds)
     sigemptyset(&block);
     sigaddset(&block, SIGUSR1);
     sigaddset(&block, SIGUSR2);
+    sigaddset(&block, SIGRTMIN);
     sigaddset(&block, SIGINT);
     sigaddset(&block, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &block, &old);
@@ -922,6 +1025,45 @@ static bool run_all(struct chaos *ch, const struct cli *c, long max_seconds)
     for (unsigned i = 0; i < ch->nconn; i++)
         finish_conn(&ch->conns[i]);
     return started == ch->nconn;
+}
+
+/* --services soma,media: the queues called, each once, in that order. */
+static bool parse_services(struct chaos *ch, const char *list, char *err,
+                           size_t errlen)
+{
+    const char *p = list;
+
+    ch->nqueues = 0;
+    while (*p) {
+        size_t len = strcspn(p, ",");
+        unsigned q;
+        for (q = 0; q < NQUEUES; q++)
+            if (strlen(queue_names[q]) == len + 8 &&
+                strncmp(queue_names[q] + 8, p, len) == 0)
+                break;
+        if (q == NQUEUES) {
+            snprintf(err, errlen,
+                     "--services: unknown service \"%.*s\" (soma, media, "
+                     "busca, info)",
+                     (int)(len > 40 ? 40 : len), p);
+            return false;
+        }
+        for (unsigned j = 0; j < ch->nqueues; j++)
+            if (ch->queues[j] == q) {
+                snprintf(err, errlen, "--services: %.*s twice", (int)len, p);
+                return false;
+            }
+        ch->queues[ch->nqueues++] = (uint8_t)q;
+        p += len;
+        if (*p == ',' && *++p == '\0')
+            break; /* a trailing comma: caught below as empty */
+    }
+    if (!ch->nqueues || p[-1] == ',') {
+        snprintf(err, errlen, "--services: a comma list of soma, media, "
+                              "busca, info");
+        return false;
+    }
+    return true;
 }
 
 static void free_chaos(struct chaos *ch)
@@ -945,6 +1087,7 @@ enum {
     X_RATE,
     X_REPORT,
     X_DATA,
+    X_SERVICES,
     X_END
 };
 
@@ -996,6 +1139,9 @@ int main(int argc, char **argv)
         [X_DATA] = {.name = "data", .arg = "PATH",
                     .help = "busca's people, for checking its answers",
                     .value = CHAOS_PEOPLE_FILE},
+        [X_SERVICES] = {.name = "services", .arg = "LIST",
+                        .help = "the services called, in turn (comma list)",
+                        .value = "soma,media,busca,info"},
         [X_END] = {.name = NULL},
     };
     struct cli c = {
@@ -1007,6 +1153,7 @@ int main(int argc, char **argv)
             "for every call: correct, wrong, explicit error by kind, lost "
             "(never completed) or completed twice. SIGUSR1 marks the start of "
             "a broker restart and SIGUSR2 its end, for the recovery figures; "
+            "SIGRTMIN marks a node kill on a cluster, for the gap after it; "
             "SIGINT/SIGTERM stop the sending early. Used by scripts/chaos.sh.",
         .verbose_help = "show an example message for each error kind",
         .exit_codes = "Exit codes: 0 no call lost, duplicated or answered "
@@ -1044,7 +1191,8 @@ int main(int argc, char **argv)
     ch.copts.retries = (int)xval(extra, X_RETRIES);
     ch.copts.durable = extra[X_DURABLE].value != NULL;
 
-    if (!load_people(&ch, extra[X_DATA].value, err, sizeof err)) {
+    if (!parse_services(&ch, extra[X_SERVICES].value, err, sizeof err) ||
+        !load_people(&ch, extra[X_DATA].value, err, sizeof err)) {
         cli_error(&c, "%s", err);
         free_chaos(&ch);
         return CLI_EXIT_USAGE;
