@@ -2,8 +2,8 @@
 # The chaos run: calls under load while service instances die and the broker
 # restarts, and a check that no call is lost, duplicated or answered wrongly.
 #
-#   scripts/chaos.sh [--quick] [--calls N] [--rate N] [--max-seconds S]
-#                    [--restart-after S]
+#   scripts/chaos.sh [--quick] [--cluster] [--calls N] [--rate N]
+#                    [--max-seconds S] [--restart-after S]
 #
 # Builds an ASan/UBSan Debug tree in build-chaos/ (or uses the tree named by
 # $MQRPC_CHAOS_BUILD, without building), starts a private broker of its own
@@ -24,6 +24,16 @@
 # duplicated or answered wrongly), or 1 on sanitizer reports or a failure
 # of the script itself.
 #
+# --cluster: the broker is a cluster of three nodes (MQRPC_BROKER_NODES=3:
+# ports $MQRPC_CHAOS_PORT, +2, +4; state in build-chaos/var-cluster unless
+# $MQRPC_CHAOS_DIR), the services use quorum queues (--queue-type quorum)
+# and every program gets the address list of all nodes. Instead of the
+# broker restart, every 5-10 s a random node is SIGKILLed (broker.sh kill)
+# and started again 2-6 s later (broker.sh start-node); the next kill waits
+# until it is back, so never two nodes are down at once. rpc_chaos gets
+# SIGRTMIN at each kill and prints the gap in answers after it (the goal:
+# answers resume within 5 s).
+#
 # --quick: 5000 calls at 400 calls/s (about 12 s, so the broker restart
 # after 5 s falls at about 40% of the run), at most 300 s of sending.
 # Defaults: 100000 calls as fast as they are answered (about 40 s on the
@@ -34,8 +44,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$repo"
 
 usage() {
-    echo "usage: ${0##*/} [--quick] [--calls N] [--rate N] [--max-seconds S]" \
-        "[--restart-after S]"
+    echo "usage: ${0##*/} [--quick] [--cluster] [--calls N] [--rate N]" \
+        "[--max-seconds S] [--restart-after S]"
 }
 die() {
     echo "chaos: $*" >&2
@@ -43,10 +53,11 @@ die() {
 }
 say() { printf '==> %s\n' "$*" >&2; }
 
-quick=0 calls='' rate='' max_seconds='' restart_after=''
+quick=0 cluster=0 calls='' rate='' max_seconds='' restart_after=''
 while (($#)); do
     case $1 in
     --quick) quick=1 ;;
+    --cluster) cluster=1 ;;
     --calls | --rate | --max-seconds | --restart-after)
         if [[ ! ${2:-} =~ ^[0-9]+$ ]] || { [[ $1 != --rate ]] && (($2 == 0)); }; then
             usage >&2
@@ -84,14 +95,22 @@ readonly CALL_TIMEOUT_S=30 # rpc_chaos's default --timeout
 # Wanted from the services; dropped (with a warning) while they do not
 # take it yet.
 wanted_service_args=(--durable)
+nodes=1
+if ((cluster)); then
+    nodes=3
+    wanted_service_args+=(--queue-type)
+fi
 
-dir=${MQRPC_CHAOS_DIR:-$repo/build-chaos/var}
+default_dir=$repo/build-chaos/var
+((cluster)) && default_dir=$repo/build-chaos/var-cluster
+dir=${MQRPC_CHAOS_DIR:-$default_dir}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd -P)
 export MQRPC_STATE_DIR=$dir
 export MQRPC_BROKER_PORT=${MQRPC_CHAOS_PORT:-5712}
 export MQRPC_BROKER_MANAGEMENT=0
-unset AMQP_URL
+export MQRPC_BROKER_NODES=$nodes
+unset AMQP_URL MQRPC_BROKER_NODE
 # A sanitizer report ends the process that made it (halt_on_error) and stays
 # in its log, which is scanned at the end.
 export ASAN_OPTIONS=abort_on_error=0:halt_on_error=1
@@ -106,6 +125,8 @@ restart_started=0
 started_broker=0
 slot_name=() slot_pid=() slot_started=() slot_restart_at=()
 killed=0 restarts=0 exited=0 broker_restarts=0
+# --cluster: the node down (0: none), when it comes back, its start-node
+node_down=0 node_back_at=0 node_start_pid='' node_kills=0 next_node_kill=0
 now=0
 
 # tick: sets now, in ms of the wall clock, without a subshell.
@@ -176,6 +197,9 @@ cleanup() {
         # leave a node behind
         wait "$restart_pid" 2>/dev/null
     fi
+    if [[ -n $node_start_pid ]]; then
+        wait "$node_start_pid" 2>/dev/null
+    fi
     stop_services
     if ((started_broker)); then
         timeout 120 "$broker" stop >>"$logs/broker.log" 2>&1 ||
@@ -219,7 +243,12 @@ done
 service_args=(--url-file "$dir/services.url")
 service_help=$("$bin/service_soma" --help 2>&1) || true
 for a in "${wanted_service_args[@]}"; do
-    if [[ $service_help == *"$a "* ]]; then
+    if [[ $a == --queue-type ]]; then
+        # no quietly classic queues on a cluster run
+        [[ $service_help == *"--queue-type "* ]] ||
+            die "the services do not take --queue-type (quorum queues) yet"
+        service_args+=(--queue-type quorum)
+    elif [[ $service_help == *"$a "* ]]; then
         service_args+=("$a")
     else
         echo "chaos: WARNING: the services do not take $a yet: running" \
@@ -235,11 +264,11 @@ fi
 # Every run starts from empty queues: durable requests of an earlier run
 # would otherwise be served, and queues declared with other arguments
 # refuse the services. The credentials stay, so the URL files do too.
-rm -rf "$dir/broker/mnesia/mqrpc$MQRPC_BROKER_PORT@localhost"* "$logs"
+rm -rf "$dir"/broker/mnesia "$dir"/broker-[0-9]/mnesia "$logs"
 mkdir -p "$logs"
-say "starting the broker (port $MQRPC_BROKER_PORT, state in $dir)"
+say "starting the broker ($nodes node(s), port $MQRPC_BROKER_PORT, state in $dir)"
 started_broker=1
-timeout 120 "$broker" start >>"$logs/broker.log" 2>&1 || {
+timeout 240 "$broker" start >>"$logs/broker.log" 2>&1 || {
     tail -n 20 "$logs/broker.log" >&2
     die "the broker did not start"
 }
@@ -354,10 +383,53 @@ restart_done() {
     say "broker up again"
 }
 
+# --cluster: kill_node SIGKILLs a random node and marks it for rpc_chaos;
+# node_cycle starts it again when due (in the background: a start takes
+# seconds) and plans the next kill once it is back.
+kill_node() {
+    local n=$((1 + RANDOM % nodes))
+    echo "=== $(date +%T.%3N) kill node $n" >>"$logs/broker.log"
+    "$broker" kill "$n" >>"$logs/broker.log" 2>&1 || die "broker.sh kill $n failed"
+    kill -s RTMIN "$chaos_pid" 2>/dev/null || true
+    node_kills=$((node_kills + 1))
+    say "$(((now - t0) / 1000)) s: SIGKILL node $n"
+    node_down=$n
+    node_back_at=$((now + $(rand_between 2000 6000)))
+}
+node_cycle() {
+    if ((node_down == 0)); then
+        if ((now >= next_node_kill)); then kill_node; fi
+        return 0
+    fi
+    if [[ -z $node_start_pid ]]; then
+        ((now >= node_back_at)) || return 0
+        echo "=== $(date +%T.%3N) start node $node_down" >>"$logs/broker.log"
+        timeout 180 "$broker" start-node "$node_down" >>"$logs/broker.log" 2>&1 &
+        node_start_pid=$!
+        return 0
+    fi
+    kill -0 "$node_start_pid" 2>/dev/null && return 0
+    local rc=0
+    wait "$node_start_pid" || rc=$?
+    node_start_pid=''
+    if ((rc != 0)); then
+        tail -n 20 "$logs/broker.log" >&2
+        die "node $node_down did not start again"
+    fi
+    say "$(((now - t0) / 1000)) s: node $node_down back"
+    node_down=0
+    next_node_kill=$((now + $(rand_between 5000 10000)))
+}
+
 pace="as fast as answered"
 ((rate == 0)) || pace="at most $rate calls/s"
-say "rpc_chaos: $calls calls $pace, for at most $max_seconds s; killing" \
-    "instances; broker restart after $restart_after s"
+if ((cluster)); then
+    say "rpc_chaos: $calls calls $pace, for at most $max_seconds s; killing" \
+        "instances and nodes"
+else
+    say "rpc_chaos: $calls calls $pace, for at most $max_seconds s; killing" \
+        "instances; broker restart after $restart_after s"
+fi
 "$bin/rpc_chaos" --calls "$calls" --rate "$rate" --max-seconds "$max_seconds" --durable \
     --report "$dir/report.json" -v >"$dir/rpc_chaos.out" \
     2>"$logs/rpc_chaos.log" </dev/null &
@@ -367,6 +439,7 @@ tick
 t0=$now
 next_kill=$((now + $(rand_between 300 1000)))
 next_note=$((now + 10000))
+next_node_kill=$((now + $(rand_between 5000 10000)))
 # rpc_chaos stops by itself; this bound only catches a hang.
 hard_stop=$((now + (max_seconds + CALL_TIMEOUT_S + 120) * 1000))
 while kill -0 "$chaos_pid" 2>/dev/null; do
@@ -374,7 +447,9 @@ while kill -0 "$chaos_pid" 2>/dev/null; do
     if ((now >= hard_stop)); then
         die "rpc_chaos did not finish in $(((hard_stop - t0) / 1000)) s"
     fi
-    if ((!restart_started && now - t0 >= restart_after * 1000)); then
+    if ((cluster)); then
+        node_cycle
+    elif ((!restart_started && now - t0 >= restart_after * 1000)); then
         restart_started=1
         restart_broker
     fi
@@ -400,6 +475,17 @@ for ((i = 0; i < 2000; i++)); do
     [[ -n $restart_pid ]] || break
     sleep 0.1
 done
+# A node start still under way, or a node still down: all back before the
+# stop, so that the stop finds the cluster whole.
+if ((cluster)); then
+    for ((i = 0; i < 2000 && node_down != 0; i++)); do
+        tick
+        node_back_at=0
+        next_node_kill=$((now + 3600000))
+        node_cycle
+        sleep 0.1
+    done
+fi
 
 # ------------------------------------------------------------- the end
 stop_services
@@ -412,7 +498,11 @@ cat "$dir/rpc_chaos.out"
 grep -v '^rpc_chaos: [0-9]' "$logs/rpc_chaos.log" >&2 || true
 echo "instances killed: $killed"
 echo "instances restarted: $restarts ($exited exited by themselves)"
-echo "broker restarts: $broker_restarts"
+if ((cluster)); then
+    echo "node kills: $node_kills (each node started again)"
+else
+    echo "broker restarts: $broker_restarts"
+fi
 # service_main prints "<instance>: stopped after answering N requests (...
 # counters)" on SIGTERM; a SIGKILLed instance prints nothing, so these are
 # the counts of the instances running at the end.
