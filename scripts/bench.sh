@@ -2,7 +2,7 @@
 # The benchmark: one run, one private broker, every implementation measured
 # back to back so the ratios between them mean something on a noisy machine.
 #
-#   scripts/bench.sh [--quick] [--costs]
+#   scripts/bench.sh [--quick] [--costs] [--cluster]
 #
 # Builds a Release tree in build-bench/ (no sanitizers), starts a private
 # broker of its own (state in var/bench, port $MQRPC_BENCH_PORT, default
@@ -36,6 +36,11 @@
 # leak check, a sweep of 5 rates of 1 s, fewer calls under callgrind.
 # --costs: only the instructions per call and the guarantee table (the goal
 # ratios then need a results.jsonl from a full run).
+# --cluster: only the cluster part (scripts/bench_cluster.sh): a three-node
+# cluster of its own (port $MQRPC_BENCH_CLUSTER_PORT, default 5730), quorum
+# against classic queues at 1 and 64 in flight, and three instances spread
+# over the nodes against one; a Markdown table, JSON lines in
+# build-bench/cluster.jsonl.
 # The broker's state directory is $MQRPC_STATE_DIR if set, else var/bench.
 set -euo pipefail
 
@@ -43,12 +48,14 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$repo"
 quick=0
 costs_only=0
+cluster_only=0
 for arg in "$@"; do
     case $arg in
     --quick) quick=1 ;;
     --costs) costs_only=1 ;;
+    --cluster) cluster_only=1 ;;
     *)
-        echo "usage: scripts/bench.sh [--quick] [--costs]" >&2
+        echo "usage: scripts/bench.sh [--quick] [--costs] [--cluster]" >&2
         exit 2
         ;;
     esac
@@ -444,6 +451,11 @@ make -C "$out" -j2 --no-print-directory >"$out.make.log" 2>&1 || {
     die "build failed"
 }
 rm -f "$out.cmake.log" "$out.make.log"
+
+if ((cluster_only)); then
+    : >"$out/cluster.jsonl"
+    exec bash "$repo/scripts/bench_cluster.sh" "$bin" "$secs" "$rounds" "$out/cluster.jsonl"
+fi
 
 if ! "$repo/scripts/broker.sh" status >/dev/null 2>&1; then
     "$repo/scripts/broker.sh" start >&2
