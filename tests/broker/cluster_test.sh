@@ -96,13 +96,13 @@ url_file_without() {
 
 # ------------------------------------------------------------ services
 soma_args=(--queue-type quorum)
-start_service soma1 Soma "$MQRPC_BIN/service_soma" --url-file "$state/services.url" \
+start_service soma1 SOMA "$MQRPC_BIN/service_soma" --url-file "$state/services.url" \
     "${soma_args[@]}" || exit 1
 soma1=$SPAWNED_PID
 node1=$(conn_nodes services | head -n 1)
 # The second instance is kept off the first one's node.
 url_file_without "$node1" "$tmpdir/services-others.url"
-start_service soma2 Soma "$MQRPC_BIN/service_soma" --url-file "$tmpdir/services-others.url" \
+start_service soma2 SOMA "$MQRPC_BIN/service_soma" --url-file "$tmpdir/services-others.url" \
     "${soma_args[@]}" || exit 1
 soma2=$SPAWNED_PID
 mapfile -t snodes < <(conn_nodes services | sort -u)
