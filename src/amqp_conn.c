@@ -290,7 +290,8 @@ static amqp_rpc_reply_t login(amqp_connection_state_t state, const char *name,
 mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
                         size_t errlen)
 {
-    char url[2048];
+    char list[4096], url[2048];
+    unsigned count;
     mqr_url u;
     mqr_conn *c = NULL;
     amqp_socket_t *sock;
@@ -305,23 +306,31 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
     /* A URL file is read on every attempt: a reconnection after
      * `broker.sh rotate` must use the new password. */
     if (!p->url && p->url_file)
-        e = mqrpc_url_file_read(p->url_file, url, sizeof url, err, errlen);
+        e = mqrpc_url_file_read(p->url_file, list, sizeof list, err, errlen);
     else
-        e = mqr_resolve_url(p->url, p->role, url, sizeof url, NULL, err,
+        e = mqr_resolve_url(p->url, p->role, list, sizeof list, NULL, err,
                             errlen);
     if (e != MQRPC_OK)
         return e;
+    /* Every entry, each time: a list with one bad entry is refused as a
+     * whole, not when its turn comes. */
+    e = mqr_url_list_check(list, &p->tls, err, errlen);
+    if (e != MQRPC_OK)
+        return e;
+    e = mqr_url_pick(list, p->addrs ? p->addrs->seed : 0,
+                     p->addrs ? p->addrs->next : 0, url, sizeof url, &count);
+    if (e != MQRPC_OK) {
+        snprintf(err, errlen, "broker URL longer than %zu bytes",
+                 sizeof url - 1);
+        return e;
+    }
+    if (p->addrs) {
+        p->addrs->count = count;
+        mqrpc_url_redact(url, p->addrs->current, sizeof p->addrs->current);
+    }
     e = mqr_url_parse(url, &u, err, errlen);
     if (e != MQRPC_OK)
         return e;
-    if (!u.tls && (p->tls.ca_file || p->tls.cert_file || p->tls.key_file ||
-                   p->tls.insecure)) {
-        snprintf(err, errlen,
-                 "TLS options given for a plain amqp:// URL "
-                 "(use amqps://)");
-        e = MQRPC_EINVAL;
-        goto fail;
-    }
     if (connect_timeout_ms <= 0)
         connect_timeout_ms = 5000;
     tv = tv_of_ms(connect_timeout_ms);

@@ -140,6 +140,7 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     p.heartbeat_s = s->opts.heartbeat_s;
     p.connect_timeout_ms = s->opts.connect_timeout_ms;
     p.tls = s->opts.tls;
+    p.addrs = &s->addrs;
     s->queue = strdup(opts->queue);
     s->wake_fd = mqr_wake_open();
     if (!s->queue || s->wake_fd < 0 || !mqr_conn_cfg_init(&s->cfg, &p)) {
@@ -176,6 +177,8 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     s->rng = ((uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 32) ^
               (uint64_t)(uintptr_t)s) |
              1;
+    /* Its own order of the URL list: instances spread over a cluster. */
+    s->addrs.seed = (s->rng * 0x9E3779B97F4A7C15ull) | 1;
     s->log.fn = s->opts.log;
     s->log.arg = s->opts.log_arg;
     s->log.name = s->instance;
@@ -265,6 +268,7 @@ static mqrpc_err connect_once(mqrpc_service *s)
         return e;
     }
     mqr_conn_set_wake_fd(s->conn, s->wake_fd);
+    mqr_addrs_connected(&s->addrs);
     s->gen++;
     s->err[0] = '\0';
     s->blocked_us = 0;
@@ -291,30 +295,58 @@ static bool transient(mqrpc_err e)
            e == MQRPC_EPROTO;
 }
 
+/* One attempt at every address of the list, in this instance's order,
+ * until one connects. On failure s->err says what each address said. */
+static mqrpc_err connect_round(mqrpc_service *s, unsigned *attempts)
+{
+    char all[sizeof s->err] = "";
+    mqrpc_err e;
+
+    for (;;) {
+        ++*attempts;
+        e = connect_once(s);
+        if (e == MQRPC_OK || !transient(e))
+            return e;
+        if (s->addrs.count > 1) {
+            size_t n = strlen(all);
+            snprintf(all + n, sizeof all - n, "%s%s", n ? "; " : "", s->err);
+        }
+        if (mqr_addrs_failed(&s->addrs))
+            break;
+    }
+    if (all[0])
+        snprintf(s->err, sizeof s->err, "%s", all);
+    return e;
+}
+
 mqrpc_err mqrpc_service_connect(mqrpc_service *s)
 {
     int64_t t0 = mqr_now_us(), left_us;
     int delay = s->opts.reconnect_min_ms, wait;
-    unsigned attempts = 0;
+    unsigned attempts = 0, rounds = 0;
     mqrpc_err e;
 
     if (s->conn)
         return MQRPC_ESTATE;
     for (;;) {
-        attempts++;
-        e = connect_once(s);
+        rounds++;
+        e = connect_round(s, &attempts);
         if (e == MQRPC_OK) {
             if (attempts > 1)
                 mqr_log(&s->log, MQRPC_LOG_INFO,
-                        "connected after %.1f s (%u attempts)",
-                        (double)(mqr_now_us() - t0) / 1e6, attempts);
+                        "connected after %.1f s (%u attempts), to %s",
+                        (double)(mqr_now_us() - t0) / 1e6, attempts,
+                        s->addrs.current);
+            else if (s->addrs.count > 1)
+                mqr_log(&s->log, MQRPC_LOG_INFO, "connected to %s",
+                        s->addrs.current);
             return MQRPC_OK;
         }
         if (!transient(e) || s->opts.connect_retry_ms == 0)
             return e;
         /* Said once: a supervisor's log should not fill up while the
          * broker is down. */
-        if (attempts == 1) {
+        if (rounds == 1) {
             if (s->opts.connect_retry_ms > 0)
                 mqr_log(&s->log, MQRPC_LOG_WARN,
                         "%s; retrying for up to %.1f s", s->err,
@@ -823,10 +855,10 @@ static mqrpc_err reconnect(mqrpc_service *s)
         if (e == MQRPC_OK) {
             s->st.reconnects++;
             mqr_log(&s->log, MQRPC_LOG_INFO,
-                    "connection regained after %.1f s (%u attempt%s); "
-                    "consuming %s again",
+                    "connection regained after %.1f s (%u attempt%s), to "
+                    "%s; consuming %s again",
                     (double)(mqr_now_us() - t0) / 1e6, attempts,
-                    attempts == 1 ? "" : "s", s->queue);
+                    attempts == 1 ? "" : "s", s->addrs.current, s->queue);
             return MQRPC_OK;
         }
         if (e == MQRPC_ENOMEM)
@@ -840,6 +872,10 @@ static mqrpc_err reconnect(mqrpc_service *s)
             mqr_log(&s->log, MQRPC_LOG_DEBUG,
                     "reconnection attempt %u failed: %s", attempts, s->err);
         }
+        /* The next address of the list at once; the backoff once they
+         * all failed. */
+        if (!mqr_addrs_failed(&s->addrs))
+            continue;
         nap(s, mqr_jitter(&s->rng, delay));
         delay = mqr_backoff_next(delay, s->opts.reconnect_max_ms);
     }
@@ -955,6 +991,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
         if (e == MQRPC_ENOMEM || s->opts.reconnect_max_ms < 0)
             break;
         s->st.lost++;
+        mqr_addrs_lost(&s->addrs);
         if (consumer_timeout(s->err))
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "the broker closed the channel: a request was held "
