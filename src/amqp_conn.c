@@ -551,12 +551,32 @@ mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
                                  const mqr_queue_opts *o, char *name_out)
 {
     amqp_queue_declare_ok_t *ok;
-    amqp_table_entry_t args[3];
+    amqp_table_entry_t args[7];
     amqp_table_t table = {0, args};
     mqrpc_err e;
 
     if (!c->open)
         return MQRPC_ECLOSED;
+    if (o->quorum) {
+        args[table.num_entries].key = amqp_cstring_bytes("x-queue-type");
+        args[table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+        args[table.num_entries++].value.value.bytes =
+            amqp_cstring_bytes("quorum");
+        if (o->delivery_limit)
+            args[table.num_entries++] =
+                int_entry("x-delivery-limit", o->delivery_limit);
+        if (o->dead_letter_to) {
+            args[table.num_entries].key =
+                amqp_cstring_bytes("x-dead-letter-exchange");
+            args[table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+            args[table.num_entries++].value.value.bytes = amqp_empty_bytes;
+            args[table.num_entries].key =
+                amqp_cstring_bytes("x-dead-letter-routing-key");
+            args[table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+            args[table.num_entries++].value.value.bytes =
+                amqp_cstring_bytes(o->dead_letter_to);
+        }
+    }
     if (o->max_length) {
         args[table.num_entries++] = int_entry("x-max-length", o->max_length);
         /* Refuse new requests rather than drop the oldest (the default):
@@ -573,7 +593,8 @@ mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
      * anything else fails with PRECONDITION_FAILED against a seed-declared
      * queue, so the defaults stay the seed's. */
     ok = amqp_queue_declare(c->state, CH_MAIN, amqp_cstring_bytes(queue), 0,
-                            o->durable, o->exclusive, o->exclusive, table);
+                            o->durable || o->quorum, o->exclusive,
+                            o->exclusive, table);
     e = check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state), "queue.declare");
     if (e != MQRPC_OK)
         return e;
@@ -795,6 +816,10 @@ static void read_headers(const amqp_table_t *t, mqr_msg *m)
                 m->deliveries = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
             else
                 m->bad_headers = true;
+        } else if (mqr_str_eq(key, "x-delivery-count")) {
+            /* The broker's own: a quorum queue's returns of the message. */
+            if (int_value(&h->value, &v) && v >= 0)
+                m->delivery_count = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
         } else if (mqr_str_eq(key, MQR_HDR_PROGRESS)) {
             /* Advisory: a header of another type asks for nothing. */
             m->progress = int_value(&h->value, &v) && v != 0;

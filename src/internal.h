@@ -379,6 +379,9 @@ typedef struct mqr_msg {
     bool persistent;     /* delivery_mode 2 */
     int64_t deadline_ms; /* MQR_HDR_DEADLINE; 0: none */
     uint32_t deliveries; /* MQR_HDR_DELIVERIES; 0: none */
+    /* x-delivery-count, a quorum queue's count of earlier deliveries that
+     * came back (0: none, the first delivery) */
+    uint32_t delivery_count;
     bool progress;       /* MQR_HDR_PROGRESS is nonzero */
     bool bad_headers;    /* one of our headers had the wrong type */
 } mqr_msg;
@@ -402,6 +405,11 @@ typedef struct mqr_queue_opts {
     bool durable;
     unsigned max_length; /* x-max-length with x-overflow reject-publish */
     unsigned expires_ms; /* x-expires: deleted after this long unused */
+    bool quorum;         /* x-queue-type quorum (durable is implied) */
+    /* Quorum: x-delivery-limit (0: none) and dead-lettering through the
+     * default exchange to this queue (NULL: none). */
+    unsigned delivery_limit;
+    const char *dead_letter_to;
 } mqr_queue_opts;
 
 /* Where a handle's connection attempts go in its list of broker

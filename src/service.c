@@ -117,6 +117,11 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
         free(s);
         return NULL;
     }
+    if (s->opts.queue_type > MQRPC_QUEUE_QUORUM) {
+        free(s);
+        errno = EINVAL;
+        return NULL;
+    }
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->conn_lock, NULL);
     {
@@ -224,23 +229,34 @@ static void run_handler(mqrpc_request *r, void *arg)
  * after connecting, and again after the broker cancelled the consumer. */
 static mqrpc_err declare_and_consume(mqrpc_service *s)
 {
+    bool quorum = s->opts.queue_type == MQRPC_QUEUE_QUORUM;
     mqr_queue_opts q = {.durable = s->opts.durable,
-                        .max_length = s->opts.max_queue};
+                        .max_length = s->opts.max_queue,
+                        .quorum = quorum,
+                        /* The backstop: should the instance that moves a
+                         * poison request to the dead-letter queue itself
+                         * (mqr_republish) die as well, the broker does it
+                         * at the next return. */
+                        .delivery_limit = quorum ? s->opts.max_deliveries : 0,
+                        .dead_letter_to = quorum ? s->dlq : NULL};
     /* Dead letters are kept for a person to look at: always durable. */
     mqr_queue_opts dq = {.durable = true};
     mqrpc_err e;
 
-    e = mqr_conn_declare_queue(s->conn, s->queue, &q, NULL);
+    /* The dead-letter queue first: a quorum queue's broker dead-letters
+     * into it. */
+    e = mqr_conn_declare_queue(s->conn, s->dlq, &dq, NULL);
+    if (e == MQRPC_OK)
+        e = mqr_conn_declare_queue(s->conn, s->queue, &q, NULL);
     if (e == MQRPC_EINVAL) {
         snprintf(s->err, sizeof s->err,
                  "queue %s exists with other settings (%s); every instance "
-                 "must use the same --durable and --max-queue (delete the "
+                 "must use the same --durable, --max-queue and --queue-type "
+                 "(and --max-deliveries for a quorum queue; delete the "
                  "queue to change them)",
                  s->queue, mqr_conn_errmsg(s->conn));
         return e;
     }
-    if (e == MQRPC_OK)
-        e = mqr_conn_declare_queue(s->conn, s->dlq, &dq, NULL);
     if (e == MQRPC_OK)
         e = mqr_conn_consume(s->conn, s->queue, false);
     if (e != MQRPC_OK)
@@ -520,12 +536,12 @@ static mqrpc_err run_inline(mqrpc_service *s, mqrpc_request *r)
     return e != MQRPC_OK ? e : drain_done(s);
 }
 
+static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m);
+
 /* Handles one delivery: skipped, re-published, run inline, or queued for a
  * handler thread. */
 static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
 {
-    mqrpc_request *r;
-
     if (m->reply_to.len == 0 || m->correlation_id.len == 0) {
         /* Nobody could match an answer: acknowledge so it does not come
          * back forever. */
@@ -548,8 +564,31 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
                     m->correlation_id.ptr);
         return mqr_service_done_with(s, m->delivery_tag);
     }
+    if (s->opts.queue_type == MQRPC_QUEUE_QUORUM) {
+        /* The broker counts the deliveries that came back: a redelivered
+         * request runs again at once, unless it is a poison one. Its
+         * failed deliveries: the broker's count of this copy plus what a
+         * hand-back carried over from an earlier copy in our header. */
+        mqr_msg q = *m;
+        uint64_t failed = (uint64_t)m->deliveries + m->delivery_count;
+        q.deliveries = failed > UINT32_MAX ? UINT32_MAX : (uint32_t)failed;
+        q.delivery_count = 0;
+        if (q.deliveries >= s->opts.max_deliveries ||
+            atomic_load(&s->stopping))
+            return mqr_republish(s, &q);
+        return start_request(s, &q);
+    }
     if (m->redelivered || atomic_load(&s->stopping))
         return mqr_republish(s, m);
+    return start_request(s, m);
+}
+
+/* Makes m a request and runs it inline or queues it for a handler
+ * thread. */
+static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m)
+{
+    mqrpc_request *r;
+
     r = mqr_request_new(s, m);
     if (!r)
         return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */

@@ -32,6 +32,7 @@ enum {
     OPT_MAX_QUEUE,
     OPT_MAX_DELIVERIES,
     OPT_CONNECT_TIMEOUT,
+    OPT_QUEUE_TYPE,
     OPT_EXTRA /* + index of the extra option */
 };
 
@@ -284,6 +285,15 @@ static void usage(const struct cli *c, FILE *f)
                 "goes to <queue>.dlq\n"
                 "                     (default %d)\n",
                 MQRPC_DEFAULT_MAX_DELIVERIES);
+        fprintf(f, "  --queue-type classic|quorum\n"
+                   "                     quorum: a durable queue replicated "
+                   "over a cluster's nodes,\n"
+                   "                     whose broker counts deliveries "
+                   "(x-delivery-limit); default\n"
+                   "                     classic, as the seed's services "
+                   "declare it (every instance\n"
+                   "                     must agree, and on "
+                   "--max-deliveries for quorum)\n");
         fprintf(f, "  --connect-timeout MS\n"
                    "                     give up (exit 3) when the broker "
                    "cannot be reached within\n"
@@ -396,6 +406,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
                                     OPT_MAX_DELIVERIES};
         opts[n++] = (struct option){"connect-timeout", required_argument,
                                     NULL, OPT_CONNECT_TIMEOUT};
+        opts[n++] = (struct option){"queue-type", required_argument, NULL,
+                                    OPT_QUEUE_TYPE};
     }
     for (int i = 0; c->extra && c->extra[i].name && n < 39; i++) {
         const struct cli_extra *x = &c->extra[i];
@@ -565,6 +577,18 @@ int cli_parse(struct cli *c, int argc, char **argv)
                 return CLI_EXIT_USAGE;
             }
             c->connect_retry_ms = (int)v;
+            break;
+        case OPT_QUEUE_TYPE:
+            if (strcmp(optarg, "classic") == 0)
+                c->queue_type = MQRPC_QUEUE_CLASSIC;
+            else if (strcmp(optarg, "quorum") == 0)
+                c->queue_type = MQRPC_QUEUE_QUORUM;
+            else {
+                cli_error(c, "--queue-type takes classic or quorum, got "
+                             "\"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
             break;
         case 'v': c->verbose = true; break;
         case 'h': usage(c, stdout); return CLI_EXIT_OK;

@@ -559,6 +559,13 @@ MQRPC_API const char *mqrpc_json_typename(const json_t *v);
 
 typedef struct mqrpc_service mqrpc_service;
 
+/* Queue types, for mqrpc_service_opts.queue_type. A classic queue (the
+ * default, as the seed's pika peers declare it) lives on one node of a
+ * cluster. A quorum queue is replicated over the cluster's nodes (Raft)
+ * and survives the loss of a minority of them; it is always durable. */
+#define MQRPC_QUEUE_CLASSIC 0u
+#define MQRPC_QUEUE_QUORUM 1u
+
 /* Service options: fill with mqrpc_service_opts_init (as for
  * mqrpc_client_opts); zero means default except for queue. */
 typedef struct mqrpc_service_opts {
@@ -619,6 +626,20 @@ typedef struct mqrpc_service_opts {
     /* Handler threads: requests handled at once on the one connection;
      * 0: 1. prefetch defaults to this. */
     unsigned threads;
+    /* MQRPC_QUEUE_CLASSIC (0) or MQRPC_QUEUE_QUORUM. A quorum queue is
+     * declared durable (x-queue-type quorum) with the broker's own
+     * delivery count: x-delivery-limit max_deliveries and dead-lettering
+     * to "<queue>.dlq". A request the broker delivers again after
+     * max_deliveries failed deliveries (its x-delivery-count) is not run:
+     * the instance moves it to "<queue>.dlq" itself and sends its caller a
+     * dead_letter error reply, as for a classic queue; should that
+     * instance die too, the broker dead-letters it at its next return
+     * (without a reply to the caller). Expiration and max_queue work as on
+     * a classic queue, except that a request that expires in the queue is
+     * dead-lettered to "<queue>.dlq" as well (x-first-death-reason
+     * "expired"), since the broker dead-letters every reason alike. All
+     * instances must agree on the type, and on max_deliveries too. */
+    unsigned queue_type;
 } mqrpc_service_opts;
 
 /* mqrpc_service_opts_init zeroes *o and sets o->size. */
@@ -686,8 +707,9 @@ MQRPC_API void mqrpc_request_fail(mqrpc_request *r, const char *code,
 
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
  * with errno ENOMEM when out of memory, or EINVAL when opts->queue is NULL,
- * empty or too long (over 251 bytes, room for ".dlq"), handler is NULL, or
- * opts->size is wrong (see mqrpc_client_new). */
+ * empty or too long (over 251 bytes, room for ".dlq"), handler is NULL,
+ * opts->queue_type is unknown, or opts->size is wrong (see
+ * mqrpc_client_new). */
 MQRPC_API mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
                                  mqrpc_handler_fn handler, void *arg);
 
@@ -703,8 +725,9 @@ MQRPC_API mqrpc_service *mqrpc_service_new_async(const mqrpc_service_opts *opts,
  * sets basic.qos prefetch and starts consuming with manual
  * acknowledgements. Once it returns MQRPC_OK the service is consuming and
  * requests wait in its socket until mqrpc_service_run. A queue that exists
- * with other arguments (durable, max_queue) fails with MQRPC_EACCESS and a
- * message naming the difference.
+ * with other arguments (durable, max_queue, queue_type, for a quorum queue
+ * max_deliveries) fails with MQRPC_EINVAL and a message naming the
+ * difference.
  */
 MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
 
