@@ -275,10 +275,8 @@ mqrpc_err mqrpc_client_connect(mqrpc_client *c)
             c->ever_connected = true;
             return e;
         }
-        if (c->addrs.count > 1) {
-            size_t n = strlen(all);
-            snprintf(all + n, sizeof all - n, "%s%s", n ? "; " : "", c->err);
-        }
+        if (c->addrs.count > 1)
+            mqr_append(all, sizeof all, "; ", c->err);
         if (!try_next_address(e) || mqr_addrs_failed(&c->addrs))
             break;
     }

@@ -438,6 +438,10 @@ void mqr_addrs_lost(mqr_addrs *a);
 /* mqr_addrs_connected: the last attempt succeeded. */
 void mqr_addrs_connected(mqr_addrs *a);
 
+/* mqr_append appends s to the NUL-terminated buf of size bytes, after sep
+ * when buf is not empty, cutting what does not fit. */
+void mqr_append(char *buf, size_t size, const char *sep, const char *s);
+
 /* What a connection needs; the strings are borrowed for mqr_conn_open. */
 typedef struct mqr_conn_params {
     const char *url;      /* NULL: url_file, else mqrpc_default_url(NULL, role) */

@@ -243,11 +243,7 @@ static mqrpc_err declare_and_consume(mqrpc_service *s)
     mqr_queue_opts dq = {.durable = true};
     mqrpc_err e;
 
-    /* The dead-letter queue first: a quorum queue's broker dead-letters
-     * into it. */
-    e = mqr_conn_declare_queue(s->conn, s->dlq, &dq, NULL);
-    if (e == MQRPC_OK)
-        e = mqr_conn_declare_queue(s->conn, s->queue, &q, NULL);
+    e = mqr_conn_declare_queue(s->conn, s->queue, &q, NULL);
     if (e == MQRPC_EINVAL) {
         snprintf(s->err, sizeof s->err,
                  "queue %s exists with other settings (%s); every instance "
@@ -257,6 +253,9 @@ static mqrpc_err declare_and_consume(mqrpc_service *s)
                  s->queue, mqr_conn_errmsg(s->conn));
         return e;
     }
+    /* Before consuming: a quorum queue's broker dead-letters into it. */
+    if (e == MQRPC_OK)
+        e = mqr_conn_declare_queue(s->conn, s->dlq, &dq, NULL);
     if (e == MQRPC_OK)
         e = mqr_conn_consume(s->conn, s->queue, false);
     if (e != MQRPC_OK)
@@ -323,10 +322,8 @@ static mqrpc_err connect_round(mqrpc_service *s, unsigned *attempts)
         e = connect_once(s);
         if (e == MQRPC_OK || !transient(e))
             return e;
-        if (s->addrs.count > 1) {
-            size_t n = strlen(all);
-            snprintf(all + n, sizeof all - n, "%s%s", n ? "; " : "", s->err);
-        }
+        if (s->addrs.count > 1)
+            mqr_append(all, sizeof all, "; ", s->err);
         if (mqr_addrs_failed(&s->addrs))
             break;
     }

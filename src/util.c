@@ -187,3 +187,16 @@ void mqr_addrs_connected(mqr_addrs *a)
 {
     a->misses = 0;
 }
+
+void mqr_append(char *buf, size_t size, const char *sep, const char *s)
+{
+    size_t n = strlen(buf);
+
+    if (n && n + strlen(sep) < size) {
+        memcpy(buf + n, sep, strlen(sep));
+        n += strlen(sep);
+    }
+    for (; *s && n + 1 < size; s++)
+        buf[n++] = *s;
+    buf[n] = '\0';
+}

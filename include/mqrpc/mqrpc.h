@@ -180,7 +180,8 @@ typedef enum { MQRPC_ROLE_CLIENT, MQRPC_ROLE_SERVICE } mqrpc_role;
  * the private broker wrote for role in its state directory
  * ($MQRPC_STATE_DIR, else the directory compiled in: clients.url or
  * services.url, read with mqrpc_url_file_read's checks), else
- * amqp://guest:guest@localhost:5672/. Writes a NUL-terminated URL into buf
+ * amqp://guest:guest@localhost:5672/. Writes a NUL-terminated URL (or
+ * list, as found) into buf
  * and, if source is not NULL, a static description of where it came from
  * ("--url", "AMQP_URL", "state file", "default"). Returns MQRPC_EINVAL if
  * buf is too small or the state file exists but cannot be used.
