@@ -381,7 +381,9 @@ sleep 0.5
 rpc --timeout 20000 call "$qq.full" '{"ms": 0}'
 expect_rc 7
 expect_err_has "overloaded"
-ok "at once (${ELAPSED_MS} ms)" "((ELAPSED_MS < 1500))"
+# A quorum queue confirms (and refuses) after a Raft round: slower than a
+# classic queue on a busy machine, still far from the 20 s timeout.
+ok "at once (${ELAPSED_MS} ms)" "((ELAPSED_MS < 3000))"
 for pid in "$qf1" "$qf2" "$qf3"; do
     wait_pid "$pid" 15
     ok "the queued calls are answered" "[[ $WAIT_RC == 0 ]]"
