@@ -75,6 +75,7 @@ struct cli {
     int retries;             /* --retries */
     unsigned max_queue;      /* --max-queue; 0: unbounded */
     unsigned max_deliveries; /* --max-deliveries; 0: the default */
+    unsigned queue_type;     /* --queue-type: MQRPC_QUEUE_CLASSIC, ... */
     int connect_retry_ms;    /* --connect-timeout; -1: keep trying */
     int optind;          /* first operand */
     char url_buf_[2048]; /* the URL read from --url or --url-file */

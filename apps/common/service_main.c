@@ -123,6 +123,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
         opts.durable = c.durable;
         opts.max_queue = c.max_queue;
         opts.max_deliveries = c.max_deliveries;
+        opts.queue_type = c.queue_type;
         w->svc = p->request
                      ? mqrpc_service_new_async(&opts, p->request, w->arg)
                      : mqrpc_service_new(&opts, p->handler, w->arg);
