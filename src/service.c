@@ -239,8 +239,11 @@ static mqrpc_err declare_and_consume(mqrpc_service *s)
                          * at the next return. */
                         .delivery_limit = quorum ? s->opts.max_deliveries : 0,
                         .dead_letter_to = quorum ? s->dlq : NULL};
-    /* Dead letters are kept for a person to look at: always durable. */
-    mqr_queue_opts dq = {.durable = true};
+    /* Dead letters are kept for a person to look at: always durable. With
+     * a quorum queue a quorum one too: a classic queue lives on one node,
+     * and while that node is down no instance could declare it again, so
+     * none could consume (broker.cluster: no answers until it was back). */
+    mqr_queue_opts dq = {.durable = true, .quorum = quorum};
     mqrpc_err e;
 
     e = mqr_conn_declare_queue(s->conn, s->queue, &q, NULL);
