@@ -101,6 +101,7 @@ struct conn {
     mqrpc_client_stats stats;
     /* the first correct answer after each node kill, on this connection */
     unsigned marks_seen;
+    int64_t last_sent_us;
     int64_t first_after_mark[MAX_MARKS];
     unsigned qmarks_seen[NQUEUES];
     /* for the progress line, read by the main thread */
@@ -136,6 +137,9 @@ static atomic_llong mark_us[MAX_MARKS];
 static atomic_uint nmarks;
 /* The first correct answer of each service after each node kill. */
 static atomic_llong mark_queue_first_us[MAX_MARKS][NQUEUES];
+/* The last call sent, per service: one not called after a kill (the run
+ * was ending) has no gap to report. */
+static atomic_llong queue_last_sent_us[NQUEUES];
 
 static int64_t now_us(void)
 {
@@ -479,6 +483,8 @@ static bool start_call(struct conn *cn)
     }
     cn->t.sent++;
     cn->active++;
+    cn->last_sent_us = t;
+    atomic_max_set(&queue_last_sent_us[k->queue], t);
     return true;
 }
 
@@ -674,6 +680,8 @@ static void gather_marks(const struct chaos *ch, struct figures *f)
         bool never = false;
         for (unsigned i = 0; i < ch->nconn; i++) {
             int64_t first = ch->conns[i].first_after_mark[m];
+            if (!first && ch->conns[i].last_sent_us < at)
+                continue; /* sent nothing after the kill */
             if (!first)
                 never = true;
             else if (first - at > conn)
@@ -681,6 +689,8 @@ static void gather_marks(const struct chaos *ch, struct figures *f)
         }
         for (unsigned j = 0; j < ch->nqueues; j++) {
             int64_t first = atomic_load(&mark_queue_first_us[m][ch->queues[j]]);
+            if (!first && atomic_load(&queue_last_sent_us[ch->queues[j]]) < at)
+                continue;
             if (!first)
                 never = true;
             else if (first - at > queue)
