@@ -115,7 +115,7 @@ check "both instances consume" wait_consumers 2 10
 # -------------------------------------------------------------- client
 spawn chaos "$MQRPC_BIN/rpc_chaos" --url-file "$state/clients.url" --services soma \
     --connections 1 --inflight 8 --rate "$RATE" --retries 10 --timeout 20000 \
-    --calls 1000000 --max-seconds 200 --report "$tmpdir/report.json" -v
+    --calls 1000000 --max-seconds 300 --report "$tmpdir/report.json" -v
 chaos=$SPAWNED_PID
 sleep 3
 
