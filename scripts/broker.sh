@@ -22,6 +22,11 @@
 #   MQRPC_DIST_PORT              Erlang distribution port (default AMQP+20000)
 #   MQRPC_EPMD_PORT              private epmd port (default AMQP-1000)
 #   MQRPC_BROKER_MANAGEMENT      1 = enable management plugin (default), 0 = off
+#   MQRPC_PROMETHEUS_PORT        RabbitMQ's own Prometheus endpoint (plugin
+#                                rabbitmq_prometheus, on 127.0.0.1, per-queue
+#                                metrics; URL in <state>/prometheus_url;
+#                                default AMQP+10010: 15692 for 5682)
+#   MQRPC_BROKER_PROMETHEUS      1 = enable that endpoint (default), 0 = off
 #   MQRPC_BROKER_START_TIMEOUT   seconds to wait for readiness (default 60)
 #   MQRPC_BROKER_TLS             1 = also listen with TLS (mutual: client
 #                                certificate required) and write amqps://
@@ -75,16 +80,20 @@ setup_env() {
     mgmt_port=${MQRPC_MGMT_PORT:-$((amqp_port + 10000))}
     dist_port=${MQRPC_DIST_PORT:-$((amqp_port + 20000))}
     epmd_port=${MQRPC_EPMD_PORT:-$((amqp_port - 1000))}
+    prom_port=${MQRPC_PROMETHEUS_PORT:-$((amqp_port + 10010))}
     local p
-    for p in "$mgmt_port" "$dist_port" "$epmd_port"; do
+    for p in "$mgmt_port" "$dist_port" "$epmd_port" "$prom_port"; do
         is_uint "$p" || die "port settings must be numbers, got '$p'"
     done
-    for p in "$amqp_port" "$mgmt_port" "$dist_port" "$epmd_port"; do
+    for p in "$amqp_port" "$mgmt_port" "$dist_port" "$epmd_port" "$prom_port"; do
         ((p >= 1 && p <= 65535)) || die "port $p out of range (check MQRPC_*_PORT)"
     done
     management=${MQRPC_BROKER_MANAGEMENT:-1}
     [[ "$management" == 0 || "$management" == 1 ]] ||
         die "MQRPC_BROKER_MANAGEMENT must be 0 or 1, got '$management'"
+    prometheus=${MQRPC_BROKER_PROMETHEUS:-1}
+    [[ "$prometheus" == 0 || "$prometheus" == 1 ]] ||
+        die "MQRPC_BROKER_PROMETHEUS must be 0 or 1, got '$prometheus'"
     tls=${MQRPC_BROKER_TLS:-0}
     [[ "$tls" == 0 || "$tls" == 1 ]] || die "MQRPC_BROKER_TLS must be 0 or 1, got '$tls'"
     tls_port=${MQRPC_BROKER_TLS_PORT:-$((amqp_port + 1))}
@@ -102,6 +111,7 @@ setup_env() {
     clients_url_file=$state_dir/clients.url
     services_url_file=$state_dir/services.url
     mgmt_url_file=$state_dir/management_url
+    prom_url_file=$state_dir/prometheus_url
     cred_file=$broker_dir/credentials
     definitions_file=$broker_dir/definitions.json
     tls_dir=$state_dir/tls
@@ -398,13 +408,23 @@ write_config() {
                 echo "management.tcp.ip = 127.0.0.1"
                 echo "management.tcp.port = $mgmt_port"
             fi
+            if ((prometheus)); then
+                # Queue depth and consumers per queue beside the services'
+                # own metrics (packaging/prometheus): loopback only, and
+                # per object, since the default aggregates all queues.
+                echo "prometheus.tcp.ip = 127.0.0.1"
+                echo "prometheus.tcp.port = $prom_port"
+                echo "prometheus.return_per_object_metrics = true"
+            fi
         } >"$RABBITMQ_CONFIG_FILE"
     )
-    if ((management)); then
-        echo '[rabbitmq_management].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
-    else
-        echo '[].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
-    fi
+    local plugins=()
+    ((management)) && plugins+=(rabbitmq_management)
+    ((prometheus)) && plugins+=(rabbitmq_prometheus)
+    (
+        IFS=,
+        echo "[${plugins[*]}]." >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+    )
 }
 
 # ---------------------------------------------------------------------------
@@ -416,6 +436,9 @@ print_ready() {
     echo "URLs (with passwords) written to $clients_url_file and $services_url_file"
     if ((management)) && [[ -f "$mgmt_url_file" ]]; then
         echo "management UI: $(<"$mgmt_url_file") (user admin, password in $cred_file)"
+    fi
+    if ((prometheus)) && [[ -f "$prom_url_file" ]]; then
+        echo "RabbitMQ metrics: $(<"$prom_url_file")"
     fi
 }
 
@@ -454,6 +477,11 @@ write_urls() {
     else
         rm -f "$mgmt_url_file"
     fi
+    if ((prometheus)); then
+        echo "http://127.0.0.1:$prom_port/metrics" >"$prom_url_file"
+    else
+        rm -f "$prom_url_file"
+    fi
 }
 
 cmd_start() {
@@ -476,11 +504,12 @@ cmd_start() {
     fi
     # The URL files stay until write_urls replaces them (atomically): see
     # cmd_stop.
-    rm -f "$pid_file" "$mgmt_url_file" "$rmq_pid_file"
+    rm -f "$pid_file" "$mgmt_url_file" "$prom_url_file" "$rmq_pid_file"
 
     local p ports=("$amqp_port" "$dist_port")
     ((tls)) && ports+=("$tls_port")
     ((management)) && ports+=("$mgmt_port")
+    ((prometheus)) && ports+=("$prom_port")
     for p in "${ports[@]}"; do
         port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (another broker? set MQRPC_BROKER_PORT)"
     done
@@ -549,7 +578,7 @@ cmd_stop() {
     # a program started meanwhile must fail to connect to this broker (and
     # reconnect once it is back), not fall back to guest@localhost:5672.
     if ! pid_alive "$pid"; then
-        rm -f "$pid_file" "$mgmt_url_file"
+        rm -f "$pid_file" "$mgmt_url_file" "$prom_url_file"
         stop_epmd
         echo "broker $node not running"
         return 0
@@ -567,7 +596,7 @@ cmd_stop() {
     done
     pid_alive "$pid" && die "pid $pid still alive after stop"
     stop_epmd
-    rm -f "$pid_file" "$mgmt_url_file" "$rmq_pid_file"
+    rm -f "$pid_file" "$mgmt_url_file" "$prom_url_file" "$rmq_pid_file"
     echo "broker $node stopped"
 }
 

@@ -281,6 +281,7 @@ void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out,
 
     st.connected = c->conn != NULL;
     st.is_blocked = c->conn && c->blocked;
+    st.in_flight = c->calls.pending;
     mqr_struct_out(out, size, &st, sizeof st);
 }
 
@@ -375,6 +376,21 @@ static void fail_call(mqrpc_client *c, mqr_call *k, mqrpc_err status,
     mqr_calls_finish(&c->calls, k);
 }
 
+/* The statistics of a call that ended. */
+static void count_call(mqrpc_client *c, const mqr_call *k)
+{
+    unsigned status = (unsigned)k->reply.status;
+    int64_t us = mqr_now_us() -
+                 (k->deadline_us - (int64_t)k->timeout_ms * 1000);
+    const size_t nstatus = sizeof c->st.calls / sizeof c->st.calls[0];
+
+    c->st.calls[status < nstatus ? status : nstatus - 1]++;
+    if (k->reply.status == MQRPC_EREMOTE)
+        c->st.remote[mqrpc_code_of(k->reply.error_code)]++;
+    c->st.duration[mqr_duration_bucket(us)]++;
+    c->st.duration_us += (uint64_t)(us > 0 ? us : 0);
+}
+
 /* Runs the callbacks of finished calls, oldest first. A callback may
  * start calls (whose failures join the list and run in this same loop)
  * or ask for the client to be freed (done by the caller of this function
@@ -388,6 +404,7 @@ static void run_finished(mqrpc_client *c)
         r->queue = k->queue;
         if (r->status != MQRPC_OK && !r->error_code)
             r->error_code = mqrpc_errname(r->status);
+        count_call(c, k);
         c->completed++;
         c->in_callback++;
         k->done(r, k->arg);

@@ -49,6 +49,17 @@ int mqr_backoff_next(int d, int max);
  * wrong that way or smaller than the size field itself. */
 bool mqr_opts_copy(void *dst, size_t dst_size, const void *src);
 
+/* mqr_duration_bucket: the index, in the stats' duration histograms, of
+ * a duration of us microseconds (MQRPC_DURATION_BUCKETS: above them all). */
+unsigned mqr_duration_bucket(int64_t us);
+
+/* Statistics that another thread may read while their one writer runs
+ * (mqrpc_service_get_stats): relaxed atomics, one uint64_t at a time. */
+#define MQR_STAT_ADD(field, n) \
+    __atomic_fetch_add(&(field), (uint64_t)(n), __ATOMIC_RELAXED)
+#define MQR_STAT_SET(field, v) \
+    __atomic_store_n(&(field), (uint64_t)(v), __ATOMIC_RELAXED)
+
 /* mqr_struct_out copies src (this library's struct of src_size bytes) into
  * a caller's struct of out_size bytes: the common prefix. */
 void mqr_struct_out(void *out, size_t out_size, const void *src,

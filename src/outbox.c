@@ -181,6 +181,7 @@ static mqrpc_err send_fault(mqrpc_service *s, const struct out *o,
 
     if (!body)
         return MQRPC_ENOMEM;
+    MQR_STAT_ADD(s->st.replies[mqrpc_code_of(fault->code)], 1);
     e = mqr_send_reply(s, o->tag, o->props.correlation_id, o->reply_to,
                    o->props.persistent, body, len, true);
     free(body);
@@ -196,7 +197,7 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
     switch (o->kind) {
     case OUT_REQUEUE:
         if (ack) {
-            s->st.redelivered++;
+            MQR_STAT_ADD(s->st.redelivered, 1);
             if (s->opts.verbose)
                 mqr_log(&s->log, MQRPC_LOG_DEBUG,
                         "request %.*s redelivered (%u failed deliveries): "
@@ -204,7 +205,7 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
                         mqr_service_shown_len(id), id.ptr, (unsigned)o->props.deliveries);
             return mqr_conn_ack(s->conn, o->tag, false);
         }
-        s->st.refused++;
+        MQR_STAT_ADD(s->st.refused, 1);
         mqr_log(&s->log, MQRPC_LOG_WARN,
                 "request %.*s redelivered, but the broker refused to queue "
                 "it again (%s full?): answered overloaded",
@@ -216,7 +217,7 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
         return send_fault(s, o, &fault);
     case OUT_DEAD_LETTER:
         if (ack) {
-            s->st.dead_lettered++;
+            MQR_STAT_ADD(s->st.dead_lettered, 1);
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "request %.*s dead-lettered to %s after %u deliveries",
                     mqr_service_shown_len(id), id.ptr, s->dlq,
@@ -227,7 +228,7 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
                             "is in %s and will not be run again",
                             (unsigned)o->props.deliveries, s->dlq);
         } else {
-            s->st.refused++;
+            MQR_STAT_ADD(s->st.refused, 1);
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "request %.*s failed %u deliveries, and the broker "
                     "refused it in %s: dropped, its caller told",
@@ -243,7 +244,7 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
         return send_fault(s, o, &fault);
     case OUT_HAND_BACK:
         if (ack) {
-            s->st.handed_back++;
+            MQR_STAT_ADD(s->st.handed_back, 1);
             return mqr_conn_ack(s->conn, o->tag, false);
         }
         /* Left unacknowledged: closing the channel puts it back, where it

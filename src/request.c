@@ -43,6 +43,7 @@ mqrpc_request *mqr_request_new(mqrpc_service *s, const mqr_msg *m)
     r->tag = m->delivery_tag;
     r->gen = s->gen;
     r->deadline_ms = m->deadline_ms;
+    r->arrived_us = mqr_now_us();
     r->deliveries = m->deliveries;
     r->persistent = m->persistent;
     r->want_progress = m->progress;
@@ -157,6 +158,7 @@ static void end_with_fault(mqrpc_request *r, const mqrpc_fault *fault)
     if (r->s->opts.verbose)
         mqr_log(&r->s->log, MQRPC_LOG_DEBUG, "error reply %s: %s",
                 fault->code, fault->message);
+    r->code = (unsigned char)mqrpc_code_of(fault->code);
     /* Out of memory: an empty error reply still tells the caller. */
     end_with(r, body, body ? len : 0, true);
 }

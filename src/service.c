@@ -268,6 +268,8 @@ static mqrpc_err connect_once(mqrpc_service *s)
     s->gen++;
     s->err[0] = '\0';
     s->blocked_us = 0;
+    MQR_STAT_SET(s->st.is_blocked, 0);
+    MQR_STAT_SET(s->st.connected, 1);
     return MQRPC_OK;
 }
 
@@ -423,6 +425,7 @@ static void drop_request(mqrpc_service *s, mqrpc_request *r)
 {
     in_hand_unlink(s, r);
     s->outstanding--;
+    MQR_STAT_SET(s->st.in_progress, s->outstanding);
     mqr_request_free(r);
 }
 
@@ -497,7 +500,7 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
     if (m->reply_to.len == 0 || m->correlation_id.len == 0) {
         /* Nobody could match an answer: acknowledge so it does not come
          * back forever. */
-        s->st.dropped++;
+        MQR_STAT_ADD(s->st.dropped, 1);
         mqr_log(&s->log, MQRPC_LOG_WARN,
                 "request without %s (correlation_id \"%.*s\"): "
                 "acknowledged and dropped",
@@ -508,7 +511,7 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
     }
     if (m->deadline_ms && mqr_wall_ms() >= m->deadline_ms) {
         /* Its caller gave up: running it would be wasted work. */
-        s->st.expired++;
+        MQR_STAT_ADD(s->st.expired, 1);
         if (s->opts.verbose)
             mqr_log(&s->log, MQRPC_LOG_DEBUG,
                     "request %.*s skipped: past its deadline",
@@ -523,6 +526,7 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
         return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
     in_hand_append(s, r);
     s->outstanding++;
+    MQR_STAT_SET(s->st.in_progress, s->outstanding);
     if (s->opts.threads == 1 && pthread_equal(pthread_self(), s->conn_thread)) {
         bool idle;
         pthread_mutex_lock(&s->lock);
@@ -572,7 +576,7 @@ static mqrpc_err send_progress(mqrpc_service *s, mqrpc_request *r,
                          true);
     free(body);
     if (e == MQRPC_OK)
-        s->st.progress++;
+        MQR_STAT_ADD(s->st.progress, 1);
     return e;
 }
 
@@ -586,9 +590,9 @@ static mqrpc_err finish_request(mqrpc_service *s, mqrpc_request *r)
 
     if (r->skipped || caller_gone(r)) {
         if (r->skipped)
-            s->st.expired++;
+            MQR_STAT_ADD(s->st.expired, 1);
         else
-            s->st.abandoned++;
+            MQR_STAT_ADD(s->st.abandoned, 1);
         if (s->opts.verbose)
             mqr_log(&s->log, MQRPC_LOG_DEBUG, "request %.*s%s",
                     mqr_service_shown_len(r->correlation_id),
@@ -598,7 +602,15 @@ static mqrpc_err finish_request(mqrpc_service *s, mqrpc_request *r)
         if (current)
             e = mqr_service_done_with(s, r->tag);
     } else {
-        s->st.served++;
+        MQR_STAT_ADD(s->st.served, 1);
+        MQR_STAT_ADD(s->st.replies[r->reply_is_error ? r->code
+                                                     : MQRPC_CODE_OK],
+                     1);
+        {
+            int64_t us = mqr_now_us() - r->arrived_us;
+            MQR_STAT_ADD(s->st.handling[mqr_duration_bucket(us)], 1);
+            MQR_STAT_ADD(s->st.handling_us, us);
+        }
         if (s->opts.verbose)
             mqr_log(&s->log, MQRPC_LOG_DEBUG, "answered %.*s",
                     mqr_service_shown_len(r->correlation_id),
@@ -670,7 +682,7 @@ static mqrpc_err consume_again(mqrpc_service *s)
     int64_t t0 = mqr_now_us();
     mqrpc_err e;
 
-    s->st.cancelled++;
+    MQR_STAT_ADD(s->st.cancelled, 1);
     mqr_log(&s->log, MQRPC_LOG_WARN,
             "the broker cancelled the consumer of %s (queue deleted?); "
             "declaring it again",
@@ -699,7 +711,8 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
         return MQRPC_OK;
     case MQR_RETURN: on_return(s, m); return MQRPC_OK;
     case MQR_BLOCKED:
-        s->st.blocked++;
+        MQR_STAT_ADD(s->st.blocked, 1);
+        MQR_STAT_SET(s->st.is_blocked, 1);
         s->blocked_us = mqr_now_us();
         mqr_log(&s->log, MQRPC_LOG_WARN,
                 "the broker is blocking publishers: %.*s; replies wait "
@@ -714,6 +727,7 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
                               : 0.0,
                 s->held.n);
         s->blocked_us = 0;
+        MQR_STAT_SET(s->st.is_blocked, 0);
         return mqr_send_held(s);
     case MQR_CANCEL:
         /* While stopping, the cancel is ours. */
@@ -821,7 +835,7 @@ static mqrpc_err reconnect(mqrpc_service *s)
         attempts++;
         e = connect_once(s);
         if (e == MQRPC_OK) {
-            s->st.reconnects++;
+            MQR_STAT_ADD(s->st.reconnects, 1);
             mqr_log(&s->log, MQRPC_LOG_INFO,
                     "connection regained after %.1f s (%u attempt%s); "
                     "consuming %s again",
@@ -855,6 +869,8 @@ static void drop_conn(mqrpc_service *s)
     mqr_conn_free(s->conn);
     s->conn = NULL;
     s->blocked_us = 0;
+    MQR_STAT_SET(s->st.is_blocked, 0);
+    MQR_STAT_SET(s->st.connected, 0);
     s->nacks = 0;
     mqr_out_clear(&s->held);
     mqr_out_clear(&s->unconfirmed);
@@ -954,7 +970,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
         drop_conn(s);
         if (e == MQRPC_ENOMEM || s->opts.reconnect_max_ms < 0)
             break;
-        s->st.lost++;
+        MQR_STAT_ADD(s->st.lost, 1);
         if (consumer_timeout(s->err))
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "the broker closed the channel: a request was held "
@@ -993,7 +1009,17 @@ const char *mqrpc_service_instance(const mqrpc_service *s)
 void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out,
                              size_t size)
 {
-    mqr_struct_out(out, size, &s->st, sizeof s->st);
+    /* The thread running s writes these while a metrics thread reads: a
+     * plain copy would be a data race. */
+    enum { WORDS = sizeof(mqrpc_service_stats) / sizeof(uint64_t) };
+    _Static_assert(sizeof(mqrpc_service_stats) % sizeof(uint64_t) == 0,
+                   "mqrpc_service_stats holds only uint64_t fields");
+    const uint64_t *from = (const uint64_t *)&s->st;
+    uint64_t snap[WORDS];
+
+    for (unsigned i = 0; i < WORDS; i++)
+        snap[i] = __atomic_load_n(&from[i], __ATOMIC_RELAXED);
+    mqr_struct_out(out, size, snap, sizeof snap);
 }
 
 const char *mqrpc_service_errmsg(const mqrpc_service *s)

@@ -75,6 +75,7 @@ struct mqrpc_request {
     uint64_t tag;                 /* delivery tag on connection gen */
     uint64_t gen;
     int64_t deadline_ms; /* the caller's, Unix ms; 0: none */
+    int64_t arrived_us;  /* mqr_now_us() when its delivery arrived */
     uint32_t deliveries; /* its failed-delivery count, as received */
     bool persistent;
     bool want_progress;
@@ -93,6 +94,7 @@ struct mqrpc_request {
     char *reply_body;
     size_t reply_len;
     bool reply_is_error;
+    unsigned char code;  /* its mqrpc_code, for the statistics */
     /* The delivery's strings, pointing into data. */
     mqr_str correlation_id, reply_to, content_type, body;
     char data[];

@@ -32,6 +32,7 @@ enum {
     OPT_MAX_QUEUE,
     OPT_MAX_DELIVERIES,
     OPT_CONNECT_TIMEOUT,
+    OPT_METRICS,
     OPT_EXTRA /* + index of the extra option */
 };
 
@@ -231,6 +232,11 @@ static void usage(const struct cli *c, FILE *f)
                    "cannot be reached within\n"
                    "                     MS ms at start (default: keep "
                    "trying; 0: one attempt)\n");
+        fprintf(f, "  --metrics HOST:PORT serve Prometheus metrics on "
+                   "http://HOST:PORT/metrics\n"
+                   "                     (default: off; no authentication: "
+                   "loopback or a private\n"
+                   "                     network only)\n");
     }
     for (const struct cli_extra *x = c->extra; x && x->name; x++) {
         char flag[64];
@@ -280,7 +286,7 @@ static void usage(const struct cli *c, FILE *f)
 
 int cli_parse(struct cli *c, int argc, char **argv)
 {
-    struct option opts[40];
+    struct option opts[48];
     /* "+": stop at the first operand, so JSON like -1 after "call Q" and
      * negative numbers after "soma" are operands, not options. ":": a
      * missing value is reported as ':', not as an unknown option. */
@@ -338,8 +344,10 @@ int cli_parse(struct cli *c, int argc, char **argv)
                                     OPT_MAX_DELIVERIES};
         opts[n++] = (struct option){"connect-timeout", required_argument,
                                     NULL, OPT_CONNECT_TIMEOUT};
+        opts[n++] =
+            (struct option){"metrics", required_argument, NULL, OPT_METRICS};
     }
-    for (int i = 0; c->extra && c->extra[i].name && n < 39; i++) {
+    for (int i = 0; c->extra && c->extra[i].name && n < 47; i++) {
         const struct cli_extra *x = &c->extra[i];
         opts[n++] =
             (struct option){x->name, x->arg ? required_argument : no_argument,
@@ -508,6 +516,7 @@ int cli_parse(struct cli *c, int argc, char **argv)
             }
             c->connect_retry_ms = (int)v;
             break;
+        case OPT_METRICS: c->metrics = optarg; break; /* checked by its user */
         case 'v': c->verbose = true; break;
         case 'h': usage(c, stdout); return CLI_EXIT_OK;
         case OPT_VERSION:

@@ -76,6 +76,7 @@ struct cli {
     unsigned max_queue;      /* --max-queue; 0: unbounded */
     unsigned max_deliveries; /* --max-deliveries; 0: the default */
     int connect_retry_ms;    /* --connect-timeout; -1: keep trying */
+    const char *metrics;     /* --metrics HOST:PORT; NULL: off */
     int optind;          /* first operand */
     char url_buf_[2048]; /* the URL read from --url or --url-file */
 };

@@ -1,5 +1,7 @@
 #include "service_main.h"
 
+#include "metrics.h"
+
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -70,6 +72,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
     mqrpc_service_opts opts;
     sigset_t stop_signals;
     mqrpc_service_stats sum = {0};
+    struct metrics_server *metrics = NULL;
     mqrpc_err e;
     int rc;
 
@@ -81,8 +84,21 @@ int service_main(int argc, char **argv, const struct service_program *p)
                   argv[c.optind]);
         return CLI_EXIT_USAGE;
     }
+    if (c.metrics) {
+        /* Before connecting: a taken port fails at once, not after. */
+        struct metrics_service_info mi = {p->prog, c.queue, c.workers,
+                                          c.max_queue};
+        enum metrics_fail why;
+        metrics = metrics_server_start(c.metrics, &mi, &why, err, sizeof err);
+        if (!metrics) {
+            cli_error(&c, "%s", err);
+            return why == METRICS_BAD_ADDRESS ? CLI_EXIT_USAGE
+                                              : CLI_EXIT_FAILURE;
+        }
+    }
     workers = calloc(c.workers, sizeof *workers);
     if (!workers) {
+        metrics_server_stop(metrics);
         cli_error(&c, "out of memory");
         return CLI_EXIT_FAILURE;
     }
@@ -131,6 +147,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
             rc = CLI_EXIT_FAILURE;
             break;
         }
+        metrics_server_add(metrics, w->svc);
         e = mqrpc_service_connect(w->svc);
         if (e != MQRPC_OK) {
             cli_error(&c, "%s%s", mqrpc_service_errmsg(w->svc),
@@ -213,6 +230,8 @@ out:
     sigaddset(&stop_signals, SIGINT);
     sigaddset(&stop_signals, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+    /* The server reads the services: it goes first. */
+    metrics_server_stop(metrics);
     for (unsigned i = 0; i < nworkers; i++) {
         mqrpc_service_free(workers[i].svc);
         workers[i].svc = NULL;

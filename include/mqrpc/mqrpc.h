@@ -113,6 +113,51 @@ MQRPC_API const char *mqrpc_errname(mqrpc_err err);
  * broker refused it there and it was not kept). */
 #define MQRPC_DEAD_LETTER "dead_letter"
 
+/*
+ * Metrics. MQRPC_CODES lists the result codes the statistics count apart
+ * (mqrpc_service_stats.replies, mqrpc_client_stats.remote), indexed by
+ * mqrpc_code; every other code a handler chooses is counted as "other".
+ * New codes are added before OTHER only with a new MQRPC_CODE_SLOTS-sized
+ * struct field, so an index never changes meaning within one field.
+ */
+#define MQRPC_CODES(X)                     \
+    X(OK, "ok")                            \
+    X(BAD_REQUEST, "bad_request")          \
+    X(NOT_FOUND, "not_found")              \
+    X(INTERNAL, "internal")                \
+    X(DEAD_LETTER, "dead_letter")          \
+    X(OVERLOADED, "overloaded")            \
+    X(OTHER, "other")
+
+typedef enum {
+#define MQRPC_CODE_ENUM_(name, text) MQRPC_CODE_##name,
+    MQRPC_CODES(MQRPC_CODE_ENUM_)
+#undef MQRPC_CODE_ENUM_
+    MQRPC_CODE_COUNT
+} mqrpc_code;
+
+/* Room for codes in the stats structs: MQRPC_CODE_COUNT of them are used. */
+#define MQRPC_CODE_SLOTS 16
+
+/* mqrpc_code_name returns the static name of a mqrpc_code ("bad_request"),
+ * or NULL past MQRPC_CODE_COUNT. */
+MQRPC_API const char *mqrpc_code_name(unsigned code);
+
+/* mqrpc_code_of returns the mqrpc_code counting a reply's code (NULL or
+ * "" is MQRPC_CODE_OK; an unknown one MQRPC_CODE_OTHER). */
+MQRPC_API mqrpc_code mqrpc_code_of(const char *code);
+
+/* The upper bounds, in seconds, of the duration histograms (a service's
+ * handling time, a client's call time): MQRPC_DURATION_BOUNDS_S is an
+ * initializer list of MQRPC_DURATION_BUCKETS increasing values. The
+ * stats count each duration once, in the first bucket whose bound is at
+ * or above it, or in the last slot (index MQRPC_DURATION_BUCKETS) above
+ * them all: not cumulative, unlike Prometheus' le buckets. */
+#define MQRPC_DURATION_BUCKETS 18
+#define MQRPC_DURATION_BOUNDS_S                                          \
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,   \
+        0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
+
 /* Default request body limit of a service, in bytes (1 MiB). */
 #define MQRPC_DEFAULT_MAX_BODY (1024u * 1024u)
 /* Default nesting limit of a request; the request object is level 1. */
@@ -418,9 +463,19 @@ typedef struct mqrpc_client_stats {
     int connected;       /* 1 while connected */
     uint64_t blocked;    /* times the broker blocked the connection */
     int is_blocked;      /* 1 while the broker blocks it */
+    /* Calls ended, by status (index mqrpc_err; MQRPC_OK the successes,
+     * MQRPC_EREMOTE every error reply, detailed in remote). */
+    uint64_t calls[32];
+    uint64_t remote[MQRPC_CODE_SLOTS]; /* error replies by mqrpc_code */
+    /* Time from mqrpc_call_async to the end of the call, per
+     * MQRPC_DURATION_BOUNDS_S bucket, and its sum in us. */
+    uint64_t duration[MQRPC_DURATION_BUCKETS + 1];
+    uint64_t duration_us;
+    uint64_t in_flight; /* gauge: calls not yet ended */
 } mqrpc_client_stats;
 
-/* mqrpc_client_get_stats fills *out, of size bytes (sizeof *out). */
+/* mqrpc_client_get_stats fills *out, of size bytes (sizeof *out); from
+ * the thread that uses c, as every client call. */
 MQRPC_API void mqrpc_client_get_stats(const mqrpc_client *c,
                                       mqrpc_client_stats *out, size_t size);
 
@@ -737,10 +792,25 @@ typedef struct mqrpc_service_stats {
     uint64_t abandoned;     /* replies not sent: the caller gave up while
                                the handler ran */
     uint64_t progress;      /* progress messages sent */
+    /* Replies sent by code (index mqrpc_code; error replies the service
+     * itself sends, overloaded and dead_letter, included). */
+    uint64_t replies[MQRPC_CODE_SLOTS];
+    /* Handling time of the requests a handler answered (the served
+     * ones: from the delivery's arrival in the service to its reply's
+     * publish, waiting for a handler thread included), per
+     * MQRPC_DURATION_BOUNDS_S bucket, and its sum in us. */
+    uint64_t handling[MQRPC_DURATION_BUCKETS + 1];
+    uint64_t handling_us;
+    /* Gauges, values now: */
+    uint64_t in_progress; /* requests taken from the queue, not yet done */
+    uint64_t connected;   /* 1 while connected and consuming */
+    uint64_t is_blocked;  /* 1 while the broker blocks the connection */
 } mqrpc_service_stats;
 
-/* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out); call it
- * from the thread that runs s. */
+/* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out). May be
+ * called from any thread while another runs s (a metrics server): each
+ * field is read atomically, but fields may be a few microseconds apart
+ * (only uint64_t fields, all written by the thread that runs s). */
 MQRPC_API void mqrpc_service_get_stats(const mqrpc_service *s,
                                        mqrpc_service_stats *out, size_t size);
 
