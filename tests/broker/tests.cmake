@@ -48,3 +48,14 @@ mqrpc_broker_test(resumo bash ${CMAKE_CURRENT_SOURCE_DIR}/resumo_test.sh)
 # its capacity; latency from the scheduled start grows with the backlog.
 # Ratios, not speeds; about 20 s.
 mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)
+
+# Prometheus metrics: a service's --metrics endpoint checked by promtool,
+# counters that move by exactly the calls made, bad --metrics values,
+# rpc_bench --metrics-out, and a real Prometheus server scraping the service
+# and the broker's rabbitmq_prometheus endpoint. HTTP ports: the one below
+# and the next (Prometheus itself).
+set(MQRPC_TEST_HTTP_PORT 9464 CACHE STRING
+    "HTTP port of the metrics test's service (Prometheus takes the next)")
+mqrpc_broker_test(metrics bash ${CMAKE_CURRENT_SOURCE_DIR}/metrics_test.sh)
+set_property(TEST broker.metrics APPEND PROPERTY ENVIRONMENT
+  MQRPC_TEST_HTTP_PORT=${MQRPC_TEST_HTTP_PORT})
