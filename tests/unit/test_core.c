@@ -2,6 +2,7 @@
  * message codec, broker URL handling, and the programs' option parsing. */
 #include "cli.h"
 #include "internal.h"
+#include "metrics.h"
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -889,6 +890,79 @@ static void backoff_jitters_and_caps(void **state)
     assert_int_equal(mqr_backoff_next(3000, 5000), 5000);
 }
 
+/* ------------------------------------------------------------ metrics */
+
+static void metric_codes_and_buckets(void **state)
+{
+    (void)state;
+    assert_int_equal(mqrpc_code_of(NULL), MQRPC_CODE_OK);
+    assert_int_equal(mqrpc_code_of(""), MQRPC_CODE_OK);
+    assert_int_equal(mqrpc_code_of("bad_request"), MQRPC_CODE_BAD_REQUEST);
+    assert_int_equal(mqrpc_code_of(MQRPC_DEAD_LETTER), MQRPC_CODE_DEAD_LETTER);
+    assert_int_equal(mqrpc_code_of("overloaded"), MQRPC_CODE_OVERLOADED);
+    assert_int_equal(mqrpc_code_of("cancelled"), MQRPC_CODE_OTHER);
+    /* "other" names the bucket, not a code that lands in it by name. */
+    assert_int_equal(mqrpc_code_of("other"), MQRPC_CODE_OTHER);
+    for (unsigned i = 0; i < MQRPC_CODE_COUNT; i++)
+        assert_non_null(mqrpc_code_name(i));
+    assert_null(mqrpc_code_name(MQRPC_CODE_COUNT));
+    assert_int_equal(mqr_duration_bucket(0), 0);
+    assert_int_equal(mqr_duration_bucket(100), 0);   /* le 0.0001 */
+    assert_int_equal(mqr_duration_bucket(101), 1);   /* le 0.00025 */
+    assert_int_equal(mqr_duration_bucket(1000000), 12); /* le 1 */
+    assert_int_equal(mqr_duration_bucket(60000000), MQRPC_DURATION_BUCKETS - 1);
+    assert_int_equal(mqr_duration_bucket(60000001), MQRPC_DURATION_BUCKETS);
+}
+
+/* The exposition text: cumulative le buckets ending at +Inf = _count,
+ * escaped labels, workers summed. */
+static void metrics_text_of_a_service(void **state)
+{
+    struct metrics_service_info info = {"service_x", "q\"\\\n", 2, 7};
+    mqrpc_service_stats a = {0}, b = {0}, sum = {0};
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f;
+
+    (void)state;
+    a.replies[MQRPC_CODE_OK] = 3;
+    b.replies[MQRPC_CODE_OK] = 2;
+    b.replies[MQRPC_CODE_BAD_REQUEST] = 1;
+    a.handling[0] = 2;
+    b.handling[2] = 3;
+    b.handling[MQRPC_DURATION_BUCKETS] = 1;
+    a.handling_us = 1500000;
+    a.connected = b.connected = 1;
+    metrics_sum_service(&sum, &a);
+    metrics_sum_service(&sum, &b);
+    f = open_memstream(&text, &len);
+    assert_non_null(f);
+    metrics_write_service(f, &info, &sum);
+    fclose(f);
+#define Q "queue=\"q\\\"\\\\\\n\""
+    assert_non_null(strstr(text, "mqrpc_requests_total{" Q ",code=\"ok\"} 5\n"));
+    assert_non_null(
+        strstr(text, "mqrpc_requests_total{" Q ",code=\"bad_request\"} 1\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"0.0001\"} 2\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"0.0005\"} 5\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"60\"} 5\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"+Inf\"} 6\n"));
+    assert_non_null(
+        strstr(text, "mqrpc_request_handling_seconds_count{" Q "} 6\n"));
+    assert_non_null(
+        strstr(text, "mqrpc_request_handling_seconds_sum{" Q "} 1.500000\n"));
+    assert_non_null(strstr(text, "mqrpc_connected{" Q "} 2\n"));
+    assert_non_null(strstr(text, "mqrpc_workers{" Q "} 2\n"));
+    assert_non_null(strstr(text, "mqrpc_max_queue{" Q "} 7\n"));
+    assert_non_null(strstr(text, "# TYPE mqrpc_requests_total counter\n"));
+#undef Q
+    free(text);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -921,6 +995,8 @@ int main(void)
         cmocka_unit_test(cli_service_limit_options),
         cmocka_unit_test(cli_extra_short_and_flags),
         cmocka_unit_test(exit_codes_are_the_documented_ones),
+        cmocka_unit_test(metric_codes_and_buckets),
+        cmocka_unit_test(metrics_text_of_a_service),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
