@@ -15,7 +15,11 @@ Q=service_t_metrics_$$
 trap 'cleanup; delete_queues "$Q" "$Q.dlq"' EXIT
 
 # scrape [PATH]: GET http://127.0.0.1:$P/metrics into OUT, RC (curl's).
-scrape() { run curl -sS --max-time 5 -o - -w '' "http://127.0.0.1:$P${1:-/metrics}"; }
+scrape() {
+    local label=$LABEL
+    run curl -sS --max-time 5 "http://127.0.0.1:$P${1:-/metrics}"
+    LABEL=$label
+}
 
 # value NAME{LABELS}: the sample's value in the last scrape (empty: none).
 value() { printf '%s\n' "$OUT" | awk -v k="$1" '$1 == k { print $2 }'; }
@@ -36,10 +40,12 @@ start_service soma SOMA "$B/service_soma" --queue "$Q" --workers 2 \
 scrape
 expect_rc 0
 printf '%s\n' "$OUT" >"$tmpdir/before.prom"
+LABEL='promtool check metrics, before any request'
 run promtool check metrics <"$tmpdir/before.prom"
 expect_rc 0
 ok "promtool check metrics says nothing (no lint problem)" '[[ -z $OUT && -z $ERR ]]'
 OUT=$(cat "$tmpdir/before.prom")
+LABEL='--metrics before any request'
 expect_value "mqrpc_requests_total{queue=\"$Q\",code=\"ok\"}" 0
 expect_value "mqrpc_request_handling_seconds_count{queue=\"$Q\"}" 0
 expect_value "mqrpc_workers{queue=\"$Q\"}" 2
