@@ -29,8 +29,7 @@ static void put_label(FILE *f, const char *v)
     }
 }
 
-static void head(FILE *f, const char *name, const char *type,
-                 const char *help)
+static void head(FILE *f, const char *name, const char *type, const char *help)
 {
     fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
@@ -44,8 +43,8 @@ static void sample(FILE *f, const char *name, const char *queue,
     fprintf(f, "\"} %llu\n", v);
 }
 
-static void one(FILE *f, const char *name, const char *type,
-                const char *help, const char *queue, unsigned long long v)
+static void one(FILE *f, const char *name, const char *type, const char *help,
+                const char *queue, unsigned long long v)
 {
     head(f, name, type, help);
     sample(f, name, queue, v);
@@ -120,8 +119,8 @@ void metrics_write_service(FILE *f, const struct metrics_service_info *info,
         "deliveries.",
         q, st->dead_lettered);
     one(f, "mqrpc_requests_abandoned_total", "counter",
-        "Replies not sent because the caller gave up while the handler ran.",
-        q, st->abandoned);
+        "Replies not sent because the caller gave up while the handler ran.", q,
+        st->abandoned);
     one(f, "mqrpc_requests_dropped_total", "counter",
         "Requests without reply_to or correlation_id, dropped.", q,
         st->dropped);
@@ -140,8 +139,7 @@ void metrics_write_service(FILE *f, const struct metrics_service_info *info,
     one(f, "mqrpc_connections_lost_total", "counter",
         "Connections to the broker lost.", q, st->lost);
     one(f, "mqrpc_connections_regained_total", "counter",
-        "Connections to the broker regained after a loss.", q,
-        st->reconnects);
+        "Connections to the broker regained after a loss.", q, st->reconnects);
     one(f, "mqrpc_broker_blocks_total", "counter",
         "Times the broker blocked a connection (resource alarm).", q,
         st->blocked);
@@ -153,8 +151,8 @@ void metrics_write_service(FILE *f, const struct metrics_service_info *info,
         "Connections of this process the broker blocks now.", q,
         st->is_blocked);
     one(f, "mqrpc_workers", "gauge",
-        "Consumers (--workers) of this process, each on its own connection.",
-        q, info->workers);
+        "Consumers (--workers) of this process, each on its own connection.", q,
+        info->workers);
     one(f, "mqrpc_max_queue", "gauge",
         "The configured --max-queue of the queue (0: unbounded).", q,
         info->max_queue);
@@ -328,8 +326,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn,
 }
 
 /* Splits "HOST:PORT" or "[V6]:PORT" into host and port. */
-static bool split_addr(const char *addr, char *host, size_t hostlen,
-                       char *port, size_t portlen)
+static bool split_addr(const char *addr, char *host, size_t hostlen, char *port,
+                       size_t portlen)
 {
     const char *colon, *h = addr;
     size_t n;
@@ -369,8 +367,8 @@ static int listen_on(const char *addr, const char *host, const char *port,
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
     rc = getaddrinfo(host, port, &hints, &res);
     if (rc != 0) {
-        snprintf(err, errlen, "--metrics %s: cannot resolve %s: %s", addr,
-                 host, gai_strerror(rc));
+        snprintf(err, errlen, "--metrics %s: cannot resolve %s: %s", addr, host,
+                 gai_strerror(rc));
         return -1;
     }
     for (ai = res; ai; ai = ai->ai_next) {
@@ -383,8 +381,7 @@ static int listen_on(const char *addr, const char *host, const char *port,
         }
         /* A restarted service can take its port back at once. */
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
-            listen(fd, 16) == 0)
+        if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 && listen(fd, 16) == 0)
             break;
         saved = errno;
         close(fd);
@@ -397,9 +394,9 @@ static int listen_on(const char *addr, const char *host, const char *port,
     return fd;
 }
 
-struct metrics_server *metrics_server_start(
-    const char *addr, const struct metrics_service_info *info,
-    enum metrics_fail *why, char *err, size_t errlen)
+struct metrics_server *
+metrics_server_start(const char *addr, const struct metrics_service_info *info,
+                     enum metrics_fail *why, char *err, size_t errlen)
 {
     char host[256], port[8];
     struct metrics_server *m;

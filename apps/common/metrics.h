@@ -34,8 +34,7 @@ void metrics_write_client(FILE *f, const char *program, const char *queue,
 void metrics_sum_service(mqrpc_service_stats *sum,
                          const mqrpc_service_stats *add);
 /* metrics_sum_client adds the counters and gauges of add into sum. */
-void metrics_sum_client(mqrpc_client_stats *sum,
-                        const mqrpc_client_stats *add);
+void metrics_sum_client(mqrpc_client_stats *sum, const mqrpc_client_stats *add);
 
 struct metrics_server;
 
@@ -51,9 +50,9 @@ enum metrics_fail {
  * to metrics_server_add (a service not yet connected counts as such).
  * Returns NULL with *why and one line in err on failure.
  */
-struct metrics_server *metrics_server_start(
-    const char *addr, const struct metrics_service_info *info,
-    enum metrics_fail *why, char *err, size_t errlen);
+struct metrics_server *
+metrics_server_start(const char *addr, const struct metrics_service_info *info,
+                     enum metrics_fail *why, char *err, size_t errlen);
 
 /* metrics_server_add makes s part of the sums; thread-safe. s must stay
  * valid until metrics_server_stop. */
