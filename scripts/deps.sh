@@ -22,6 +22,7 @@ packages=(
     gcc g++ clang libc6-dev make cmake pkg-config
     librabbitmq-dev libjansson-dev libsqlite3-dev libcmocka-dev
     libssl-dev openssl
+    libsystemd-dev
     rabbitmq-server
     python3 python3-pika
     procps
