@@ -286,9 +286,8 @@ static void usage(const struct cli *c, FILE *f)
  * "-1e3"): no option is a digit, so it cannot be one. */
 static bool negative_number(const char *a)
 {
-    return a[0] == '-' &&
-           (isdigit((unsigned char)a[1]) ||
-            (a[1] == '.' && isdigit((unsigned char)a[2])));
+    return a[0] == '-' && (isdigit((unsigned char)a[1]) ||
+                           (a[1] == '.' && isdigit((unsigned char)a[2])));
 }
 
 /* Whether "--name" (no "=value") takes the next element as its value, by

@@ -856,8 +856,9 @@ static void cli_extra_short_and_flags(void **state)
  * end up last, from c.optind on, in their order. */
 static void cli_options_after_operands(void **state)
 {
-    char *call[] = {"rpc_client", "call", "service_soma", "{\"a\":1,\"b\":2}",
-                    "--timeout", "4000", NULL};
+    char *call[] = {
+        "rpc_client", "call", "service_soma", "{\"a\":1,\"b\":2}", "--timeout",
+        "4000",       NULL};
     struct cli c = {
         .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     (void)state;
@@ -880,7 +881,7 @@ static void cli_options_after_operands(void **state)
 
     /* Negative numbers anywhere, between options too. */
     char *media[] = {"rpc_client", "media", "-1.5", "--timeout", "300", "2",
-                     "-3", "-.5", "-1e3", "-v", NULL};
+                     "-3",         "-.5",   "-1e3", "-v",        NULL};
     struct cli c3 = {
         .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     assert_int_equal(parse(&c3, 10, media), -1);
@@ -900,8 +901,8 @@ static void cli_options_after_operands(void **state)
 
     /* "--" ends the options: what follows is operands, "-v" included;
      * "-" (stdin) is an operand anyway. */
-    char *dd[] = {"rpc_client", "-v", "busca", "--", "-x", "--timeout", "-",
-                  NULL};
+    char *dd[] = {"rpc_client", "-v",        "busca", "--",
+                  "-x",         "--timeout", "-",     NULL};
     struct cli c5 = {
         .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
     assert_int_equal(parse(&c5, 7, dd), -1);
@@ -916,13 +917,11 @@ static void cli_options_after_operands(void **state)
     /* A value is taken whole, even one that looks like an option, and
      * by the same rules as getopt_long: "--time" is --timeout, "=" and
      * a short option's attached value take no next element. */
-    char *vals[] = {"b", "q", "--url", "--x", "--time", "70", "-n", "-5",
-                    "--calls=7", "-n9", "j", NULL};
-    struct cli_extra extra[] = {{.name = "calls",
-                                 .arg = "N",
-                                 .help = "n",
-                                 .short_name = 'n'},
-                                {.name = NULL}};
+    char *vals[] = {"b",  "q",  "--url",     "--x", "--time", "70",
+                    "-n", "-5", "--calls=7", "-n9", "j",      NULL};
+    struct cli_extra extra[] = {
+        {.name = "calls", .arg = "N", .help = "n", .short_name = 'n'},
+        {.name = NULL}};
     struct cli c6 = {.prog = "t",
                      .usage = "",
                      .summary = "",
