@@ -23,6 +23,7 @@ packages=(
     librabbitmq-dev libjansson-dev libsqlite3-dev libcmocka-dev
     libmicrohttpd-dev prometheus
     libssl-dev openssl
+    libsystemd-dev
     rabbitmq-server
     python3 python3-pika
     procps

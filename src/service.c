@@ -245,6 +245,39 @@ static mqrpc_err declare_and_consume(mqrpc_service *s)
     return e;
 }
 
+/* Tells the program (mqrpc_service_opts.event). */
+static void notify(mqrpc_service *s, mqrpc_service_event ev, const char *detail)
+{
+    if (s->opts.event)
+        s->opts.event(s, ev, detail, s->opts.event_arg);
+}
+
+/* How long until a tick is due, at most cap ms. */
+static int until_tick_ms(const mqrpc_service *s, int cap)
+{
+    int64_t left;
+
+    if (s->opts.tick_ms <= 0 || !s->opts.event)
+        return cap;
+    left = (s->next_tick_us - mqr_now_us() + 999) / 1000;
+    return left <= 0 ? 0 : left < cap ? (int)left : cap;
+}
+
+/* A tick, when one is due: called from every loop of the connection
+ * thread, so that a loop that hangs stops them (a supervisor's watchdog). */
+static void tick(mqrpc_service *s)
+{
+    int64_t now;
+
+    if (s->opts.tick_ms <= 0 || !s->opts.event)
+        return;
+    now = mqr_now_us();
+    if (now < s->next_tick_us)
+        return;
+    s->next_tick_us = now + (int64_t)s->opts.tick_ms * 1000;
+    notify(s, MQRPC_SERVICE_TICK, NULL);
+}
+
 /* One attempt: connect, declare, consume. */
 static mqrpc_err connect_once(mqrpc_service *s)
 {
@@ -270,17 +303,19 @@ static mqrpc_err connect_once(mqrpc_service *s)
     s->blocked_us = 0;
     MQR_STAT_SET(s->st.is_blocked, 0);
     MQR_STAT_SET(s->st.connected, 1);
+    notify(s, MQRPC_SERVICE_CONSUMING, s->queue);
     return MQRPC_OK;
 }
 
-/* Sleeps ms, waking early when stopped. */
+/* Sleeps ms, waking early when stopped, ticking meanwhile. */
 static void nap(mqrpc_service *s, int ms)
 {
     while (ms > 0 && !atomic_load(&s->stop)) {
-        int step = ms < STOP_CHECK_MS ? ms : STOP_CHECK_MS;
+        int step = until_tick_ms(s, ms < STOP_CHECK_MS ? ms : STOP_CHECK_MS);
         struct timespec ts = {0, step * 1000000L};
         nanosleep(&ts, NULL);
         ms -= step;
+        tick(s);
     }
 }
 
@@ -317,6 +352,7 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s)
         /* Said once: a supervisor's log should not fill up while the
          * broker is down. */
         if (attempts == 1) {
+            notify(s, MQRPC_SERVICE_DISCONNECTED, s->err);
             if (s->opts.connect_retry_ms > 0)
                 mqr_log(&s->log, MQRPC_LOG_WARN,
                         "%s; retrying for up to %.1f s", s->err,
@@ -694,6 +730,7 @@ static mqrpc_err consume_again(mqrpc_service *s)
     }
     mqr_log(&s->log, MQRPC_LOG_INFO, "consuming %s again after %.1f ms",
             s->queue, (double)(mqr_now_us() - t0) / 1e3);
+    notify(s, MQRPC_SERVICE_CONSUMING, s->queue);
     return MQRPC_OK;
 }
 
@@ -740,8 +777,8 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
 static int wait_ms(const mqrpc_service *s)
 {
     if (s->held.head && !mqr_conn_blocked(s->conn))
-        return HELD_RETRY_MS; /* the socket was full: try again soon */
-    return STOP_CHECK_MS;
+        return until_tick_ms(s, HELD_RETRY_MS); /* the socket was full */
+    return until_tick_ms(s, STOP_CHECK_MS);
 }
 
 /* Waits for one message and handles it. */
@@ -750,6 +787,7 @@ static mqrpc_err step(mqrpc_service *s)
     mqr_msg m;
     mqrpc_err e = mqr_conn_wait(s->conn, wait_ms(s), &m);
 
+    tick(s);
     if (e == MQRPC_ETIMEOUT)
         e = MQRPC_OK;
     else if (e == MQRPC_OK && m.kind == MQR_DELIVERY)
@@ -846,6 +884,7 @@ static mqrpc_err reconnect(mqrpc_service *s)
         if (e == MQRPC_ENOMEM)
             return e;
         if (strcmp(said, s->err) != 0) {
+            notify(s, MQRPC_SERVICE_DISCONNECTED, s->err);
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "reconnection attempt %u failed: %s; retrying", attempts,
                     s->err);
@@ -890,6 +929,7 @@ static void finish(mqrpc_service *s)
     int64_t end = 0;
 
     atomic_store(&s->stopping, true);
+    notify(s, MQRPC_SERVICE_STOPPING, NULL);
     if (s->conn && (mqr_conn_blocked(s->conn) ||
                     mqr_conn_cancel(s->conn) != MQRPC_OK))
         drop_conn(s);
@@ -913,6 +953,7 @@ static void finish(mqrpc_service *s)
                 return;
             struct timespec ts = {0, 10 * 1000000L};
             nanosleep(&ts, NULL);
+            tick(s);
             continue;
         }
         if (!s->outstanding && !mqr_acks_waiting(s) && !s->nacks &&
@@ -981,6 +1022,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
         else
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "connection lost: %s; reconnecting", s->err);
+        notify(s, MQRPC_SERVICE_DISCONNECTED, s->err);
         e = reconnect(s);
         if (e != MQRPC_OK)
             break;

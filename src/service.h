@@ -143,6 +143,7 @@ struct mqrpc_service {
     bool taken_over;         /* under lock: the stand-in has the connection */
     unsigned busy;           /* under lock: handler threads in a request */
     mqrpc_err lent_err;      /* how the stand-in's servicing ended */
+    int64_t next_tick_us;    /* MQRPC_SERVICE_TICK due (opts.tick_ms) */
     char err[512];
 };
 

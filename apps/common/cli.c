@@ -1,5 +1,6 @@
 #include "cli.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -272,7 +273,10 @@ static void usage(const struct cli *c, FILE *f)
                                          : "say which instance answered, and "
                                            "how fast");
     fprintf(f, "  -h, --help         show this help\n"
-               "  --version          show the version\n\n");
+               "  --version          show the version\n\n"
+               "Options may also follow the arguments; -- ends the options "
+               "(for an argument\nthat starts with '-'; negative numbers "
+               "need none).\n\n");
     fputs(c->exit_codes ? c->exit_codes
                         : "Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker "
                           "unreachable or lost,\n"
@@ -284,14 +288,109 @@ static void usage(const struct cli *c, FILE *f)
           f);
 }
 
+/* An operand that starts with '-' but is a number ("-5", "-1.5", "-.5",
+ * "-1e3"): no option is a digit, so it cannot be one. */
+static bool negative_number(const char *a)
+{
+    return a[0] == '-' && (isdigit((unsigned char)a[1]) ||
+                           (a[1] == '.' && isdigit((unsigned char)a[2])));
+}
+
+/* Whether "--name" (no "=value") takes the next element as its value, by
+ * getopt_long's rules: an exact name, else a unique prefix. An unknown or
+ * ambiguous name takes nothing; getopt_long reports it. */
+static bool long_takes_next(const char *arg, const struct option *opts)
+{
+    const char *name = arg + 2;
+    size_t len = strlen(name);
+    const struct option *hit = NULL;
+    int hits = 0;
+
+    if (strchr(name, '='))
+        return false;
+    for (const struct option *o = opts; o->name; o++) {
+        if (strncmp(o->name, name, len) != 0)
+            continue;
+        if (strlen(o->name) == len) {
+            hit = o;
+            hits = 1;
+            break;
+        }
+        hit = o;
+        hits++;
+    }
+    return hits == 1 && hit->has_arg == required_argument;
+}
+
+/* Whether the short options cluster arg ("-v", "-n500", "-vn") takes the
+ * next element as its value: its last option needs one and got none. */
+static bool short_takes_next(const char *arg, const char *shorts)
+{
+    shorts += strspn(shorts, "+:");
+    for (const char *p = arg + 1; *p; p++) {
+        const char *o = *p == ':' ? NULL : strchr(shorts, *p);
+        if (!o)
+            return false; /* unknown: getopt_long reports it */
+        if (o[1] == ':')
+            return p[1] == '\0';
+    }
+    return false;
+}
+
+/* Options may follow the operands, as in GNU tools ("call Q JSON --timeout
+ * 4000"), but glibc's own permutation takes a negative number for an
+ * option, and "soma -5 3" must stay an addition. So argv is permuted here,
+ * stably: options (with their values) first, then the "--" if any, then
+ * the operands, where "-", "-5" and everything after "--" are operands.
+ * Returns how many elements getopt_long should see (argv[0] and the
+ * options) and sets *first_operand. */
+static int permute(int argc, char **argv, const char *shorts,
+                   const struct option *opts, int *first_operand)
+{
+    char **operands = malloc((size_t)(argc > 0 ? argc : 1) * sizeof *operands);
+    char *dashdash = NULL;
+    int nopt = 1, nops = 0;
+
+    if (!operands)
+        return -1;
+    for (int i = 1; i < argc; i++) {
+        char *a = argv[i];
+        bool takes_next;
+
+        if (dashdash) {
+            operands[nops++] = a;
+            continue;
+        }
+        if (strcmp(a, "--") == 0) {
+            dashdash = a;
+            continue;
+        }
+        if (a[0] != '-' || a[1] == '\0' || negative_number(a)) {
+            operands[nops++] = a;
+            continue;
+        }
+        takes_next = a[1] == '-' ? long_takes_next(a, opts)
+                                 : short_takes_next(a, shorts);
+        argv[nopt++] = a;
+        if (takes_next && i + 1 < argc)
+            argv[nopt++] = argv[++i];
+    }
+    *first_operand = nopt;
+    if (dashdash)
+        argv[(*first_operand)++] = dashdash;
+    memcpy(argv + *first_operand, operands, (size_t)nops * sizeof *operands);
+    free(operands);
+    return nopt;
+}
+
 int cli_parse(struct cli *c, int argc, char **argv)
 {
-    struct option opts[48];
-    /* "+": stop at the first operand, so JSON like -1 after "call Q" and
-     * negative numbers after "soma" are operands, not options. ":": a
+    struct option opts[64];
+    /* "+": no permutation of getopt_long's own (see permute). ":": a
      * missing value is reported as ':', not as an unknown option. */
     char shorts[80] = "+:vh";
     size_t n = 0, ns = 4;
+    int nargs, first_operand;
     bool verbose = !c->verbose_help || *c->verbose_help;
     long v;
     int ch;
@@ -359,6 +458,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
             shorts[ns] = '\0';
         }
     }
+    /* Room for the terminator: a table that outgrew opts is a bug here. */
+    if (n >= sizeof opts / sizeof opts[0]) abort();
     opts[n] = (struct option){NULL, 0, NULL, 0};
 
     c->connect_retry_ms = -1;
@@ -368,9 +469,14 @@ int cli_parse(struct cli *c, int argc, char **argv)
         c->heartbeat_s = MQRPC_DEFAULT_HEARTBEAT;
     if (c->workers == 0)
         c->workers = 1;
+    nargs = permute(argc, argv, shorts, opts, &first_operand);
+    if (nargs < 0) {
+        cli_error(c, "out of memory");
+        return CLI_EXIT_FAILURE;
+    }
     opterr = 0;
     optind = 0; /* glibc: a full reset, so parsing can run more than once */
-    while ((ch = getopt_long(argc, argv, shorts, opts, NULL)) != -1) {
+    while ((ch = getopt_long(nargs, argv, shorts, opts, NULL)) != -1) {
         switch (ch) {
         case OPT_URL:
             if (strlen(optarg) >= sizeof c->url_buf_) {
@@ -562,6 +668,6 @@ int cli_parse(struct cli *c, int argc, char **argv)
             return CLI_EXIT_USAGE;
         }
     }
-    c->optind = optind;
+    c->optind = first_operand;
     return check_url(c);
 }

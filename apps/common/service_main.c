@@ -1,4 +1,5 @@
 #include "service_main.h"
+#include "notify.h"
 
 #include "metrics.h"
 
@@ -74,7 +75,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
     mqrpc_service_stats sum = {0};
     struct metrics_server *metrics = NULL;
     mqrpc_err e;
-    int rc;
+    int rc, tick_ms;
 
     rc = cli_parse(&c, argc, argv);
     if (rc >= 0)
@@ -104,6 +105,14 @@ int service_main(int argc, char **argv, const struct service_program *p)
     }
     nworkers = c.workers;
     rc = CLI_EXIT_OK;
+    tick_ms = notify_init(nworkers);
+    if (tick_ms < 0) {
+        cli_error(&c, "out of memory");
+        free(workers);
+        workers = NULL;
+        nworkers = 0;
+        return CLI_EXIT_FAILURE;
+    }
 
     /* Sequentially, in this thread: a handler's open (busca creating its
      * database on first start) never races with another worker's. */
@@ -139,6 +148,11 @@ int service_main(int argc, char **argv, const struct service_program *p)
         opts.durable = c.durable;
         opts.max_queue = c.max_queue;
         opts.max_deliveries = c.max_deliveries;
+        /* systemd: READY=1 once every worker consumes, WATCHDOG=1 from
+         * their connection threads' ticks, STOPPING=1 (notify.c). */
+        opts.event = notify_event;
+        opts.event_arg = notify_arg(i);
+        opts.tick_ms = tick_ms;
         w->svc = p->request
                      ? mqrpc_service_new_async(&opts, p->request, w->arg)
                      : mqrpc_service_new(&opts, p->handler, w->arg);
@@ -241,5 +255,6 @@ out:
     free(workers);
     workers = NULL;
     nworkers = 0;
+    notify_done();
     return rc;
 }

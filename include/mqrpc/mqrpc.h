@@ -574,6 +574,49 @@ MQRPC_API const char *mqrpc_json_typename(const json_t *v);
 
 typedef struct mqrpc_service mqrpc_service;
 
+/*
+ * What a running service tells its program, for a supervisor (systemd's
+ * READY=1, STATUS= and WATCHDOG=1, service_main's notify.c) or a health
+ * check. New kinds may be added at the end: ignore the ones you do not know.
+ */
+typedef enum {
+    /* Consuming: mqrpc_service_connect is about to return MQRPC_OK (the
+     * broker confirmed the consumer), or consuming again after a lost
+     * connection or a consumer the broker cancelled. detail: the queue. */
+    MQRPC_SERVICE_CONSUMING,
+    /* Not consuming, retrying: the broker could not be reached at start
+     * (the first failed attempt of mqrpc_service_connect that will be
+     * retried), or mqrpc_service_run lost the connection and is about to
+     * reconnect (and again when an attempt fails for a new reason).
+     * detail: the reason, one line, password masked. */
+    MQRPC_SERVICE_DISCONNECTED,
+    /* The connection loop is alive: at least every tick_ms ms (see
+     * mqrpc_service_opts) while mqrpc_service_connect retries and
+     * mqrpc_service_run runs (reconnecting and stopping included), except
+     * during a connection attempt (up to connect_timeout_ms). A hung loop
+     * stops them; a long handler does not (the connection is serviced
+     * meanwhile, see mqrpc_service_run). detail: NULL. */
+    MQRPC_SERVICE_TICK,
+    /* mqrpc_service_run is ending (mqrpc_service_stop, or a failure it
+     * does not recover from): no new request starts; those in hand are
+     * finished and answered first. detail: NULL. */
+    MQRPC_SERVICE_STOPPING
+} mqrpc_service_event;
+
+/*
+ * mqrpc_service_event_fn receives a service's events (above). It runs on
+ * the thread that services the connection: the caller of
+ * mqrpc_service_connect or mqrpc_service_run, or, while a handler runs
+ * inline for long, the handler thread standing in for it; never on two
+ * threads at once for one service. detail is valid only during the call.
+ * It must return quickly and call no function of s but
+ * mqrpc_service_instance and mqrpc_service_stop. arg is
+ * mqrpc_service_opts.event_arg.
+ */
+typedef void (*mqrpc_service_event_fn)(mqrpc_service *s,
+                                       mqrpc_service_event event,
+                                       const char *detail, void *arg);
+
 /* Service options: fill with mqrpc_service_opts_init (as for
  * mqrpc_client_opts); zero means default except for queue. */
 typedef struct mqrpc_service_opts {
@@ -633,6 +676,11 @@ typedef struct mqrpc_service_opts {
     /* Handler threads: requests handled at once on the one connection;
      * 0: 1. prefetch defaults to this. */
     unsigned threads;
+    /* Events for the program (mqrpc_service_event); NULL: none. */
+    mqrpc_service_event_fn event;
+    void *event_arg;
+    /* MQRPC_SERVICE_TICK at least every tick_ms ms; 0: no ticks. */
+    int tick_ms;
 } mqrpc_service_opts;
 
 /* mqrpc_service_opts_init zeroes *o and sets o->size. */

@@ -852,6 +852,118 @@ static void cli_extra_short_and_flags(void **state)
     assert_int_equal(parse(&c3, 2, noval), CLI_EXIT_USAGE);
 }
 
+/* Options after the operands, as GNU tools take them; negative numbers
+ * stay operands; "--" ends the options. argv is permuted: the operands
+ * end up last, from c.optind on, in their order. */
+static void cli_options_after_operands(void **state)
+{
+    char *call[] = {
+        "rpc_client", "call", "service_soma", "{\"a\":1,\"b\":2}", "--timeout",
+        "4000",       NULL};
+    struct cli c = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    (void)state;
+    assert_int_equal(parse(&c, 6, call), -1);
+    assert_int_equal(c.timeout_ms, 4000);
+    assert_int_equal(c.optind, 3);
+    assert_string_equal(call[3], "call");
+    assert_string_equal(call[4], "service_soma");
+    assert_string_equal(call[5], "{\"a\":1,\"b\":2}");
+
+    char *soma_v[] = {"rpc_client", "soma", "1", "2", "-v", NULL};
+    struct cli c2 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c2, 5, soma_v), -1);
+    assert_true(c2.verbose);
+    assert_int_equal(c2.optind, 2);
+    assert_string_equal(soma_v[2], "soma");
+    assert_string_equal(soma_v[3], "1");
+    assert_string_equal(soma_v[4], "2");
+
+    /* Negative numbers anywhere, between options too. */
+    char *media[] = {"rpc_client", "media", "-1.5", "--timeout", "300", "2",
+                     "-3",         "-.5",   "-1e3", "-v",        NULL};
+    struct cli c3 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c3, 10, media), -1);
+    assert_int_equal(c3.timeout_ms, 300);
+    assert_true(c3.verbose);
+    assert_int_equal(c3.optind, 4);
+    const char *want[] = {"media", "-1.5", "2", "-3", "-.5", "-1e3"};
+    for (int i = 0; i < 6; i++)
+        assert_string_equal(media[4 + i], want[i]);
+
+    char *soma_neg[] = {"rpc_client", "soma", "-5", "3", NULL};
+    struct cli c4 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c4, 4, soma_neg), -1);
+    assert_int_equal(c4.optind, 1);
+    assert_string_equal(soma_neg[2], "-5");
+
+    /* "--" ends the options: what follows is operands, "-v" included;
+     * "-" (stdin) is an operand anyway. */
+    char *dd[] = {"rpc_client", "-v",        "busca", "--",
+                  "-x",         "--timeout", "-",     NULL};
+    struct cli c5 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c5, 7, dd), -1);
+    assert_true(c5.verbose);
+    assert_int_equal(c5.timeout_ms, MQRPC_DEFAULT_TIMEOUT_MS);
+    assert_int_equal(c5.optind, 3);
+    assert_string_equal(dd[3], "busca");
+    assert_string_equal(dd[4], "-x");
+    assert_string_equal(dd[5], "--timeout");
+    assert_string_equal(dd[6], "-");
+
+    /* A value is taken whole, even one that looks like an option, and
+     * by the same rules as getopt_long: "--time" is --timeout, "=" and
+     * a short option's attached value take no next element. */
+    char *vals[] = {"b",  "q",  "--url",     "--x", "--time", "70",
+                    "-n", "-5", "--calls=7", "-n9", "j",      NULL};
+    struct cli_extra extra[] = {
+        {.name = "calls", .arg = "N", .help = "n", .short_name = 'n'},
+        {.name = NULL}};
+    struct cli c6 = {.prog = "t",
+                     .usage = "",
+                     .summary = "",
+                     .flags = CLI_CALLER,
+                     .extra = extra};
+    assert_int_equal(parse(&c6, 11, vals), -1);
+    assert_string_equal(c6.url, "--x");
+    assert_int_equal(c6.timeout_ms, 70);
+    assert_string_equal(extra[0].value, "9");
+    assert_int_equal(c6.optind, 9);
+    assert_string_equal(vals[9], "q");
+    assert_string_equal(vals[10], "j");
+
+    /* An unknown option after the operands is a usage error, as before
+     * them; so is an option missing its value at the end. */
+    char *bogus[] = {"rpc_client", "soma", "1", "2", "--bogus", NULL};
+    struct cli c7 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c7, 5, bogus), CLI_EXIT_USAGE);
+    char *unk[] = {"rpc_client", "busca", "-x", NULL};
+    struct cli c8 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c8, 3, unk), CLI_EXIT_USAGE);
+    char *noval[] = {"rpc_client", "info", "--timeout", NULL};
+    struct cli c9 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c9, 3, noval), CLI_EXIT_USAGE);
+
+    /* Services: options after an (unexpected) operand are still read. */
+    char *svc[] = {"svc", "extra", "--queue", "q1", NULL};
+    struct cli c10 = {.prog = "t",
+                      .usage = "",
+                      .summary = "",
+                      .flags = CLI_SERVICE,
+                      .queue = "d"};
+    assert_int_equal(parse(&c10, 4, svc), -1);
+    assert_string_equal(c10.queue, "q1");
+    assert_int_equal(c10.optind, 3);
+    assert_string_equal(svc[3], "extra");
+}
+
 static void exit_codes_are_the_documented_ones(void **state)
 {
     (void)state;
@@ -994,6 +1106,7 @@ int main(void)
         cmocka_unit_test(cli_service_options),
         cmocka_unit_test(cli_service_limit_options),
         cmocka_unit_test(cli_extra_short_and_flags),
+        cmocka_unit_test(cli_options_after_operands),
         cmocka_unit_test(exit_codes_are_the_documented_ones),
         cmocka_unit_test(metric_codes_and_buckets),
         cmocka_unit_test(metrics_text_of_a_service),
