@@ -48,3 +48,8 @@ mqrpc_broker_test(resumo bash ${CMAKE_CURRENT_SOURCE_DIR}/resumo_test.sh)
 # its capacity; latency from the scheduled start grows with the backlog.
 # Ratios, not speeds; about 20 s.
 mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)
+
+# W3C trace context and structured logs: rpc_client --traceparent, a pika
+# caller's trace continued, one trace through service_resumo, the services'
+# log lines (text and --log-format json) naming trace and span ids.
+mqrpc_broker_test(trace bash ${CMAKE_CURRENT_SOURCE_DIR}/trace_test.sh)
