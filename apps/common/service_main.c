@@ -70,11 +70,12 @@ static int parse_options(struct cli *c, int argc, char **argv,
     all[n] = (struct cli_extra){
         .name = "log-format",
         .arg = "FORMAT",
-        .help = "text, or json: one JSON object per line on stderr (ts, "
-                "level, instance,\n"
-                "                     msg; per request queue, "
-                "correlation_id, trace_id,\n"
-                "                     span_id, duration_ms, code)",
+        .help = "text, or json: one JSON object per line on\n"
+                "                     stderr (ts, level, instance, msg; per "
+                "request\n"
+                "                     also queue, correlation_id, trace_id, "
+                "span_id,\n"
+                "                     duration_ms, code)",
         .value = "text"};
     all[n + 1] = (struct cli_extra){.name = NULL};
     c->extra = all;
