@@ -79,6 +79,7 @@ static json_t *parse_list(char **words, int n, char *bad, size_t badlen)
 
 struct session {
     struct cli *cli;
+    mqrpc_call_opts call; /* --traceparent, --tracestate */
     mqrpc_client *client;
     bool bar_shown; /* a progress bar is on the terminal's last line */
 };
@@ -204,12 +205,12 @@ static int do_call(struct session *s, const char *queue, const char *body,
     /* Services that report progress send it only when asked: asked when
      * someone watches (a terminal), or with -v; a script's stderr stays
      * the one line of an error. */
-    e = mqrpc_call(s->client, queue, body, len, s->cli->timeout_ms,
-                   call_flags(queue) |
-                       (isatty(STDERR_FILENO) || s->cli->verbose
-                            ? MQRPC_CALL_PROGRESS
-                            : 0),
-                   &r);
+    e = mqrpc_call_ex(s->client, queue, body, len, s->cli->timeout_ms,
+                      call_flags(queue) |
+                          (isatty(STDERR_FILENO) || s->cli->verbose
+                               ? MQRPC_CALL_PROGRESS
+                               : 0),
+                      &s->call, &r);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     if (s->bar_shown) {
         fputs("\r\033[K", stderr);
@@ -231,6 +232,13 @@ static int do_call(struct session *s, const char *queue, const char *body,
         fprintf(stderr, "answered by %s in %.1f ms\n", mqrpc_reply_app_id(r),
                 (double)(t1.tv_sec - t0.tv_sec) * 1e3 +
                     (double)(t1.tv_nsec - t0.tv_nsec) / 1e6);
+    if (s->cli->verbose && mqrpc_reply_call_traceparent(r))
+        /* The service's span, when it answered with one: its id is what
+         * to look for in the service's log lines. */
+        fprintf(stderr, "traceparent %s, reply traceparent %s\n",
+                mqrpc_reply_call_traceparent(r),
+                mqrpc_reply_traceparent(r) ? mqrpc_reply_traceparent(r)
+                                           : "none");
     rc = cli_exit_code(e);
     mqrpc_reply_free(r);
     return rc;
@@ -539,17 +547,56 @@ static int menu(struct session *s)
 
 int main(int argc, char **argv)
 {
+    struct cli_extra extra[] = {
+        {.name = "traceparent",
+         .arg = "VALUE",
+         .help = "continue this W3C trace: 00-<32 hex trace id>-<16 hex\n"
+                 "                     parent id>-<2 hex flags> (default: "
+                 "each call starts one)"},
+        {.name = "tracestate",
+         .arg = "VALUE",
+         .help = "W3C tracestate sent with --traceparent"},
+        {.name = NULL},
+    };
     struct cli c = {.prog = "rpc_client",
                     .usage = "[OPTIONS] [soma A B | media N... | busca NOME | "
                              "info | call QUEUE JSON]",
                     .summary = summary,
-                    .flags = CLI_CALLER};
+                    .flags = CLI_CALLER,
+                    .extra = extra,
+                    .verbose_help = "say which instance answered, how fast, "
+                                    "and the call's trace\n"
+                                    "                     (traceparent sent "
+                                    "and the reply's)"};
     struct session s = {.cli = &c};
     int rc;
 
     rc = cli_parse(&c, argc, argv);
     if (rc >= 0)
         return rc;
+    mqrpc_call_opts_init(&s.call);
+    s.call.traceparent = extra[0].value;
+    s.call.tracestate = extra[1].value;
+    if (s.call.traceparent && !mqrpc_traceparent_valid(s.call.traceparent)) {
+        cli_error(&c,
+                  "--traceparent: not a W3C traceparent "
+                  "(00-<32 hex>-<16 hex>-<2 hex>, lowercase, ids not all "
+                  "zero): \"%.80s\"",
+                  s.call.traceparent);
+        return CLI_EXIT_USAGE;
+    }
+    if (s.call.tracestate &&
+        (!s.call.traceparent || !*s.call.tracestate ||
+         strlen(s.call.tracestate) > MQRPC_TRACESTATE_MAX ||
+         strspn(s.call.tracestate,
+                " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                "[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~") !=
+             strlen(s.call.tracestate))) {
+        cli_error(&c, "--tracestate needs --traceparent and 1 to %d "
+                      "printable ASCII characters",
+                  MQRPC_TRACESTATE_MAX);
+        return CLI_EXIT_USAGE;
+    }
     if (c.optind < argc)
         rc = run_command(&s, argc - c.optind, argv + c.optind);
     else

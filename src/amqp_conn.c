@@ -538,6 +538,17 @@ static amqp_table_entry_t int_entry(const char *key, int64_t v)
     return t;
 }
 
+/* A string header as the OpenTelemetry instrumentations (and pika, for a
+ * Python str) write it: an AMQP long string. */
+static amqp_table_entry_t str_entry(const char *key, mqr_str v)
+{
+    amqp_table_entry_t t;
+    t.key = amqp_cstring_bytes(key);
+    t.value.kind = AMQP_FIELD_KIND_UTF8;
+    t.value.value.bytes = bytes_of(v);
+    return t;
+}
+
 mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
                                  const mqr_queue_opts *o, char *name_out)
 {
@@ -642,7 +653,7 @@ static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
 {
     amqp_basic_properties_t props;
     amqp_bytes_t b = {len, (void *)body};
-    amqp_table_entry_t headers[3];
+    amqp_table_entry_t headers[5];
     mqrpc_err e;
 
     if (!c->open)
@@ -674,6 +685,12 @@ static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
             int_entry(MQR_HDR_DELIVERIES, p->deliveries);
     if (p->progress)
         headers[props.headers.num_entries++] = int_entry(MQR_HDR_PROGRESS, 1);
+    if (p->traceparent.len)
+        headers[props.headers.num_entries++] =
+            str_entry(MQR_HDR_TRACEPARENT, p->traceparent);
+    if (p->tracestate.len)
+        headers[props.headers.num_entries++] =
+            str_entry(MQR_HDR_TRACESTATE, p->tracestate);
     if (props.headers.num_entries)
         props._flags |= AMQP_BASIC_HEADERS_FLAG;
     e = check_status(c,
@@ -789,6 +806,17 @@ static void read_headers(const amqp_table_t *t, mqr_msg *m)
         } else if (mqr_str_eq(key, MQR_HDR_PROGRESS)) {
             /* Advisory: a header of another type asks for nothing. */
             m->progress = int_value(&h->value, &v) && v != 0;
+        } else if (mqr_str_eq(key, MQR_HDR_TRACEPARENT) ||
+                   mqr_str_eq(key, MQR_HDR_TRACESTATE)) {
+            /* Advisory too: a value of another type is no trace context,
+             * and whoever reads it starts a trace of its own. */
+            if (h->value.kind == AMQP_FIELD_KIND_UTF8 ||
+                h->value.kind == AMQP_FIELD_KIND_BYTES) {
+                if (key.len == sizeof MQR_HDR_TRACEPARENT - 1)
+                    m->traceparent = str_of(h->value.value.bytes);
+                else
+                    m->tracestate = str_of(h->value.value.bytes);
+            }
         }
     }
 }

@@ -402,6 +402,7 @@ static void run_finished(mqrpc_client *c)
     while ((k = mqr_calls_pop_finished(&c->calls))) {
         mqrpc_reply *r = &k->reply;
         r->queue = k->queue;
+        r->call_traceparent = k->traceparent;
         if (r->status != MQRPC_OK && !r->error_code)
             r->error_code = mqrpc_errname(r->status);
         count_call(c, k);
@@ -529,6 +530,12 @@ static void on_reply(mqrpc_client *c, const mqr_msg *m)
         memcpy(c->app_id, m->app_id.ptr, n);
         c->app_id[n] = '\0';
         r->app_id = c->app_id;
+    }
+    if (mqr_traceparent_parse(m->traceparent.ptr, m->traceparent.len, NULL) &&
+        m->traceparent.len < sizeof k->reply_traceparent) {
+        memcpy(k->reply_traceparent, m->traceparent.ptr, m->traceparent.len);
+        k->reply_traceparent[m->traceparent.len] = '\0';
+        r->traceparent = k->reply_traceparent;
     }
     r->status = mqr_decode_reply(mqr_str_eq(m->type, "error"), m->body.ptr,
                                  m->body.len, &r->result, &fault);
@@ -680,6 +687,9 @@ static mqrpc_err send_call(mqrpc_client *c, mqr_call *k, int64_t now)
     props.reply_to.len = c->reply_queue_len;
     props.persistent = c->opts.durable;
     props.progress = k->progress;
+    props.traceparent = mqr_cstr(k->traceparent);
+    if (k->tracestate)
+        props.tracestate = mqr_cstr(k->tracestate);
     /* mandatory: a queue nobody declared makes the broker return the
      * request (basic.return) instead of dropping it silently. */
     e = mqr_conn_publish(c->conn, mqr_cstr(k->queue), &props, k->body,
@@ -955,6 +965,48 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
                            size_t len, int timeout_ms, unsigned flags,
                            mqrpc_done_fn done, void *arg)
 {
+    return mqrpc_call_async_ex(c, queue, body, len, timeout_ms, flags, NULL,
+                               done, arg);
+}
+
+/* Checks a caller's per-call options into *o (zeroed: the defaults). */
+static bool call_opts_ok(mqrpc_client *c, const mqrpc_call_opts *given,
+                         mqrpc_call_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    if (!given)
+        return true;
+    if (!mqr_opts_copy(o, sizeof *o, given)) {
+        snprintf(c->err, sizeof c->err,
+                 "mqrpc_call_opts: size not set by mqrpc_call_opts_init, or "
+                 "an option this library does not know");
+        return false;
+    }
+    if (o->traceparent && !mqrpc_traceparent_valid(o->traceparent)) {
+        snprintf(c->err, sizeof c->err,
+                 "traceparent is not a W3C traceparent "
+                 "(00-<32 hex>-<16 hex>-<2 hex>, ids not all zero)");
+        return false;
+    }
+    if (o->tracestate && (!o->traceparent ||
+                          !mqr_tracestate_ok(o->tracestate,
+                                             strlen(o->tracestate)))) {
+        snprintf(c->err, sizeof c->err,
+                 o->traceparent ? "tracestate must be 1 to %d printable "
+                                  "ASCII characters"
+                                : "tracestate without a traceparent",
+                 MQRPC_TRACESTATE_MAX);
+        return false;
+    }
+    return true;
+}
+
+mqrpc_err mqrpc_call_async_ex(mqrpc_client *c, const char *queue,
+                              const void *body, size_t len, int timeout_ms,
+                              unsigned flags, const mqrpc_call_opts *opts,
+                              mqrpc_done_fn done, void *arg)
+{
+    mqrpc_call_opts o;
     size_t qlen;
     mqr_call *k;
     bool resendable, now;
@@ -968,6 +1020,8 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
         snprintf(c->err, sizeof c->err, "invalid argument to mqrpc_call_async");
         return MQRPC_EINVAL;
     }
+    if (!call_opts_ok(c, opts, &o))
+        return MQRPC_EINVAL;
     qlen = strlen(queue);
     if (qlen == 0 || qlen > 255) {
         snprintf(c->err, sizeof c->err,
@@ -999,6 +1053,22 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
     k->done = done;
     k->arg = arg;
     k->progress = (flags & MQRPC_CALL_PROGRESS) != 0;
+    if (o.traceparent) {
+        /* A later version's is passed on as the 00 it starts with. */
+        mqr_trace_ids ids;
+        mqr_traceparent_parse(o.traceparent, strlen(o.traceparent), &ids);
+        mqr_traceparent_format(k->traceparent, ids.trace_id, ids.span_id,
+                               ids.flags);
+        if (o.tracestate && !(k->tracestate = strdup(o.tracestate))) {
+            mqr_call_free(k);
+            return MQRPC_ENOMEM;
+        }
+    } else {
+        char trace_id[33], span_id[17];
+        mqr_trace_random_hex(trace_id, 16);
+        mqr_trace_random_hex(span_id, 8);
+        mqr_traceparent_format(k->traceparent, trace_id, span_id, "01");
+    }
     k->body_len = len;
     /* A call that may be published later keeps its own copy of the body;
      * one sent now reads the caller's, which is valid until we return. */
@@ -1068,6 +1138,8 @@ static mqrpc_reply *reply_copy(const mqrpc_reply *r)
     o->error_message = dup_or_null(r->error_message);
     o->app_id = dup_or_null(r->app_id);
     o->queue = dup_or_null(r->queue);
+    o->traceparent = dup_or_null(r->traceparent);
+    o->call_traceparent = dup_or_null(r->call_traceparent);
     if (r->result)
         json_incref(r->result);
     return o;
@@ -1093,14 +1165,21 @@ mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
                      size_t len, int timeout_ms, unsigned flags,
                      mqrpc_reply **out)
 {
+    return mqrpc_call_ex(c, queue, body, len, timeout_ms, flags, NULL, out);
+}
+
+mqrpc_err mqrpc_call_ex(mqrpc_client *c, const char *queue, const void *body,
+                        size_t len, int timeout_ms, unsigned flags,
+                        const mqrpc_call_opts *opts, mqrpc_reply **out)
+{
     struct sync_call s = {.want_copy = out != NULL};
     mqrpc_err e;
 
     if (out)
         *out = NULL;
     e = c->in_callback ? MQRPC_ESTATE
-                       : mqrpc_call_async(c, queue, body, len, timeout_ms,
-                                          flags, sync_done, &s);
+                       : mqrpc_call_async_ex(c, queue, body, len, timeout_ms,
+                                             flags, opts, sync_done, &s);
     if (e != MQRPC_OK) {
         if (out) {
             mqrpc_reply r = {.status = e,
@@ -1218,6 +1297,16 @@ const char *mqrpc_reply_queue(const mqrpc_reply *r)
     return r->queue;
 }
 
+const char *mqrpc_reply_traceparent(const mqrpc_reply *r)
+{
+    return r->traceparent;
+}
+
+const char *mqrpc_reply_call_traceparent(const mqrpc_reply *r)
+{
+    return r->call_traceparent;
+}
+
 void mqrpc_reply_free(mqrpc_reply *r)
 {
     if (!r)
@@ -1228,6 +1317,8 @@ void mqrpc_reply_free(mqrpc_reply *r)
         free((char *)r->error_message);
         free((char *)r->app_id);
         free((char *)r->queue);
+        free((char *)r->traceparent);
+        free((char *)r->call_traceparent);
     }
     json_decref(r->result);
     free(r);

@@ -177,6 +177,7 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
               (uint64_t)(uintptr_t)s) |
              1;
     s->log.fn = s->opts.log;
+    s->log.record_fn = s->opts.log_record;
     s->log.arg = s->opts.log_arg;
     s->log.name = s->instance;
     s->handler = handler;
@@ -479,6 +480,8 @@ static mqr_msg msg_of(const mqrpc_request *r)
     m.deadline_ms = r->deadline_ms;
     m.deliveries = r->deliveries;
     m.progress = r->want_progress;
+    m.traceparent = r->traceparent;
+    m.tracestate = r->tracestate;
     return m;
 }
 
@@ -494,7 +497,7 @@ static mqrpc_err take_back_unstarted(mqrpc_service *s, bool hand_back)
         next = r->next;
         if (hand_back && e == MQRPC_OK && r->gen == s->gen && s->conn) {
             mqr_msg m = msg_of(r);
-            e = mqr_republish(s, &m);
+            e = mqr_republish(s, &m, &r->trace);
         }
         drop_request(s, r);
     }
@@ -532,32 +535,42 @@ static mqrpc_err run_inline(mqrpc_service *s, mqrpc_request *r)
 static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
 {
     mqrpc_request *r;
+    mqr_trace trace;
+    mqr_req_fields f;
+    char cid[65];
 
+    /* Every delivery is a span of ours, so that each line about it names
+     * its trace, even when it is never run here. */
+    mqr_trace_start(&trace, m->traceparent);
+    snprintf(cid, sizeof cid, "%.*s", mqr_service_shown_len(m->correlation_id),
+             m->correlation_id.ptr ? m->correlation_id.ptr : "");
+    f = (mqr_req_fields){.queue = s->queue,
+                         .correlation_id = cid,
+                         .trace_id = trace.trace_id,
+                         .span_id = trace.span_id,
+                         .duration_ms = -1};
     if (m->reply_to.len == 0 || m->correlation_id.len == 0) {
         /* Nobody could match an answer: acknowledge so it does not come
          * back forever. */
         MQR_STAT_ADD(s->st.dropped, 1);
-        mqr_log(&s->log, MQRPC_LOG_WARN,
-                "request without %s (correlation_id \"%.*s\"): "
-                "acknowledged and dropped",
-                m->reply_to.len == 0 ? "reply_to" : "correlation_id",
-                mqr_service_shown_len(m->correlation_id),
-                m->correlation_id.ptr ? m->correlation_id.ptr : "");
+        mqr_log_req(&s->log, MQRPC_LOG_WARN, &f,
+                    "request without %s (correlation_id \"%s\"): "
+                    "acknowledged and dropped",
+                    m->reply_to.len == 0 ? "reply_to" : "correlation_id",
+                    cid);
         return mqr_service_done_with(s, m->delivery_tag);
     }
     if (m->deadline_ms && mqr_wall_ms() >= m->deadline_ms) {
         /* Its caller gave up: running it would be wasted work. */
         MQR_STAT_ADD(s->st.expired, 1);
         if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG,
-                    "request %.*s skipped: past its deadline",
-                    mqr_service_shown_len(m->correlation_id),
-                    m->correlation_id.ptr);
+            mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f,
+                        "request %s skipped: past its deadline", cid);
         return mqr_service_done_with(s, m->delivery_tag);
     }
     if (m->redelivered || atomic_load(&s->stopping))
-        return mqr_republish(s, m);
-    r = mqr_request_new(s, m);
+        return mqr_republish(s, m, &trace);
+    r = mqr_request_new(s, m, &trace);
     if (!r)
         return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
     in_hand_append(s, r);
@@ -608,6 +621,7 @@ static mqrpc_err send_progress(mqrpc_service *s, mqrpc_request *r,
     props.correlation_id = r->correlation_id;
     props.app_id = mqr_cstr(s->instance);
     props.progress = true;
+    props.traceparent = mqr_cstr(r->trace.traceparent);
     e = mqr_conn_publish(s->conn, r->reply_to, &props, body, strlen(body),
                          true);
     free(body);
@@ -623,23 +637,29 @@ static mqrpc_err finish_request(mqrpc_service *s, mqrpc_request *r)
 {
     bool current = r->gen == s->gen;
     mqrpc_err e = MQRPC_OK;
+    mqr_req_fields f;
 
+    if (s->opts.verbose) {
+        mqr_request_fields(r, &f);
+        f.code = r->code[0] ? r->code : NULL;
+        f.duration_ms = (double)(mqr_now_us() - r->start_us) / 1e3;
+    }
     if (r->skipped || caller_gone(r)) {
         if (r->skipped)
             MQR_STAT_ADD(s->st.expired, 1);
         else
             MQR_STAT_ADD(s->st.abandoned, 1);
         if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG, "request %.*s%s",
-                    mqr_service_shown_len(r->correlation_id),
-                    r->correlation_id.ptr,
-                    r->skipped ? " skipped: past its deadline"
-                               : ": reply not sent, its caller gave up");
+            mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f, "request %.*s%s",
+                        mqr_service_shown_len(r->correlation_id),
+                        r->correlation_id.ptr,
+                        r->skipped ? " skipped: past its deadline"
+                                   : ": reply not sent, its caller gave up");
         if (current)
             e = mqr_service_done_with(s, r->tag);
     } else {
         MQR_STAT_ADD(s->st.served, 1);
-        MQR_STAT_ADD(s->st.replies[r->reply_is_error ? r->code
+        MQR_STAT_ADD(s->st.replies[r->reply_is_error ? mqrpc_code_of(r->code)
                                                      : MQRPC_CODE_OK],
                      1);
         {
@@ -648,12 +668,15 @@ static mqrpc_err finish_request(mqrpc_service *s, mqrpc_request *r)
             MQR_STAT_ADD(s->st.handling_us, us);
         }
         if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG, "answered %.*s",
-                    mqr_service_shown_len(r->correlation_id),
-                    r->correlation_id.ptr);
+            mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f,
+                        "answered %.*s: %s in %.3f ms",
+                        mqr_service_shown_len(r->correlation_id),
+                        r->correlation_id.ptr, f.code ? f.code : "?",
+                        f.duration_ms);
         e = mqr_send_reply(s, current ? r->tag : 0, r->correlation_id,
                            r->reply_to, r->persistent, r->reply_body,
-                           r->reply_len, r->reply_is_error);
+                           r->reply_len, r->reply_is_error, &r->trace,
+                           r->tracestate);
     }
     drop_request(s, r);
     return e;
@@ -698,13 +721,16 @@ static void on_return(mqrpc_service *s, const mqr_msg *m)
         if (mqr_str_eq(m->correlation_id, r->correlation_id.ptr) &&
             r->correlation_id.len == m->correlation_id.len) {
             atomic_store(&r->gone, true);
-            if (s->opts.verbose)
-                mqr_log(&s->log, MQRPC_LOG_DEBUG,
-                        "request %.*s: its caller's reply queue is gone "
-                        "(%d %.*s); the handler sees it cancelled",
-                        mqr_service_shown_len(r->correlation_id),
-                        r->correlation_id.ptr, m->reply_code,
-                        (int)m->reply_text.len, m->reply_text.ptr);
+            if (s->opts.verbose) {
+                mqr_req_fields f;
+                mqr_request_fields(r, &f);
+                mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f,
+                            "request %.*s: its caller's reply queue is gone "
+                            "(%d %.*s); the handler sees it cancelled",
+                            mqr_service_shown_len(r->correlation_id),
+                            r->correlation_id.ptr, m->reply_code,
+                            (int)m->reply_text.len, m->reply_text.ptr);
+            }
             return;
         }
 }

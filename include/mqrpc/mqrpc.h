@@ -17,6 +17,13 @@
  * {"error": {"code": "...", "message": "..."}}. A service re-publishes a
  * request that comes back after its instance died with the header
  * x-mqrpc-deliveries (deliveries that ended without an answer).
+ * Trace context (W3C, as the OpenTelemetry RabbitMQ instrumentations
+ * carry it): a request has the string header traceparent
+ * ("00-<trace id>-<parent id>-<flags>") and, when the caller has one,
+ * tracestate; a service continues that trace (or starts one when the
+ * header is missing or invalid) with a span id of its own, and its reply
+ * carries traceparent "00-<same trace id>-<its span id>-<same flags>" and
+ * the tracestate it got.
  */
 #ifndef MQRPC_MQRPC_H
 #define MQRPC_MQRPC_H
@@ -193,6 +200,35 @@ typedef enum {
 typedef void (*mqrpc_log_fn)(mqrpc_log_level level, const char *line,
                              void *arg);
 
+/*
+ * mqrpc_log_record is one log line with its fields apart, for structured
+ * logs (service_main's --log-format json). The library fills it; size is
+ * sizeof(mqrpc_log_record) of the library, which only ever adds fields at
+ * the end: a program reads the fields its header knows. Strings are valid
+ * only during the call; a field that does not apply is NULL (duration_ms:
+ * negative).
+ */
+typedef struct mqrpc_log_record {
+    size_t size;
+    mqrpc_log_level level;
+    /* The line mqrpc_log_fn would get, without the request's trace ids. */
+    const char *msg;
+    /* About one request (NULL when the line is not): */
+    const char *queue;
+    const char *correlation_id;
+    const char *trace_id; /* 32 hex digits */
+    const char *span_id;  /* 16 hex digits: the service's span for it */
+    /* Once answered: "ok" or the error reply's code, and the time from
+     * its delivery to its answer, in ms. */
+    const char *code;
+    double duration_ms;
+} mqrpc_log_record;
+
+/* mqrpc_log_record_fn receives log records (mqrpc_service_opts.log_record)
+ * under mqrpc_log_fn's rules (thread, no call into the handle); arg is the
+ * options' log_arg. */
+typedef void (*mqrpc_log_record_fn)(const mqrpc_log_record *rec, void *arg);
+
 /* Which account a program connects as. The private broker has one of each
  * (README, Security): services may consume only service queues, clients
  * may only publish requests and read their own reply queues. */
@@ -249,6 +285,20 @@ typedef struct mqrpc_tls_opts {
      * the path can then read and change the traffic: for tests only. */
     int insecure;
 } mqrpc_tls_opts;
+
+/* --------------------------------------------------------- trace context */
+
+/* Length of a version 00 traceparent:
+ * "00-" 32 hex trace id "-" 16 hex parent id "-" 2 hex flags. */
+#define MQRPC_TRACEPARENT_LEN 55
+/* Longest tracestate passed on (the W3C recommendation's limit). */
+#define MQRPC_TRACESTATE_MAX 512
+
+/* mqrpc_traceparent_valid returns 1 if traceparent is a W3C traceparent
+ * this library takes: version 00 with exactly its four fields, or a later
+ * version (not ff) that starts like one; lowercase hex; trace id and
+ * parent id not all zeros. 0 otherwise (NULL included). */
+MQRPC_API int mqrpc_traceparent_valid(const char *traceparent);
 
 /* ---------------------------------------------------------------- client */
 
@@ -412,6 +462,41 @@ MQRPC_API mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const v
                            mqrpc_done_fn done, void *arg);
 
 /*
+ * Per-call options, for mqrpc_call_async_ex and mqrpc_call_ex. Fill with
+ * mqrpc_call_opts_init (it records the struct's size, as for
+ * mqrpc_client_opts); zero means default; new fields go at the end.
+ */
+typedef struct mqrpc_call_opts {
+    size_t size; /* sizeof(mqrpc_call_opts); set by mqrpc_call_opts_init */
+    /* The caller's W3C trace context: the request carries it unchanged
+     * (its parent id is the caller's span, e.g. a service handler's
+     * mqrpc_request_traceparent). NULL: the library starts a new trace,
+     * random trace and parent ids from getrandom, flags 01 (sampled).
+     * Copied; an invalid one (mqrpc_traceparent_valid) is MQRPC_EINVAL. */
+    const char *traceparent;
+    /* Its tracestate, sent beside it; NULL: none. Only with traceparent;
+     * 1 to MQRPC_TRACESTATE_MAX printable ASCII characters, else
+     * MQRPC_EINVAL. */
+    const char *tracestate;
+} mqrpc_call_opts;
+
+/* mqrpc_call_opts_init zeroes *o (all defaults) and sets o->size. */
+static inline void mqrpc_call_opts_init(mqrpc_call_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->size = sizeof *o;
+}
+
+/* mqrpc_call_async_ex is mqrpc_call_async with per-call options (NULL:
+ * the defaults, which is what mqrpc_call_async uses). MQRPC_EINVAL, done
+ * never called, for options this library does not know or bad values. */
+MQRPC_API mqrpc_err mqrpc_call_async_ex(mqrpc_client *c, const char *queue,
+                                        const void *body, size_t len,
+                                        int timeout_ms, unsigned flags,
+                                        const mqrpc_call_opts *opts,
+                                        mqrpc_done_fn done, void *arg);
+
+/*
  * mqrpc_client_process reads and dispatches whatever the broker sent,
  * waiting up to timeout_ms (0: do not wait; <0: until something happens)
  * for the first frame, expires calls past their deadline and keeps the
@@ -490,6 +575,13 @@ MQRPC_API mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *b
                      size_t len, int timeout_ms, unsigned flags,
                      mqrpc_reply **out);
 
+/* mqrpc_call_ex is mqrpc_call with per-call options (NULL: defaults), as
+ * mqrpc_call_async_ex. */
+MQRPC_API mqrpc_err mqrpc_call_ex(mqrpc_client *c, const char *queue,
+                                  const void *body, size_t len, int timeout_ms,
+                                  unsigned flags, const mqrpc_call_opts *opts,
+                                  mqrpc_reply **out);
+
 /*
  * mqrpc_client_queue_info asks the broker (a passive queue.declare on a
  * side channel, so a missing queue does not disturb calls in flight) how
@@ -527,6 +619,18 @@ MQRPC_API const char *mqrpc_reply_app_id(const mqrpc_reply *r);
 
 /* mqrpc_reply_queue: the queue the call was sent to. */
 MQRPC_API const char *mqrpc_reply_queue(const mqrpc_reply *r);
+
+/* mqrpc_reply_traceparent: the reply's traceparent header (a service of
+ * ours: the call's trace id and the service's own span id), or NULL when
+ * the reply had none, or an invalid one (e.g. a pika service), or no reply
+ * arrived. Borrowed from r. */
+MQRPC_API const char *mqrpc_reply_traceparent(const mqrpc_reply *r);
+
+/* mqrpc_reply_call_traceparent: the traceparent the call was sent with
+ * (the caller's, or the one the library started), so a program can log
+ * the trace id of a call that got no reply. NULL only when the call was
+ * never made (mqrpc_call's copy of an argument error). Borrowed from r. */
+MQRPC_API const char *mqrpc_reply_call_traceparent(const mqrpc_reply *r);
 
 /* mqrpc_reply_free frees a reply returned by mqrpc_call. Accepts NULL. */
 MQRPC_API void mqrpc_reply_free(mqrpc_reply *r);
@@ -681,6 +785,10 @@ typedef struct mqrpc_service_opts {
     void *event_arg;
     /* MQRPC_SERVICE_TICK at least every tick_ms ms; 0: no ticks. */
     int tick_ms;
+    /* When set, receives every log line as a record (with the request's
+     * queue, correlation id, trace and span ids, outcome and duration
+     * apart) instead of log; its arg is log_arg. */
+    mqrpc_log_record_fn log_record;
 } mqrpc_service_opts;
 
 /* mqrpc_service_opts_init zeroes *o and sets o->size. */
@@ -711,6 +819,21 @@ MQRPC_API json_t *mqrpc_request_params(const mqrpc_request *r);
 
 /* mqrpc_request_correlation_id: the caller's correlation id (for logs). */
 MQRPC_API const char *mqrpc_request_correlation_id(const mqrpc_request *r);
+
+/* mqrpc_request_traceparent: the request's W3C trace context as this
+ * service continues it: "00-<trace id>-<span id>-<flags>", the caller's
+ * trace id and flags (a new trace when the request had no valid
+ * traceparent) and a span id of this service's own, which its reply
+ * carries and its log lines name. Give it to the calls the handler makes
+ * for this request (mqrpc_call_opts.traceparent), so that one trace spans
+ * them. Valid until the request ends; never NULL. */
+MQRPC_API const char *mqrpc_request_traceparent(const mqrpc_request *r);
+
+/* mqrpc_request_tracestate: the request's tracestate header, to pass on
+ * with mqrpc_request_traceparent, or NULL when it had none (or one over
+ * MQRPC_TRACESTATE_MAX characters or not printable ASCII). Valid until
+ * the request ends. */
+MQRPC_API const char *mqrpc_request_tracestate(const mqrpc_request *r);
 
 /* mqrpc_request_time_left_ms: how long the caller will still wait, in ms
  * (0: it gave up), or -1 when it set no deadline (e.g. the seed's pika

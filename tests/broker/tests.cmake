@@ -68,3 +68,8 @@ set_property(TEST broker.metrics APPEND PROPERTY ENVIRONMENT
 mqrpc_broker_test(systemd bash ${CMAKE_CURRENT_SOURCE_DIR}/systemd_test.sh
                   ${MQRPC_HAVE_SYSTEMD})
 set_tests_properties(broker.systemd PROPERTIES SKIP_RETURN_CODE 77)
+
+# W3C trace context and structured logs: rpc_client --traceparent, a pika
+# caller's trace continued, one trace through service_resumo, the services'
+# log lines (text and --log-format json) naming trace and span ids.
+mqrpc_broker_test(trace bash ${CMAKE_CURRENT_SOURCE_DIR}/trace_test.sh)

@@ -196,6 +196,12 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
                  (int)props->correlation_id.len, props->correlation_id.ptr);
         snprintf(p->body, sizeof p->body, "%.*s", (int)len,
                  (const char *)body);
+        snprintf(p->traceparent, sizeof p->traceparent, "%.*s",
+                 (int)props->traceparent.len,
+                 props->traceparent.ptr ? props->traceparent.ptr : "");
+        snprintf(p->tracestate, sizeof p->tracestate, "%.*s",
+                 (int)props->tracestate.len,
+                 props->tracestate.ptr ? props->tracestate.ptr : "");
         p->seq = c->pub_seq + 1;
         p->conn_id = c->id;
     }
@@ -239,6 +245,7 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
         snprintf(c->corr, sizeof c->corr, "%s", e->corr);
         m->body = mqr_cstr(c->msg_body);
         m->correlation_id = mqr_cstr(c->corr);
+        m->traceparent = mqr_cstr(e->traceparent);
         m->delivery_tag = e->tag;
         break;
     case MQR_ACK:

@@ -16,6 +16,8 @@ struct fake_pub {
     char queue[256];
     char corr[64];
     char body[256];
+    char traceparent[128];
+    char tracestate[600];
     uint64_t seq; /* confirm sequence number */
     int conn_id;
 };
@@ -26,6 +28,7 @@ struct fake_event {
     char corr[64];
     char body[256];
     bool error_type;
+    char traceparent[128]; /* MQR_DELIVERY: its header; "": none */
     uint64_t tag; /* MQR_ACK: publish seq; MQR_DELIVERY: delivery tag */
     bool multiple;
     char text[64];

@@ -1075,11 +1075,174 @@ static void metrics_text_of_a_service(void **state)
     free(text);
 }
 
+/* ------------------------------------------------------------ trace */
+
+#define T_ID "4bf92f3577b34da6a3ce929d0e0e4736"
+#define P_ID "00f067aa0ba902b7"
+
+static void traceparent_parsing(void **state)
+{
+    static const char *const good[] = {
+        "00-" T_ID "-" P_ID "-01",
+        "00-" T_ID "-" P_ID "-00",
+        "00-" T_ID "-" P_ID "-ff", /* unknown flags are carried */
+        "01-" T_ID "-" P_ID "-01", /* a later version, same fields */
+        "cc-" T_ID "-" P_ID "-01-what-the-future-adds",
+    };
+    static const char *const bad[] = {
+        "",
+        "00",
+        "00-" T_ID "-" P_ID,                         /* no flags */
+        "00-" T_ID "-" P_ID "-1",                    /* short flags */
+        "00-" T_ID "-" P_ID "-01-",                  /* 00 has no more */
+        "00-" T_ID "-" P_ID "-01 ",
+        "00-00000000000000000000000000000000-" P_ID "-01", /* zero trace */
+        "00-" T_ID "-0000000000000000-01",           /* zero parent */
+        "ff-" T_ID "-" P_ID "-01",                   /* forbidden version */
+        "0g-" T_ID "-" P_ID "-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-" P_ID "-01", /* uppercase */
+        "00-" T_ID "-00F067AA0BA902B7-01",
+        "00_" T_ID "-" P_ID "-01",
+        "00-" T_ID "x" P_ID "-01",
+        "00-" T_ID "-" P_ID "x01",
+        "01-" T_ID "-" P_ID "-01x",                  /* later: '-' after */
+        "00-4bf92f3577b34da6a3ce929d0e0e473-" P_ID "-01", /* 31 digits */
+    };
+    mqr_trace_ids ids;
+
+    (void)state;
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        assert_true(mqrpc_traceparent_valid(good[i]));
+        assert_true(mqr_traceparent_parse(good[i], strlen(good[i]), &ids));
+        assert_string_equal(ids.trace_id, T_ID);
+        assert_string_equal(ids.span_id, P_ID);
+    }
+    assert_true(mqr_traceparent_parse(good[2], strlen(good[2]), &ids));
+    assert_string_equal(ids.flags, "ff");
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        if (mqrpc_traceparent_valid(bad[i]))
+            fail_msg("accepted \"%s\"", bad[i]);
+        assert_false(mqr_traceparent_parse(bad[i], strlen(bad[i]), NULL));
+    }
+    assert_false(mqrpc_traceparent_valid(NULL));
+    assert_false(mqr_traceparent_parse(NULL, 0, NULL));
+    /* Not NUL-terminated, as a header is: the length decides. */
+    assert_true(mqr_traceparent_parse("00-" T_ID "-" P_ID "-01xyz", 55, NULL));
+}
+
+static void traceparent_formatting_and_tracestate(void **state)
+{
+    char tp[MQRPC_TRACEPARENT_LEN + 1], big[MQRPC_TRACESTATE_MAX + 2];
+
+    (void)state;
+    mqr_traceparent_format(tp, T_ID, P_ID, "01");
+    assert_string_equal(tp, "00-" T_ID "-" P_ID "-01");
+    assert_true(mqr_tracestate_ok("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+                                  39));
+    assert_false(mqr_tracestate_ok("", 0));
+    assert_false(mqr_tracestate_ok("a=\n", 3));
+    assert_false(mqr_tracestate_ok("a=\xc3\xa9", 4));
+    memset(big, 'a', sizeof big);
+    assert_true(mqr_tracestate_ok(big, MQRPC_TRACESTATE_MAX));
+    assert_false(mqr_tracestate_ok(big, MQRPC_TRACESTATE_MAX + 1));
+}
+
+static void trace_start_continues_or_begins(void **state)
+{
+    mqr_trace a, b, c;
+    char hex[33];
+
+    (void)state;
+    mqr_trace_random_hex(hex, 16);
+    assert_int_equal(strlen(hex), 32);
+    assert_int_equal(strspn(hex, "0123456789abcdef"), 32);
+
+    /* Continued: the caller's trace and flags, its span as the parent, a
+     * new span of ours. */
+    mqr_trace_start(&a, mqr_cstr("00-" T_ID "-" P_ID "-00"));
+    assert_string_equal(a.trace_id, T_ID);
+    assert_string_equal(a.parent_id, P_ID);
+    assert_string_equal(a.flags, "00");
+    assert_string_not_equal(a.span_id, P_ID);
+    assert_true(mqrpc_traceparent_valid(a.traceparent));
+    assert_memory_equal(a.traceparent, "00-" T_ID "-", 36);
+    assert_memory_equal(a.traceparent + 36, a.span_id, 16);
+    assert_string_equal(a.traceparent + 52, "-00");
+
+    /* Missing or invalid: a new trace, sampled, no parent. */
+    mqr_trace_start(&b, mqr_cstr(""));
+    mqr_trace_start(&c, mqr_cstr("00-" T_ID "-" P_ID));
+    assert_true(mqrpc_traceparent_valid(b.traceparent));
+    assert_true(mqrpc_traceparent_valid(c.traceparent));
+    assert_string_equal(b.parent_id, "");
+    assert_string_equal(b.flags, "01");
+    assert_string_not_equal(b.trace_id, c.trace_id);
+    assert_string_not_equal(c.trace_id, T_ID);
+}
+
+static mqrpc_log_record last_rec;
+static char last_msg[256], last_cid[64];
+
+static void save_record(const mqrpc_log_record *rec, void *arg)
+{
+    (void)arg;
+    last_rec = *rec;
+    snprintf(last_msg, sizeof last_msg, "%s", rec->msg);
+    snprintf(last_cid, sizeof last_cid, "%s",
+             rec->correlation_id ? rec->correlation_id : "(null)");
+}
+
+static void save_line(mqrpc_log_level level, const char *line, void *arg)
+{
+    (void)level;
+    (void)arg;
+    snprintf(last_msg, sizeof last_msg, "%s", line);
+}
+
+static void request_log_lines_carry_their_fields(void **state)
+{
+    mqr_logger lg = {.record_fn = save_record};
+    mqr_req_fields f = {.queue = "service_x",
+                        .correlation_id = "abc-1",
+                        .trace_id = T_ID,
+                        .span_id = P_ID,
+                        .code = "ok",
+                        .duration_ms = 1.5};
+
+    (void)state;
+    mqr_log_req(&lg, MQRPC_LOG_DEBUG, &f, "answered %s", "abc-1");
+    assert_true(last_rec.size >= sizeof last_rec);
+    assert_int_equal(last_rec.level, MQRPC_LOG_DEBUG);
+    assert_string_equal(last_msg, "answered abc-1"); /* ids apart */
+    assert_string_equal(last_cid, "abc-1");
+    assert_string_equal(last_rec.queue, "service_x");
+    assert_string_equal(last_rec.trace_id, T_ID);
+    assert_string_equal(last_rec.span_id, P_ID);
+    assert_string_equal(last_rec.code, "ok");
+    assert_true(last_rec.duration_ms == 1.5);
+
+    mqr_log(&lg, MQRPC_LOG_WARN, "connection lost");
+    assert_string_equal(last_msg, "connection lost");
+    assert_null(last_rec.trace_id);
+    assert_null(last_rec.queue);
+    assert_true(last_rec.duration_ms < 0);
+
+    /* A text log function gets the ids at the end of the line. */
+    lg = (mqr_logger){.fn = save_line};
+    mqr_log_req(&lg, MQRPC_LOG_DEBUG, &f, "answered %s", "abc-1");
+    assert_string_equal(last_msg,
+                        "answered abc-1 trace_id=" T_ID " span_id=" P_ID);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(every_error_has_a_name_and_a_sentence),
         cmocka_unit_test(backoff_jitters_and_caps),
+        cmocka_unit_test(traceparent_parsing),
+        cmocka_unit_test(traceparent_formatting_and_tracestate),
+        cmocka_unit_test(trace_start_continues_or_begins),
+        cmocka_unit_test(request_log_lines_carry_their_fields),
         cmocka_unit_test(fault_set_formats_and_returns_null),
         cmocka_unit_test(decode_request_accepts_objects),
         cmocka_unit_test(decode_request_rejects_bad_bodies),
