@@ -133,6 +133,10 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     else
         mqrpc_instance_id(opts->queue, s->instance, sizeof s->instance);
     cut_short_string(s->instance);
+    s->started_us = mqr_now_us();
+    if (gethostname(s->host, sizeof s->host) != 0)
+        snprintf(s->host, sizeof s->host, "unknown");
+    s->host[sizeof s->host - 1] = '\0';
     p.url = s->opts.url;
     p.url_file = s->opts.url_file;
     p.name = s->instance;
@@ -259,6 +263,8 @@ static mqrpc_err connect_once(mqrpc_service *s)
         snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
     else
         e = declare_and_consume(s);
+    if (e == MQRPC_OK)
+        e = mqr_control_start(s);
     if (e != MQRPC_OK) {
         mqr_conn_free(s->conn);
         s->conn = NULL;
@@ -494,6 +500,8 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
 {
     mqrpc_request *r;
 
+    if (m->channel == MQR_CONTROL_CHANNEL)
+        return mqr_control_on_ping(s, m);
     if (m->reply_to.len == 0 || m->correlation_id.len == 0) {
         /* Nobody could match an answer: acknowledge so it does not come
          * back forever. */
@@ -716,6 +724,8 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
         s->blocked_us = 0;
         return mqr_send_held(s);
     case MQR_CANCEL:
+        if (m->channel == MQR_CONTROL_CHANNEL)
+            return mqr_control_on_cancel(s);
         /* While stopping, the cancel is ours. */
         return atomic_load(&s->stopping) ? MQRPC_OK : consume_again(s);
     default: return MQRPC_OK;

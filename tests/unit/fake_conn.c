@@ -284,3 +284,17 @@ void mqr_conn_set_wake_fd(mqr_conn *c, int fd)
     (void)c;
     (void)fd;
 }
+
+mqrpc_err mqr_conn_exchange_exists(mqr_conn *c, const char *exchange)
+{
+    (void)exchange;
+    return c->open ? MQRPC_ENOROUTE : MQRPC_ECLOSED;
+}
+
+mqrpc_err mqr_conn_publish_to(mqr_conn *c, const char *exchange,
+                              mqr_str routing_key, const mqr_props *p,
+                              const void *body, size_t len)
+{
+    (void)exchange;
+    return mqr_conn_publish(c, routing_key, p, body, len, false);
+}
