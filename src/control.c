@@ -90,7 +90,7 @@ static char *pong_body(mqrpc_service *s)
 
     mqr_conn_cluster_name(s->conn, cluster, sizeof cluster);
     j = json_pack("{s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:b, s:b, s:s, "
-                  "s:s, s:I}",
+                  "s:s, s:I, s:s}",
                   "instance", s->instance, "queue", s->queue, "host",
                   s->host, "pid", (json_int_t)getpid(), "version",
                   MQRPC_VERSION, "uptime_ms",
@@ -99,7 +99,8 @@ static char *pong_body(mqrpc_service *s)
                   (json_int_t)s->outstanding, "consuming", consuming,
                   "blocked", mqr_conn_blocked(s->conn), "broker",
                   mqr_conn_where(s->conn), "cluster", cluster, "threads",
-                  (json_int_t)s->opts.threads);
+                  (json_int_t)s->opts.threads, "control_queue",
+                  s->control_queue);
     if (!j)
         return NULL;
     body = json_dumps(j, JSON_COMPACT);

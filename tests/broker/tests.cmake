@@ -48,3 +48,8 @@ mqrpc_broker_test(resumo bash ${CMAKE_CURRENT_SOURCE_DIR}/resumo_test.sh)
 # its capacity; latency from the scheduled start grows with the backlog.
 # Ratios, not speeds; about 20 s.
 mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)
+
+# Health and discovery over the broker: rpc_client ping, services and health
+# against two soma instances, one media, a pika seed service (no control
+# queue), an instance killed with SIGKILL, busy and stopping instances.
+mqrpc_broker_test(control bash ${CMAKE_CURRENT_SOURCE_DIR}/control_test.sh)
