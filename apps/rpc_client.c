@@ -322,7 +322,9 @@ static json_t *ping(struct session *s, const char *queue, int *rc)
     }
     e = mqrpc_client_ping(s->client, queue, s->cli->timeout_ms, &answers);
     if (e != MQRPC_OK && json_array_size(answers) == 0) {
-        cli_error(s->cli, "%s%s%s", queue ? queue : "", queue ? ": " : "",
+        /* The reason of a probe's failure comes first: "blocked: ...". */
+        cli_error(s->cli, "%s%s%s%s", queue ? queue : "", queue ? ": " : "",
+                  e == MQRPC_EBLOCKED ? "blocked: " : "",
                   mqrpc_client_errmsg(s->client));
         json_decref(answers);
         *rc = cli_exit_code(e);

@@ -199,6 +199,34 @@ if start_service work WORK "$B/service_work" --queue "$work" --threads 2; then
     wait_pid "$busy2" 15
 fi
 
+section "a broker that blocks publishers (memory alarm): health says blocked"
+broker=$MQRPC_SOURCE_DIR/scripts/broker.sh
+alarm() { "$broker" ctl -q set_vm_memory_high_watermark "$1" >/dev/null; }
+# alarm_is on|off: waits (up to 20 s) for the memory monitor to agree.
+alarm_is() {
+    local i a
+    for ((i = 0; i < 100; i++)); do
+        a=$("$broker" ctl -q eval 'rabbit_alarm:get_alarms().' 2>/dev/null)
+        if [[ $a == *memory* ]]; then [[ $1 == on ]] && return 0
+        else [[ $1 == off ]] && return 0; fi
+        sleep 0.2
+    done
+    return 1
+}
+# The next tests must not find the broker in alarm.
+trap 'alarm 0.4; on_exit' EXIT
+alarm 0.0000001
+if alarm_is on; then
+    rpc health "$soma"
+    expect_rc 8
+    expect_err_line rpc_client "$soma: blocked: the broker is blocking publishers: low on memory"
+else
+    fail "the memory alarm did not go on"
+fi
+alarm 0.4
+if alarm_is off; then pass; else fail "the memory alarm did not clear"; fi
+trap on_exit EXIT
+
 section "usage"
 rpc health
 expect_rc 2
