@@ -25,14 +25,19 @@ static const char summary[] =
     "  busca NOME          look a person up by name\n"
     "  info                system information of the answering instance\n"
     "  call QUEUE JSON     send a JSON object to any queue ('-' reads stdin)\n"
-    "Operating (README, Health and discovery; --timeout defaults to 1000 here):\n"
-    "  ping [QUEUE]        every live instance (of QUEUE) answers: one line each\n"
+    "Operating (README, Health and discovery; --timeout defaults to 1000 "
+    "here):\n"
+    "  ping [QUEUE]        every live instance (of QUEUE) answers: one line "
+    "each\n"
     "                      (--json: one JSON object per line)\n"
-    "  services [QUEUE...] every queue with live instances (and each QUEUE named):\n"
+    "  services [QUEUE...] every queue with live instances (and each QUEUE "
+    "named):\n"
     "                      its instances and the consumers the broker counts\n"
     "                      (--json: one JSON object per queue and line)\n"
-    "  health QUEUE        exit 0 when an instance of QUEUE answers in time and\n"
-    "                      consumes it; else one line saying why and exit 4 (no\n"
+    "  health QUEUE        exit 0 when an instance of QUEUE answers in time "
+    "and\n"
+    "                      consumes it; else one line saying why and exit 4 "
+    "(no\n"
     "                      instance), 5 (not consuming) or 8 (blocked)";
 
 /* --timeout of ping, services and health when not given: a live instance
@@ -95,7 +100,7 @@ static json_t *parse_list(char **words, int n, char *bad, size_t badlen)
 struct session {
     struct cli *cli;
     mqrpc_client *client;
-    bool json; /* --json */
+    bool json;      /* --json */
     bool bar_shown; /* a progress bar is on the terminal's last line */
 };
 
@@ -268,7 +273,6 @@ static int call_json(struct session *s, const char *queue, json_t *req,
     return rc;
 }
 
-
 /* ------------------------------------------------------------ operating */
 
 static int strcmp_ptr(const void *a, const void *b)
@@ -295,8 +299,8 @@ static void print_instance(json_t *a, const char *indent)
            "cluster=%s\n",
            indent, str_field(a, "instance"), str_field(a, "queue"),
            str_field(a, "host"), int_field(a, "pid"), str_field(a, "version"),
-           (double)int_field(a, "uptime_ms") / 1e3,
-           int_field(a, "served"), int_field(a, "in_progress"),
+           (double)int_field(a, "uptime_ms") / 1e3, int_field(a, "served"),
+           int_field(a, "in_progress"),
            json_is_true(json_object_get(a, "consuming")) ? "yes" : "no",
            json_is_true(json_object_get(a, "blocked")) ? "yes" : "no",
            str_field(a, "broker"), str_field(a, "cluster"));
@@ -341,8 +345,7 @@ static int cmd_ping(struct session *s, const char *queue)
 
     if (!answers)
         return rc;
-    json_array_foreach(answers, i, a)
-    {
+    json_array_foreach (answers, i, a) {
         if (s->json)
             print_json_line(a);
         else
@@ -351,8 +354,7 @@ static int cmd_ping(struct session *s, const char *queue)
     fflush(stdout);
     if (json_array_size(answers) == 0) {
         cli_error(s->cli, "no instance%s%s answered within %d ms",
-                  queue ? " of " : "", queue ? queue : "",
-                  s->cli->timeout_ms);
+                  queue ? " of " : "", queue ? queue : "", s->cli->timeout_ms);
         rc = CLI_EXIT_TIMEOUT;
     }
     json_decref(answers);
@@ -364,8 +366,7 @@ static int cmd_ping(struct session *s, const char *queue)
 static bool queue_state(struct session *s, const char *queue, bool *exists,
                         uint32_t *consumers, uint32_t *waiting, int *rc)
 {
-    mqrpc_err e =
-        mqrpc_client_queue_info(s->client, queue, waiting, consumers);
+    mqrpc_err e = mqrpc_client_queue_info(s->client, queue, waiting, consumers);
 
     *exists = e == MQRPC_OK;
     if (e == MQRPC_OK || e == MQRPC_ENOROUTE)
@@ -387,8 +388,7 @@ static int cmd_services(struct session *s, int nq, char **queues)
     /* Queues by name (sorted by the object's keys when dumped, but the
      * iteration order is not: collect, then sort the names). */
     byq = json_object();
-    json_array_foreach(answers, i, a)
-    {
+    json_array_foreach (answers, i, a) {
         q = str_field(a, "queue");
         if (!json_object_get(byq, q))
             json_object_set_new(byq, q, json_array());
@@ -415,7 +415,8 @@ static int cmd_services(struct session *s, int nq, char **queues)
             json_decref(answers);
             return CLI_EXIT_FAILURE;
         }
-        json_object_foreach(byq, q, list) names[j++] = q;
+        json_object_foreach (byq, q, list)
+            names[j++] = q;
         qsort(names, n, sizeof *names, strcmp_ptr);
         for (j = 0; j < n && rc == CLI_EXIT_OK; j++) {
             uint32_t consumers = 0, waiting = 0;
@@ -447,7 +448,8 @@ static int cmd_services(struct session *s, int nq, char **queues)
                            consumers - live == 1 ? "" : "s");
                 putchar('\n');
             }
-            json_array_foreach(list, i, a) print_instance(a, "  ");
+            json_array_foreach (list, i, a)
+                print_instance(a, "  ");
         }
         free(names);
     }
@@ -468,8 +470,7 @@ static int cmd_health(struct session *s, const char *queue)
     if (!answers)
         return rc;
     n = json_array_size(answers);
-    json_array_foreach(answers, i, a)
-    {
+    json_array_foreach (answers, i, a) {
         if (!json_is_true(json_object_get(a, "consuming")))
             continue;
         consuming++;
@@ -826,8 +827,7 @@ static int menu(struct session *s)
 int main(int argc, char **argv)
 {
     struct cli_extra extra[] = {
-        {.name = "json",
-         .help = "ping, services: JSON lines instead of text"},
+        {.name = "json", .help = "ping, services: JSON lines instead of text"},
         {0}};
     struct cli c = {.prog = "rpc_client",
                     .usage = "[OPTIONS] [soma A B | media N... | busca NOME | "

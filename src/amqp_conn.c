@@ -1188,8 +1188,8 @@ mqrpc_err mqr_conn_control_open(mqr_conn *c, const char *exchange,
         return e;
     /* Exclusive and auto-delete: it lives exactly as long as this
      * connection, so a dead instance leaves nothing behind to answer. */
-    amqp_queue_declare(c->state, CH_CONTROL, amqp_cstring_bytes(queue), 0, 0,
-                       1, 1, amqp_empty_table);
+    amqp_queue_declare(c->state, CH_CONTROL, amqp_cstring_bytes(queue), 0, 0, 1,
+                       1, amqp_empty_table);
     e = check_reply(c, CH_CONTROL, amqp_get_rpc_reply(c->state),
                     "queue.declare");
     for (size_t i = 0; i < nkeys && e == MQRPC_OK; i++) {

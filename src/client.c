@@ -1182,8 +1182,8 @@ static json_t *sorted(json_t *arr)
     return out;
 }
 
-mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue,
-                            int timeout_ms, json_t **answers)
+mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue, int timeout_ms,
+                            json_t **answers)
 {
     static const char body[] = "{}";
     mqr_props props = {0};
@@ -1225,9 +1225,9 @@ mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue,
         e = MQRPC_EBLOCKED;
         goto out;
     }
-    c->ping_corr_len = (size_t)snprintf(c->ping_corr, sizeof c->ping_corr,
-                                        "%s-ping-%" PRIx64, c->prefix,
-                                        ++c->next_seq);
+    c->ping_corr_len =
+        (size_t)snprintf(c->ping_corr, sizeof c->ping_corr, "%s-ping-%" PRIx64,
+                         c->prefix, ++c->next_seq);
     props.correlation_id = mqr_cstr(c->ping_corr);
     props.reply_to = mqr_cstr(c->reply_queue);
     props.type = mqr_cstr(MQR_PING_TYPE);
@@ -1268,8 +1268,7 @@ mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue,
         e = MQRPC_EBLOCKED;
 out:
     if (e == MQRPC_EBLOCKED)
-        snprintf(c->err, sizeof c->err,
-                 "the broker is blocking publishers: %s",
+        snprintf(c->err, sizeof c->err, "the broker is blocking publishers: %s",
                  c->blocked_reason[0] ? c->blocked_reason : "(no reason)");
     if (answers)
         *answers = sorted(got);

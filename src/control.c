@@ -57,8 +57,8 @@ mqrpc_err mqr_control_start(mqrpc_service *s)
     random_hex(rnd, 8);
     /* The service queue is cut so that the name stays a short string; the
      * random part alone keeps it unique. */
-    snprintf(name, sizeof name, MQR_CONTROL_QUEUE_PREFIX "%.200s.%s",
-             s->queue, rnd);
+    snprintf(name, sizeof name, MQR_CONTROL_QUEUE_PREFIX "%.200s.%s", s->queue,
+             rnd);
     e = mqr_conn_control_open(s->conn, MQR_CONTROL_EXCHANGE, name, keys, 2);
     if (e == MQRPC_OK) {
         snprintf(s->control_queue, sizeof s->control_queue, "%s", name);
@@ -89,18 +89,16 @@ static char *pong_body(mqrpc_service *s)
     bool consuming = mqr_conn_consuming(s->conn) && !atomic_load(&s->stopping);
 
     mqr_conn_cluster_name(s->conn, cluster, sizeof cluster);
-    j = json_pack("{s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:b, s:b, s:s, "
-                  "s:s, s:I, s:s}",
-                  "instance", s->instance, "queue", s->queue, "host",
-                  s->host, "pid", (json_int_t)getpid(), "version",
-                  MQRPC_VERSION, "uptime_ms",
-                  (json_int_t)((mqr_now_us() - s->started_us) / 1000),
-                  "served", (json_int_t)s->st.served, "in_progress",
-                  (json_int_t)s->outstanding, "consuming", consuming,
-                  "blocked", mqr_conn_blocked(s->conn), "broker",
-                  mqr_conn_where(s->conn), "cluster", cluster, "threads",
-                  (json_int_t)s->opts.threads, "control_queue",
-                  s->control_queue);
+    j = json_pack(
+        "{s:s, s:s, s:s, s:I, s:s, s:I, s:I, s:I, s:b, s:b, s:s, "
+        "s:s, s:I, s:s}",
+        "instance", s->instance, "queue", s->queue, "host", s->host, "pid",
+        (json_int_t)getpid(), "version", MQRPC_VERSION, "uptime_ms",
+        (json_int_t)((mqr_now_us() - s->started_us) / 1000), "served",
+        (json_int_t)s->st.served, "in_progress", (json_int_t)s->outstanding,
+        "consuming", consuming, "blocked", mqr_conn_blocked(s->conn), "broker",
+        mqr_conn_where(s->conn), "cluster", cluster, "threads",
+        (json_int_t)s->opts.threads, "control_queue", s->control_queue);
     if (!j)
         return NULL;
     body = json_dumps(j, JSON_COMPACT);
