@@ -236,7 +236,10 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
     switch (e->kind) {
     case MQR_DELIVERY:
         c->msg_body = strdup(e->body);
-        snprintf(c->corr, sizeof c->corr, "%s", e->corr);
+        snprintf(c->corr, sizeof c->corr, "%s",
+                 strcmp(e->corr, FAKE_LAST_CORR) == 0 && fake.npub
+                     ? fake.pub[fake.npub - 1].corr
+                     : e->corr);
         m->body = mqr_cstr(c->msg_body);
         m->correlation_id = mqr_cstr(c->corr);
         m->delivery_tag = e->tag;
@@ -288,7 +291,9 @@ void mqr_conn_set_wake_fd(mqr_conn *c, int fd)
 mqrpc_err mqr_conn_exchange_exists(mqr_conn *c, const char *exchange)
 {
     (void)exchange;
-    return c->open ? MQRPC_ENOROUTE : MQRPC_ECLOSED;
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    return fake.control_exchange ? MQRPC_OK : MQRPC_ENOROUTE;
 }
 
 mqrpc_err mqr_conn_publish_to(mqr_conn *c, const char *exchange,
