@@ -299,10 +299,14 @@ password_hash() {
 # The accounts and what each may do, loaded by the broker at boot and by
 # "rotate". Permissions are regular expressions on resource names:
 #   services: configure and read service_* queues (declare, consume), write
-#             to the default exchange (replies)
+#             to the default exchange (replies); declare and read the
+#             mqrpc.control exchange and declare, bind (write) and consume
+#             their control queues mqrpc.control.* (exclusive: an instance
+#             reads only its own)
 #   clients:  configure and read server-named queues amq.gen-* (their
 #             exclusive reply queues), write to the default exchange
-#             (requests). They cannot consume, declare or delete service_*.
+#             (requests) and to mqrpc.control (pings). They cannot consume,
+#             declare or delete service_*, nor bind to or read mqrpc.control.
 write_definitions() {
     local a h users="" sep="" pw_var tags
     for a in "${ACCOUNTS[@]}"; do
@@ -322,8 +326,8 @@ write_definitions() {
   "vhosts": [{"name": "/"}],
   "permissions": [
     {"user": "admin", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"},
-    {"user": "services", "vhost": "/", "configure": "^service_", "write": "^amq\\\\.default\$", "read": "^service_"},
-    {"user": "clients", "vhost": "/", "configure": "^amq\\\\.gen-", "write": "^amq\\\\.default\$", "read": "^amq\\\\.gen-"}
+    {"user": "services", "vhost": "/", "configure": "^(service_|mqrpc\\\\.control\$|mqrpc\\\\.control\\\\.)", "write": "^(amq\\\\.default\$|mqrpc\\\\.control\\\\.)", "read": "^(service_|mqrpc\\\\.control\$|mqrpc\\\\.control\\\\.)"},
+    {"user": "clients", "vhost": "/", "configure": "^amq\\\\.gen-", "write": "^(amq\\\\.default|mqrpc\\\\.control)\$", "read": "^amq\\\\.gen-"}
   ]
 }
 EOF

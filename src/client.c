@@ -73,6 +73,10 @@ struct mqrpc_client {
     int wake_fd; /* eventfd for mqrpc_client_wake */
     char down[400]; /* why the client is disconnected */
     char err[512];
+    /* A mqrpc_client_ping in progress: its answers gather here. */
+    json_t *ping_answers; /* borrowed from mqrpc_client_ping; NULL: none */
+    char ping_corr[CORR_MAX];
+    size_t ping_corr_len;
 };
 
 static void random_bytes(void *buf, size_t len)
@@ -498,6 +502,23 @@ static void on_progress(mqrpc_client *c, const mqr_msg *m)
     json_decref(j);
 }
 
+/* An answer to the ping in progress: kept if it is a JSON object. */
+static bool on_pong(mqrpc_client *c, const mqr_msg *m)
+{
+    json_t *j;
+
+    if (!c->ping_answers || m->correlation_id.len != c->ping_corr_len ||
+        memcmp(m->correlation_id.ptr, c->ping_corr, c->ping_corr_len) != 0)
+        return false;
+    j = json_loadb(m->body.ptr, m->body.len, 0, NULL);
+    if (json_is_object(j))
+        json_array_append(c->ping_answers, j);
+    else
+        c->st.dropped++;
+    json_decref(j);
+    return true;
+}
+
 static void on_reply(mqrpc_client *c, const mqr_msg *m)
 {
     mqr_call *k;
@@ -505,6 +526,8 @@ static void on_reply(mqrpc_client *c, const mqr_msg *m)
     mqrpc_fault fault;
     mqrpc_reply *r;
 
+    if (on_pong(c, m))
+        return;
     if (m->progress) {
         on_progress(c, m);
         return;
@@ -1219,6 +1242,134 @@ mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
         snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
     if (mqr_conn_fd(c->conn) < 0)
         lost(c); /* its calls' callbacks run in the next process */
+    return e;
+}
+
+/* Orders answers by queue, then instance. */
+static int pong_cmp(const void *a, const void *b)
+{
+    json_t *x = *(json_t *const *)a, *y = *(json_t *const *)b;
+    const char *qx = json_string_value(json_object_get(x, "queue"));
+    const char *qy = json_string_value(json_object_get(y, "queue"));
+    const char *ix = json_string_value(json_object_get(x, "instance"));
+    const char *iy = json_string_value(json_object_get(y, "instance"));
+    int d = strcmp(qx ? qx : "", qy ? qy : "");
+
+    return d ? d : strcmp(ix ? ix : "", iy ? iy : "");
+}
+
+static json_t *sorted(json_t *arr)
+{
+    size_t n = json_array_size(arr), i;
+    json_t **v = n ? malloc(n * sizeof *v) : NULL, *out;
+
+    if (!v)
+        return arr; /* empty, or no memory to sort: as they came */
+    for (i = 0; i < n; i++)
+        v[i] = json_array_get(arr, i);
+    qsort(v, n, sizeof *v, pong_cmp);
+    out = json_array();
+    for (i = 0; out && i < n; i++)
+        json_array_append(out, v[i]);
+    free(v);
+    if (!out)
+        return arr;
+    json_decref(arr);
+    return out;
+}
+
+mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue, int timeout_ms,
+                            json_t **answers)
+{
+    static const char body[] = "{}";
+    mqr_props props = {0};
+    char expiration[16];
+    json_t *got;
+    int64_t end;
+    mqrpc_err e;
+
+    if (answers)
+        *answers = NULL;
+    if (!c->ever_connected || c->in_callback || c->closing || c->ping_answers)
+        return MQRPC_ESTATE;
+    if (timeout_ms <= 0 || (queue && strlen(queue) > 255)) {
+        snprintf(c->err, sizeof c->err, "%s", mqrpc_strerror(MQRPC_EINVAL));
+        return MQRPC_EINVAL;
+    }
+    got = json_array();
+    if (!got)
+        return MQRPC_ENOMEM;
+    if (try_reconnect(c) != MQRPC_OK) {
+        e = MQRPC_ECLOSED;
+        goto out;
+    }
+    /* Before any instance ever ran, the exchange does not exist: a publish
+     * to it would cost the main channel, and nobody can answer anyway. */
+    e = mqr_conn_exchange_exists(c->conn, MQR_CONTROL_EXCHANGE);
+    if (e == MQRPC_ENOROUTE) {
+        e = MQRPC_OK;
+        goto out;
+    }
+    if (e != MQRPC_OK) {
+        snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
+        if (mqr_conn_fd(c->conn) < 0)
+            lost(c);
+        goto out;
+    }
+    if (c->blocked) {
+        /* It would not read our ping. */
+        e = MQRPC_EBLOCKED;
+        goto out;
+    }
+    c->ping_corr_len =
+        (size_t)snprintf(c->ping_corr, sizeof c->ping_corr, "%s-ping-%" PRIx64,
+                         c->prefix, ++c->next_seq);
+    props.correlation_id = mqr_cstr(c->ping_corr);
+    props.reply_to = mqr_cstr(c->reply_queue);
+    props.type = mqr_cstr(MQR_PING_TYPE);
+    /* A control queue holds a ping only while its instance is too slow to
+     * take it: after the timeout nobody listens for the answer. */
+    snprintf(expiration, sizeof expiration, "%d", timeout_ms);
+    props.expiration = mqr_cstr(expiration);
+    e = mqr_conn_publish_to(c->conn, MQR_CONTROL_EXCHANGE,
+                            mqr_cstr(queue ? queue : ""), &props, body,
+                            sizeof body - 1);
+    if (e != MQRPC_OK) {
+        snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
+        lost(c);
+        goto out;
+    }
+    c->ping_answers = got;
+    end = mqr_now_us() + (int64_t)timeout_ms * 1000;
+    for (;;) {
+        int64_t left = end - mqr_now_us();
+        if (left <= 0)
+            break;
+        e = mqrpc_client_process(c, (int)((left + 999) / 1000));
+        if (e == MQRPC_ECANCELED) {
+            /* A callback of another call freed c. */
+            json_decref(got);
+            return e;
+        }
+        if (e == MQRPC_ECLOSED || !c->conn) {
+            e = MQRPC_ECLOSED;
+            snprintf(c->err, sizeof c->err, "%s", c->down);
+            break;
+        }
+        e = MQRPC_OK;
+    }
+    c->ping_answers = NULL;
+    c->ping_corr_len = 0;
+    if (e == MQRPC_OK && c->blocked && json_array_size(got) == 0)
+        e = MQRPC_EBLOCKED;
+out:
+    if (e == MQRPC_EBLOCKED)
+        snprintf(c->err, sizeof c->err, "the broker is blocking publishers: %s",
+                 c->blocked_reason[0] ? c->blocked_reason : "(no reason)");
+    if (answers)
+        *answers = sorted(got);
+    else
+        json_decref(got);
     return e;
 }
 

@@ -387,6 +387,9 @@ void mqr_client_without(mqrpc_client *c, unsigned what);
  * carries publishes that must be confirmed while channel 1 is not in
  * confirm mode (a service's re-publishes). */
 #define MQR_CONFIRM_CHANNEL 3
+/* Channel 4 carries a service's control consumer (control.c): a failure
+ * there closes that channel alone. */
+#define MQR_CONTROL_CHANNEL 4
 
 typedef struct mqr_conn mqr_conn;
 
@@ -590,5 +593,48 @@ void mqr_conn_set_wake_fd(mqr_conn *c, int fd);
  * MQRPC_ENOROUTE if the queue does not exist. */
 mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
                               uint32_t *messages, uint32_t *consumers);
+
+/* mqr_conn_consuming: the consumer of the last mqr_conn_consume is on
+ * (not cancelled by us nor by the broker). */
+bool mqr_conn_consuming(const mqr_conn *c);
+
+/* mqr_conn_where: "host:port" of the broker, no credentials. */
+const char *mqr_conn_where(const mqr_conn *c);
+
+/* mqr_conn_cluster_name writes the broker's cluster_name server property
+ * (RabbitMQ's default is its first node's name), or "". */
+void mqr_conn_cluster_name(const mqr_conn *c, char *buf, size_t len);
+
+/* mqr_conn_control_open, on MQR_CONTROL_CHANNEL (opened if needed):
+ * declares exchange (durable, direct), the exclusive auto-delete queue,
+ * binds it with each of keys and consumes it without acknowledgements.
+ * Its deliveries come from mqr_conn_wait with that channel. A refusal
+ * closes that channel only (the connection stays usable). */
+mqrpc_err mqr_conn_control_open(mqr_conn *c, const char *exchange,
+                                const char *queue, const char *const *keys,
+                                size_t nkeys);
+
+/* mqr_conn_control_on: the control consumer is on. */
+bool mqr_conn_control_on(const mqr_conn *c);
+
+/* mqr_conn_publish_to is mqr_conn_publish (not mandatory) to exchange. */
+mqrpc_err mqr_conn_publish_to(mqr_conn *c, const char *exchange,
+                              mqr_str routing_key, const mqr_props *p,
+                              const void *body, size_t len);
+
+/* mqr_conn_exchange_exists: passive exchange.declare on the side channel;
+ * MQRPC_ENOROUTE when it does not exist. */
+mqrpc_err mqr_conn_exchange_exists(mqr_conn *c, const char *exchange);
+
+/* -------------------------------------------------------------- control */
+/* Health and discovery (control.c): every service instance answers pings
+ * on the control exchange; the README's wire contract describes them. */
+#define MQR_CONTROL_EXCHANGE "mqrpc.control"
+/* Names of control queues: this prefix, the service queue, a dot and
+ * random hex. Named (not server-named amq.gen-*) so that the services
+ * account may declare them without being able to declare reply queues. */
+#define MQR_CONTROL_QUEUE_PREFIX "mqrpc.control."
+#define MQR_PING_TYPE "mqrpc.ping"
+#define MQR_PONG_TYPE "mqrpc.pong"
 
 #endif /* MQRPC_INTERNAL_H */

@@ -133,6 +133,10 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     else
         mqrpc_instance_id(opts->queue, s->instance, sizeof s->instance);
     cut_short_string(s->instance);
+    s->started_us = mqr_now_us();
+    if (gethostname(s->host, sizeof s->host) != 0)
+        snprintf(s->host, sizeof s->host, "unknown");
+    s->host[sizeof s->host - 1] = '\0';
     p.url = s->opts.url;
     p.url_file = s->opts.url_file;
     p.name = s->instance;
@@ -293,6 +297,8 @@ static mqrpc_err connect_once(mqrpc_service *s)
         snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
     else
         e = declare_and_consume(s);
+    if (e == MQRPC_OK)
+        e = mqr_control_start(s);
     if (e != MQRPC_OK) {
         mqr_conn_free(s->conn);
         s->conn = NULL;
@@ -539,6 +545,8 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
     mqr_req_fields f;
     char cid[65];
 
+    if (m->channel == MQR_CONTROL_CHANNEL)
+        return mqr_control_on_ping(s, m);
     /* Every delivery is a span of ours, so that each line about it names
      * its trace, even when it is never run here. */
     mqr_trace_start(&trace, m->traceparent);
@@ -793,6 +801,8 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
         MQR_STAT_SET(s->st.is_blocked, 0);
         return mqr_send_held(s);
     case MQR_CANCEL:
+        if (m->channel == MQR_CONTROL_CHANNEL)
+            return mqr_control_on_cancel(s);
         /* While stopping, the cancel is ours. */
         return atomic_load(&s->stopping) ? MQRPC_OK : consume_again(s);
     default: return MQRPC_OK;

@@ -150,6 +150,11 @@ struct mqrpc_service {
     mqrpc_err lent_err;      /* how the stand-in's servicing ended */
     int64_t next_tick_us;    /* MQRPC_SERVICE_TICK due (opts.tick_ms) */
     char err[512];
+    /* Health and discovery (control.c). */
+    int64_t started_us;      /* mqr_now_us() at creation: the uptime */
+    char host[256];          /* gethostname() */
+    char control_queue[256]; /* this connection's; "" without one */
+    bool control_warned;     /* its failure was logged */
 };
 
 /* service.c */
@@ -213,6 +218,15 @@ mqrpc_request *mqr_done_unqueue(mqrpc_service *s, mqrpc_request *r,
                                 struct mqr_done *d);
 /* Checks and decodes r, then runs the user's function on it. */
 void mqr_run_request(mqrpc_service *s, mqrpc_request *r);
+
+/* control.c */
+/* Sets up the control queue on a new connection. Never fails but with
+ * the connection (a refusal is logged and the instance goes on). */
+mqrpc_err mqr_control_start(mqrpc_service *s);
+/* Answers a delivery of the control queue, inline. */
+mqrpc_err mqr_control_on_ping(mqrpc_service *s, const mqr_msg *m);
+/* The broker cancelled the control consumer: a new control queue. */
+mqrpc_err mqr_control_on_cancel(mqrpc_service *s);
 
 /* service.c: the idle handler thread services the connection while an
  * inline handler runs long (called without s->lock). */

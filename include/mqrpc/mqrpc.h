@@ -591,6 +591,25 @@ MQRPC_API mqrpc_err mqrpc_call_ex(mqrpc_client *c, const char *queue,
 MQRPC_API mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
                                   uint32_t *messages, uint32_t *consumers);
 
+/*
+ * mqrpc_client_ping asks the live service instances who they are, over
+ * the broker's control exchange (README, Health and discovery): every
+ * instance of queue, or of every queue when queue is NULL or "". A
+ * broadcast has no count of answers to wait for, so it blocks for
+ * timeout_ms, serving c's other calls meanwhile. When answers is not
+ * NULL, *answers receives a new JSON array (the caller decrefs it) of the
+ * answers, one object per instance, sorted by queue then instance, with
+ * the fields of the README's wire contract (more may come: ignore unknown
+ * ones). Returns MQRPC_OK (also when nobody answered), MQRPC_EBLOCKED
+ * when the broker blocks c's publishes and nobody answered,
+ * MQRPC_ECLOSED when the connection was lost (*answers holds what came
+ * before), MQRPC_EINVAL for timeout_ms <= 0 or a queue over 255 bytes,
+ * MQRPC_ESTATE inside a callback or before mqrpc_client_connect;
+ * mqrpc_client_errmsg says why.
+ */
+MQRPC_API mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue,
+                                      int timeout_ms, json_t **answers);
+
 /* mqrpc_reply_status: MQRPC_OK (result available), MQRPC_EREMOTE (error
  * reply: see code and message), or the transport failure. */
 MQRPC_API mqrpc_err mqrpc_reply_status(const mqrpc_reply *r);

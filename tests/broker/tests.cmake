@@ -73,3 +73,8 @@ set_tests_properties(broker.systemd PROPERTIES SKIP_RETURN_CODE 77)
 # caller's trace continued, one trace through service_resumo, the services'
 # log lines (text and --log-format json) naming trace and span ids.
 mqrpc_broker_test(trace bash ${CMAKE_CURRENT_SOURCE_DIR}/trace_test.sh)
+
+# Health and discovery over the broker: rpc_client ping, services and health
+# against two soma instances, one media, a pika seed service (no control
+# queue), an instance killed with SIGKILL, busy and stopping instances.
+mqrpc_broker_test(control bash ${CMAKE_CURRENT_SOURCE_DIR}/control_test.sh)

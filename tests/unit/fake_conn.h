@@ -43,6 +43,7 @@ struct fake {
     bool consume_no_ack; /* of the last basic.consume */
     int acks;         /* deliveries acknowledged */
     int conn_id;      /* of the current connection */
+    bool control_exchange; /* mqrpc.control exists (else ENOROUTE) */
     struct fake_pub pub[FAKE_MAX_PUB];
     int npub;
     struct fake_event ev[FAKE_MAX_EVENTS];
@@ -57,6 +58,9 @@ extern struct fake fake;
 void fake_reset(void);
 /* Queues what the broker sends next. */
 void fake_reply(const char *corr, const char *body);
+/* FAKE_LAST_CORR as fake_reply's corr: the last publish's correlation id
+ * (an answer to a ping whose id the test cannot know in advance). */
+#define FAKE_LAST_CORR "@last"
 void fake_ack(uint64_t tag, bool multiple);
 void fake_fail(void); /* the connection drops */
 void fake_blocked(const char *reason);

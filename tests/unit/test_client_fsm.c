@@ -559,6 +559,65 @@ static void calls_carry_trace_context(void **state)
     mqrpc_client_free(c);
 }
 
+/* mqrpc_client_ping: no exchange, no ping; answers gathered until the
+ * timeout, sorted, non-objects dropped; a blocked broker is said. */
+static void ping_gathers_answers_until_its_timeout(void **state)
+{
+    mqrpc_client *c = connected(0);
+    mqrpc_client_stats st;
+    json_t *ans;
+    struct timespec t0, t1;
+    long ms;
+    (void)state;
+
+    assert_int_equal(mqrpc_client_ping(c, NULL, 0, &ans), MQRPC_EINVAL);
+    assert_null(ans);
+    assert_int_equal(mqrpc_client_ping(c, NULL, 50, &ans), MQRPC_OK);
+    assert_int_equal(json_array_size(ans), 0);
+    assert_int_equal(fake.npub, 0); /* no exchange: nothing published */
+    json_decref(ans);
+
+    fake.control_exchange = true;
+    fake_reply(FAKE_LAST_CORR, "{\"queue\": \"q\", \"instance\": \"b\"}");
+    fake_reply(FAKE_LAST_CORR, "[1]");
+    fake_reply(FAKE_LAST_CORR, "{\"queue\": \"q\", \"instance\": \"a\"}");
+    fake_reply("someone-else", "{}");
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(mqrpc_client_ping(c, "q", 200, &ans), MQRPC_OK);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    assert_true(ms >= 195 && ms < 1000);
+    assert_int_equal(fake.npub, 1);
+    assert_string_equal(fake.pub[0].queue, "q"); /* the routing key */
+    assert_non_null(strstr(fake.pub[0].corr, "-ping-"));
+    assert_int_equal(json_array_size(ans), 2);
+    assert_string_equal(
+        json_string_value(json_object_get(json_array_get(ans, 0), "instance")),
+        "a");
+    assert_string_equal(
+        json_string_value(json_object_get(json_array_get(ans, 1), "instance")),
+        "b");
+    json_decref(ans);
+    mqrpc_client_get_stats(c, &st, sizeof st);
+    assert_int_equal(st.dropped, 2); /* "[1]" and the stranger's */
+
+    /* An answer after the timeout is a stranger's too. */
+    fake_reply(FAKE_LAST_CORR, "{\"queue\": \"q\", \"instance\": \"late\"}");
+    mqrpc_client_process(c, 10);
+    mqrpc_client_get_stats(c, &st, sizeof st);
+    assert_int_equal(st.dropped, 3);
+
+    fake_blocked("low on memory");
+    mqrpc_client_process(c, 10);
+    assert_int_equal(mqrpc_client_ping(c, NULL, 50, &ans), MQRPC_EBLOCKED);
+    assert_int_equal(json_array_size(ans), 0);
+    assert_non_null(strstr(mqrpc_client_errmsg(c),
+                           "blocking publishers: low on memory"));
+    assert_int_equal(fake.npub, 1); /* not sent to a broker that won't read */
+    json_decref(ans);
+    mqrpc_client_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -575,6 +634,7 @@ int main(void)
         cmocka_unit_test(durable_replies_are_acknowledged),
         cmocka_unit_test(lone_confirm_waits_on_but_a_wake_ends_the_wait),
         cmocka_unit_test(calls_carry_trace_context),
+        cmocka_unit_test(ping_gathers_answers_until_its_timeout),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
