@@ -117,15 +117,24 @@ static void scrub_password(struct cli *c, char *arg)
     char *p = arg;
 
     for (;;) {
-        char *comma = p;
+        char one[2048], *comma = p;
+        size_t n;
         while ((comma = strchr(comma, ',')) && !next_entry(comma + 1))
             comma++;
-        if (comma)
-            *comma = '\0';
-        any |= scrub_one(p);
+        n = comma ? (size_t)(comma - p) : strlen(p);
+        if (n < sizeof one) {
+            /* On a copy: arg is written to only where a password was. */
+            memcpy(one, p, n);
+            one[n] = '\0';
+            if (scrub_one(one)) {
+                for (size_t i = 0; i < n; i++)
+                    if (one[i] != p[i])
+                        p[i] = one[i];
+                any = true;
+            }
+        }
         if (!comma)
             break;
-        *comma = ',';
         p = comma + 1;
     }
     if (any)

@@ -658,6 +658,12 @@ static void url_list_attempt_policy(void **state)
     assert_false(mqr_addrs_failed(&a));
     assert_false(mqr_addrs_failed(&a));
     assert_true(mqr_addrs_failed(&a));
+    {
+        char buf[16] = "";
+        mqr_append(buf, sizeof buf, "; ", "a: refused");
+        mqr_append(buf, sizeof buf, "; ", "b: refused");
+        assert_string_equal(buf, "a: refused; b: "); /* cut, terminated */
+    }
     /* One address: back off after every failure, as before lists. */
     a.count = 1;
     assert_true(mqr_addrs_failed(&a));
@@ -946,6 +952,27 @@ static void cli_service_options(void **state)
     struct cli c6 = {
         .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
     assert_int_equal(parse(&c6, 3, many), CLI_EXIT_USAGE);
+    /* --queue-type: classic (the default, 0) or quorum, nothing else. */
+    assert_int_equal(c5.queue_type, MQRPC_QUEUE_CLASSIC);
+    char *quorum[] = {"svc", "--queue-type", "quorum", NULL};
+    struct cli c7 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c7, 3, quorum), -1);
+    assert_int_equal(c7.queue_type, MQRPC_QUEUE_QUORUM);
+    char *qbad[] = {"svc", "--queue-type", "stream", NULL};
+    struct cli c8 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c8, 3, qbad), CLI_EXIT_USAGE);
+    /* A bad entry of a URL list is a usage error before anything
+     * connects. */
+    char *lbad[] = {"svc", "--url", "amqp://h/,amqp://h:x/", NULL};
+    struct cli c9 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c9, 3, lbad), CLI_EXIT_USAGE);
+    char *lok[] = {"svc", "--url", "amqp://h1/,amqp://h2/", NULL};
+    struct cli c10 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c10, 3, lok), -1);
 }
 
 /* --max-depth and --max-string: 0 (the library's default) unless given,
