@@ -122,6 +122,7 @@ struct bench {
     double rate;             /* the rate being measured */
     bool abort;              /* open loop: a connection failed, no rows */
     mqrpc_client_opts copts;
+    unsigned call_flags; /* MQRPC_CALL_IDEMPOTENT with --retries */
     unsigned without; /* MQR_WITHOUT_* (rpc_bench_knobs) */
     pthread_barrier_t warm, go; /* all warmed up; t0 is set */
     pthread_barrier_t row_done; /* open loop: every connection drained */
@@ -169,7 +170,7 @@ static void start_call(struct slot *s)
     }
     s->start_us = now_us();
     e = mqrpc_call_async(cn->client, b->queue, b->body, b->body_len,
-                         b->timeout_ms, 0, on_done, s);
+                         b->timeout_ms, b->call_flags, on_done, s);
     if (e != MQRPC_OK) {
         /* The connection is gone (its calls have already failed): stop. */
         if (cn->measuring)
@@ -214,7 +215,10 @@ static void on_done(const mqrpc_reply *r, void *arg)
         cn->end_us = t;
         atomic_fetch_add_explicit(&cn->done, 1, memory_order_relaxed);
     }
-    if (st == MQRPC_ECLOSED || st == MQRPC_ECANCELED)
+    /* A lost connection ends this connection's run, unless calls are
+     * re-sent (--retries): the client reconnects by itself, through the
+     * next address of a list, and the run goes on. */
+    if ((st == MQRPC_ECLOSED && !b->call_flags) || st == MQRPC_ECANCELED)
         cn->stopping = true;
     if (b->nrates && cn->measuring) {
         s->next_free = cn->free_slots;
@@ -224,14 +228,24 @@ static void on_done(const mqrpc_reply *r, void *arg)
     start_call(s);
 }
 
+/* mqrpc_client_process's result e lets the run go on: something
+ * happened or nothing did; with --retries also a lost connection, which the
+ * client reopens itself while its re-sent calls wait (by their deadline at
+ * the latest). */
+static bool goes_on(const struct conn *cn, mqrpc_err e)
+{
+    return e == MQRPC_OK || e == MQRPC_ETIMEOUT ||
+           (e == MQRPC_ECLOSED && cn->b->call_flags);
+}
+
 /* Runs the loop until no call is in flight. A lost connection fails every
- * call in flight at once (their callbacks stop the connection's run), so
- * this never waits on a dead socket. */
+ * call in flight at once (their callbacks stop the connection's run),
+ * unless they are re-sent, so this never waits on a dead socket. */
 static void drain(struct conn *cn)
 {
     while (cn->active > 0) {
         mqrpc_err e = mqrpc_client_process(cn->client, 200);
-        if (e != MQRPC_OK && e != MQRPC_ETIMEOUT)
+        if (!goes_on(cn, e))
             return;
         if (interrupted)
             cn->stopping = true;
@@ -261,7 +275,7 @@ static void start_due_call(struct conn *cn, int64_t due_us)
     }
     s->start_us = due_us;
     e = mqrpc_call_async(cn->client, b->queue, b->body, b->body_len,
-                         b->timeout_ms, 0, on_done, s);
+                         b->timeout_ms, b->call_flags, on_done, s);
     if (e != MQRPC_OK) {
         cn->errors[err_slot(e)]++;
         if (!cn->first_error[0])
@@ -304,7 +318,7 @@ static bool wait_open(struct conn *cn, int64_t due_us)
         }
         e = mqrpc_client_process(cn->client, 0);
     }
-    return e == MQRPC_OK || e == MQRPC_ETIMEOUT;
+    return goes_on(cn, e);
 }
 
 /* Open loop, one row: makes this connection's share of the schedule at
@@ -784,6 +798,7 @@ int main(int argc, char **argv)
         X_RATE,
         X_DURABLE,
         X_METRICS_OUT,
+        X_RETRIES,
 #ifdef RPC_BENCH_KNOBS
         X_NO_CONFIRMS,
         X_NO_MANDATORY,
@@ -850,6 +865,14 @@ int main(int argc, char **argv)
                            .arg = "FILE|-",
                            .help = "write the client library's counters "
                                    "there (- : stdout) as Prometheus text"},
+        [X_RETRIES] = {.name = "retries",
+                       .arg = "N",
+                       .help = "calls are idempotent: re-send each up to N "
+                               "times after a lost connection (and go on "
+                               "after one)",
+                       .value = "0",
+                       .min = 0,
+                       .max = 100},
 #ifdef RPC_BENCH_KNOBS
         [X_NO_CONFIRMS] = {.name = "no-confirms",
                            .help = "benchmark only: no publisher confirms"},
@@ -964,6 +987,9 @@ int main(int argc, char **argv)
     b.copts.heartbeat_s = c.heartbeat_s;
     b.copts.direct_reply_to = extra[X_DIRECT].value != NULL;
     b.copts.durable = extra[X_DURABLE].value != NULL;
+    b.copts.retries = atoi(extra[X_RETRIES].value);
+    if (b.copts.retries > 0)
+        b.call_flags = MQRPC_CALL_IDEMPOTENT;
 #ifdef RPC_BENCH_KNOBS
     b.without = (extra[X_NO_CONFIRMS].value ? MQR_WITHOUT_CONFIRMS : 0) |
                 (extra[X_NO_MANDATORY].value ? MQR_WITHOUT_MANDATORY : 0) |

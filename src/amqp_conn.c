@@ -296,7 +296,8 @@ static amqp_rpc_reply_t login(amqp_connection_state_t state, const char *name,
 mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
                         size_t errlen)
 {
-    char url[2048];
+    char list[4096], url[2048];
+    unsigned count;
     mqr_url u;
     mqr_conn *c = NULL;
     amqp_socket_t *sock;
@@ -311,23 +312,31 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
     /* A URL file is read on every attempt: a reconnection after
      * `broker.sh rotate` must use the new password. */
     if (!p->url && p->url_file)
-        e = mqrpc_url_file_read(p->url_file, url, sizeof url, err, errlen);
+        e = mqrpc_url_file_read(p->url_file, list, sizeof list, err, errlen);
     else
-        e = mqr_resolve_url(p->url, p->role, url, sizeof url, NULL, err,
+        e = mqr_resolve_url(p->url, p->role, list, sizeof list, NULL, err,
                             errlen);
     if (e != MQRPC_OK)
         return e;
+    /* Every entry, each time: a list with one bad entry is refused as a
+     * whole, not when its turn comes. */
+    e = mqr_url_list_check(list, &p->tls, err, errlen);
+    if (e != MQRPC_OK)
+        return e;
+    e = mqr_url_pick(list, p->addrs ? p->addrs->seed : 0,
+                     p->addrs ? p->addrs->next : 0, url, sizeof url, &count);
+    if (e != MQRPC_OK) {
+        snprintf(err, errlen, "broker URL longer than %zu bytes",
+                 sizeof url - 1);
+        return e;
+    }
+    if (p->addrs) {
+        p->addrs->count = count;
+        mqrpc_url_redact(url, p->addrs->current, sizeof p->addrs->current);
+    }
     e = mqr_url_parse(url, &u, err, errlen);
     if (e != MQRPC_OK)
         return e;
-    if (!u.tls && (p->tls.ca_file || p->tls.cert_file || p->tls.key_file ||
-                   p->tls.insecure)) {
-        snprintf(err, errlen,
-                 "TLS options given for a plain amqp:// URL "
-                 "(use amqps://)");
-        e = MQRPC_EINVAL;
-        goto fail;
-    }
     if (connect_timeout_ms <= 0)
         connect_timeout_ms = 5000;
     tv = tv_of_ms(connect_timeout_ms);
@@ -559,12 +568,32 @@ mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
                                  const mqr_queue_opts *o, char *name_out)
 {
     amqp_queue_declare_ok_t *ok;
-    amqp_table_entry_t args[3];
+    amqp_table_entry_t args[7];
     amqp_table_t table = {0, args};
     mqrpc_err e;
 
     if (!c->open)
         return MQRPC_ECLOSED;
+    if (o->quorum) {
+        args[table.num_entries].key = amqp_cstring_bytes("x-queue-type");
+        args[table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+        args[table.num_entries++].value.value.bytes =
+            amqp_cstring_bytes("quorum");
+        if (o->delivery_limit)
+            args[table.num_entries++] =
+                int_entry("x-delivery-limit", o->delivery_limit);
+        if (o->dead_letter_to) {
+            args[table.num_entries].key =
+                amqp_cstring_bytes("x-dead-letter-exchange");
+            args[table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+            args[table.num_entries++].value.value.bytes = amqp_empty_bytes;
+            args[table.num_entries].key =
+                amqp_cstring_bytes("x-dead-letter-routing-key");
+            args[table.num_entries].value.kind = AMQP_FIELD_KIND_UTF8;
+            args[table.num_entries++].value.value.bytes =
+                amqp_cstring_bytes(o->dead_letter_to);
+        }
+    }
     if (o->max_length) {
         args[table.num_entries++] = int_entry("x-max-length", o->max_length);
         /* Refuse new requests rather than drop the oldest (the default):
@@ -581,7 +610,8 @@ mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
      * anything else fails with PRECONDITION_FAILED against a seed-declared
      * queue, so the defaults stay the seed's. */
     ok = amqp_queue_declare(c->state, CH_MAIN, amqp_cstring_bytes(queue), 0,
-                            o->durable, o->exclusive, o->exclusive, table);
+                            o->durable || o->quorum, o->exclusive,
+                            o->exclusive, table);
     e = check_reply(c, CH_MAIN, amqp_get_rpc_reply(c->state), "queue.declare");
     if (e != MQRPC_OK)
         return e;
@@ -813,6 +843,10 @@ static void read_headers(const amqp_table_t *t, mqr_msg *m)
                 m->deliveries = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
             else
                 m->bad_headers = true;
+        } else if (mqr_str_eq(key, "x-delivery-count")) {
+            /* The broker's own: a quorum queue's returns of the message. */
+            if (int_value(&h->value, &v) && v >= 0)
+                m->delivery_count = v > UINT32_MAX ? UINT32_MAX : (uint32_t)v;
         } else if (mqr_str_eq(key, MQR_HDR_PROGRESS)) {
             /* Advisory: a header of another type asks for nothing. */
             m->progress = int_value(&h->value, &v) && v != 0;

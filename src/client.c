@@ -43,6 +43,7 @@
 struct mqrpc_client {
     mqrpc_client_opts opts;
     mqr_conn_cfg cfg;
+    mqr_addrs addrs; /* where in the URL list the next attempt goes */
     mqr_conn *conn;
     /* A lost connection whose current message a running callback may
      * still be reading: freed once no callback runs. */
@@ -134,6 +135,7 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
     p.heartbeat_s = c->opts.heartbeat_s;
     p.connect_timeout_ms = c->opts.connect_timeout_ms;
     p.tls = c->opts.tls;
+    p.addrs = &c->addrs;
     if (!mqr_calls_init(&c->calls)) {
         free(c);
         return NULL;
@@ -161,6 +163,8 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
     memcpy(&c->next_seq, rnd + PREFIX_LEN / 2, 4);
     memcpy(&c->rng, rnd, sizeof c->rng);
     c->rng |= 1; /* xorshift must not start at 0 */
+    /* Its own order of the URL list: clients spread over a cluster. */
+    c->addrs.seed = (c->rng * 0x9E3779B97F4A7C15ull) | 1;
     if (c->opts.reconnect_min_ms <= 0)
         c->opts.reconnect_min_ms = MQRPC_DEFAULT_RECONNECT_MIN_MS;
     if (c->opts.reconnect_max_ms == 0)
@@ -251,15 +255,37 @@ void mqr_client_without(mqrpc_client *c, unsigned what)
     c->without = what;
 }
 
+/* Failures another address may not have: the broker is down or not
+ * reachable, or went away in the middle. A refused login, access, TLS or
+ * URL is the same on every node of a cluster. */
+static bool try_next_address(mqrpc_err e)
+{
+    return e == MQRPC_ECONNECT || e == MQRPC_ECLOSED || e == MQRPC_ETIMEOUT ||
+           e == MQRPC_EPROTO;
+}
+
 mqrpc_err mqrpc_client_connect(mqrpc_client *c)
 {
+    char all[sizeof c->err] = "";
     mqrpc_err e;
 
     if (c->conn || c->ever_connected || c->in_callback || c->closing)
         return MQRPC_ESTATE;
-    e = open_session(c, c->cfg.p.connect_timeout_ms);
-    if (e == MQRPC_OK)
-        c->ever_connected = true;
+    /* Each address of the list once, in this client's order. */
+    for (;;) {
+        e = open_session(c, c->cfg.p.connect_timeout_ms);
+        if (e == MQRPC_OK) {
+            mqr_addrs_connected(&c->addrs);
+            c->ever_connected = true;
+            return e;
+        }
+        if (c->addrs.count > 1)
+            mqr_append(all, sizeof all, "; ", c->err);
+        if (!try_next_address(e) || mqr_addrs_failed(&c->addrs))
+            break;
+    }
+    if (all[0] && try_next_address(e))
+        snprintf(c->err, sizeof c->err, "%s", all);
     return e;
 }
 
@@ -641,6 +667,7 @@ static mqrpc_err lost(mqrpc_client *c)
     c->blocked = false;
     c->st.lost++;
     c->failed_attempts = 0;
+    mqr_addrs_lost(&c->addrs);
     c->lost_at_us = mqr_now_us();
     /* The first attempt is immediate: a killed connection to a live
      * broker is the common case. */
@@ -790,15 +817,23 @@ static mqrpc_err try_reconnect(mqrpc_client *c)
             mqr_log(&c->log, MQRPC_LOG_WARN, "reconnection failed: %s",
                     c->err);
         snprintf(c->down, sizeof c->down, "%.399s", c->err);
+        /* The next address of the list at once; the backoff only once
+         * they all failed. */
+        if (!mqr_addrs_failed(&c->addrs)) {
+            c->reconnect_at_us = mqr_now_us();
+            return MQRPC_ECLOSED;
+        }
         c->reconnect_at_us =
             mqr_now_us() + (int64_t)mqr_jitter(&c->rng, c->backoff_ms) * 1000;
         c->backoff_ms = mqr_backoff_next(c->backoff_ms, c->opts.reconnect_max_ms);
         return MQRPC_ECLOSED;
     }
+    mqr_addrs_connected(&c->addrs);
     c->st.reconnects++;
     mqr_log(&c->log, MQRPC_LOG_INFO,
-            "connection regained after %.1f s (%u failed attempts)",
-            (double)(mqr_now_us() - c->lost_at_us) / 1e6, c->failed_attempts);
+            "connection regained after %.1f s (%u failed attempts), to %s",
+            (double)(mqr_now_us() - c->lost_at_us) / 1e6, c->failed_attempts,
+            c->addrs.current);
     flush_unsent(c);
     return c->conn ? MQRPC_OK : MQRPC_ECLOSED;
 }

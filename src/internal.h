@@ -191,6 +191,34 @@ void mqr_url_clear(mqr_url *u);
 mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
                               size_t errlen);
 
+/* Broker URL lists: "URL,URL,..." (RabbitMQ PerfTest's and kombu's form).
+ * A ',' followed by blanks and a scheme ("amqp://") starts the next entry;
+ * any other ',' is data (a password typed raw), as before lists. */
+#define MQR_URL_MAX_ENTRIES 64
+
+/* mqr_url_entries writes views of the first max entries of list into out
+ * (blanks around each trimmed) and returns how many there are, which may
+ * exceed max; 0 for NULL. */
+unsigned mqr_url_entries(const char *list, mqr_str *out, unsigned max);
+
+/* mqr_url_list_check checks every entry as mqr_url_parse does, and that
+ * TLS options (tls, may be NULL) come with amqps:// entries only. On
+ * failure err is one line naming the entry when there are several
+ * ("entry 2 of 3: malformed broker URL ..."); MQRPC_EURL or MQRPC_EINVAL
+ * (TLS options with amqp://). */
+mqrpc_err mqr_url_list_check(const char *list, const mqrpc_tls_opts *tls,
+                             char *err, size_t errlen);
+
+/* mqr_url_order writes a permutation of 0..n-1 drawn from seed into order:
+ * the same for the same seed and n; seed 0: the identity. */
+void mqr_url_order(uint64_t seed, unsigned *order, unsigned n);
+
+/* mqr_url_pick copies entry order[next % n] of list (order from seed) into
+ * out, NUL-terminated, and writes n into *count. MQRPC_EURL for an empty or
+ * too long list, MQRPC_EINVAL when out is too small. */
+mqrpc_err mqr_url_pick(const char *list, uint64_t seed, unsigned next,
+                       char *out, size_t outlen, unsigned *count);
+
 /* mqr_resolve_url is mqrpc_default_url with the reason for a failure in
  * err (an unreadable or too open URL file in the state directory). */
 mqrpc_err mqr_resolve_url(const char *explicit_url, mqrpc_role role, char *buf,
@@ -435,6 +463,9 @@ typedef struct mqr_msg {
     bool persistent;     /* delivery_mode 2 */
     int64_t deadline_ms; /* MQR_HDR_DEADLINE; 0: none */
     uint32_t deliveries; /* MQR_HDR_DELIVERIES; 0: none */
+    /* x-delivery-count, a quorum queue's count of earlier deliveries that
+     * came back (0: none, the first delivery) */
+    uint32_t delivery_count;
     bool progress;       /* MQR_HDR_PROGRESS is nonzero */
     bool bad_headers;    /* one of our headers had the wrong type */
     mqr_str traceparent; /* MQR_HDR_TRACEPARENT, as received; empty: none */
@@ -462,7 +493,42 @@ typedef struct mqr_queue_opts {
     bool durable;
     unsigned max_length; /* x-max-length with x-overflow reject-publish */
     unsigned expires_ms; /* x-expires: deleted after this long unused */
+    bool quorum;         /* x-queue-type quorum (durable is implied) */
+    /* Quorum: x-delivery-limit (0: none) and dead-lettering through the
+     * default exchange to this queue (NULL: none). */
+    unsigned delivery_limit;
+    const char *dead_letter_to;
 } mqr_queue_opts;
+
+/* Where a handle's connection attempts go in its list of broker
+ * addresses. Each handle walks the list in an order of its own (shuffled,
+ * so that the clients and services of a cluster spread over its nodes):
+ * an attempt goes to one address; a failed one moves on to the next, at
+ * once until every address of the round failed, then with the backoff; a
+ * lost connection moves on to the next address, at once. */
+typedef struct mqr_addrs {
+    uint64_t seed;      /* the order (mqr_url_order); set once per handle */
+    unsigned next;      /* position in that order of the next attempt */
+    unsigned count;     /* addresses in the list at the last attempt */
+    unsigned misses;    /* attempts failed in a row in this round */
+    char current[512];  /* the address of the last attempt, redacted */
+} mqr_addrs;
+
+/* mqr_addrs_failed: the last attempt failed; the next goes to the next
+ * address. Returns true when the whole round failed (back off now), false
+ * when the next address may be tried at once. */
+bool mqr_addrs_failed(mqr_addrs *a);
+
+/* mqr_addrs_lost: the connection was lost (or given up): the next attempt
+ * goes to the next address, and starts a new round. */
+void mqr_addrs_lost(mqr_addrs *a);
+
+/* mqr_addrs_connected: the last attempt succeeded. */
+void mqr_addrs_connected(mqr_addrs *a);
+
+/* mqr_append appends s to the NUL-terminated buf of size bytes, after sep
+ * when buf is not empty, cutting what does not fit. */
+void mqr_append(char *buf, size_t size, const char *sep, const char *s);
 
 /* What a connection needs; the strings are borrowed for mqr_conn_open. */
 typedef struct mqr_conn_params {
@@ -473,6 +539,9 @@ typedef struct mqr_conn_params {
     int heartbeat_s;
     int connect_timeout_ms;
     mqrpc_tls_opts tls; /* unset fields fall back to the URL's parameters */
+    /* Which entry of a URL list to use; updated by mqr_conn_open (count,
+     * current). NULL: the first. */
+    mqr_addrs *addrs;
 } mqr_conn_params;
 
 /* An owned copy of connection settings, as the handles keep them. */
@@ -486,7 +555,8 @@ typedef struct mqr_conn_cfg {
 bool mqr_conn_cfg_init(mqr_conn_cfg *cfg, const mqr_conn_params *p);
 void mqr_conn_cfg_clear(mqr_conn_cfg *cfg);
 
-/* mqr_conn_open resolves the broker URL, connects (over TLS for amqps://,
+/* mqr_conn_open resolves the broker URL (a list: every entry is checked,
+ * the one p->addrs points at is used), connects (over TLS for amqps://,
  * verifying the broker's certificate and host name unless tls.insecure),
  * logs in, then opens channel 1. Blocks up to connect_timeout_ms for the
  * TCP connect and for each handshake. On failure *out is NULL and err

@@ -329,7 +329,12 @@ mqrpc_err mqr_republish(mqrpc_service *s, const mqr_msg *m,
     enum out_kind kind = OUT_HAND_BACK;
     char expiration[24];
 
-    if (m->redelivered)
+    if (s->opts.queue_type == MQRPC_QUEUE_QUORUM)
+        /* m->deliveries is already the failed count (on_delivery): the
+         * broker counted them; nothing goes back with count + 1. */
+        kind = failed >= s->opts.max_deliveries ? OUT_DEAD_LETTER
+                                                : OUT_HAND_BACK;
+    else if (m->redelivered)
         kind = mqr_redelivery_decide(m->deliveries, s->opts.max_deliveries,
                                      &failed)
                    ? OUT_DEAD_LETTER

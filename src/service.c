@@ -117,6 +117,11 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
         free(s);
         return NULL;
     }
+    if (s->opts.queue_type > MQRPC_QUEUE_QUORUM) {
+        free(s);
+        errno = EINVAL;
+        return NULL;
+    }
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->conn_lock, NULL);
     {
@@ -144,6 +149,7 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     p.heartbeat_s = s->opts.heartbeat_s;
     p.connect_timeout_ms = s->opts.connect_timeout_ms;
     p.tls = s->opts.tls;
+    p.addrs = &s->addrs;
     s->queue = strdup(opts->queue);
     s->wake_fd = mqr_wake_open();
     if (!s->queue || s->wake_fd < 0 || !mqr_conn_cfg_init(&s->cfg, &p)) {
@@ -180,6 +186,8 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     s->rng = ((uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 32) ^
               (uint64_t)(uintptr_t)s) |
              1;
+    /* Its own order of the URL list: instances spread over a cluster. */
+    s->addrs.seed = (s->rng * 0x9E3779B97F4A7C15ull) | 1;
     s->log.fn = s->opts.log;
     s->log.record_fn = s->opts.log_record;
     s->log.arg = s->opts.log_arg;
@@ -226,8 +234,16 @@ static void run_handler(mqrpc_request *r, void *arg)
  * after connecting, and again after the broker cancelled the consumer. */
 static mqrpc_err declare_and_consume(mqrpc_service *s)
 {
+    bool quorum = s->opts.queue_type == MQRPC_QUEUE_QUORUM;
     mqr_queue_opts q = {.durable = s->opts.durable,
-                        .max_length = s->opts.max_queue};
+                        .max_length = s->opts.max_queue,
+                        .quorum = quorum,
+                        /* The backstop: should the instance that moves a
+                         * poison request to the dead-letter queue itself
+                         * (mqr_republish) die as well, the broker does it
+                         * at the next return. */
+                        .delivery_limit = quorum ? s->opts.max_deliveries : 0,
+                        .dead_letter_to = quorum ? s->dlq : NULL};
     /* Dead letters are kept for a person to look at: always durable. */
     mqr_queue_opts dq = {.durable = true};
     mqrpc_err e;
@@ -236,11 +252,13 @@ static mqrpc_err declare_and_consume(mqrpc_service *s)
     if (e == MQRPC_EINVAL) {
         snprintf(s->err, sizeof s->err,
                  "queue %s exists with other settings (%s); every instance "
-                 "must use the same --durable and --max-queue (delete the "
+                 "must use the same --durable, --max-queue and --queue-type "
+                 "(and --max-deliveries for a quorum queue; delete the "
                  "queue to change them)",
                  s->queue, mqr_conn_errmsg(s->conn));
         return e;
     }
+    /* Before consuming: a quorum queue's broker dead-letters into it. */
     if (e == MQRPC_OK)
         e = mqr_conn_declare_queue(s->conn, s->dlq, &dq, NULL);
     if (e == MQRPC_OK)
@@ -305,6 +323,7 @@ static mqrpc_err connect_once(mqrpc_service *s)
         return e;
     }
     mqr_conn_set_wake_fd(s->conn, s->wake_fd);
+    mqr_addrs_connected(&s->addrs);
     s->gen++;
     s->err[0] = '\0';
     s->blocked_us = 0;
@@ -335,30 +354,56 @@ static bool transient(mqrpc_err e)
            e == MQRPC_EPROTO;
 }
 
+/* One attempt at every address of the list, in this instance's order,
+ * until one connects. On failure s->err says what each address said. */
+static mqrpc_err connect_round(mqrpc_service *s, unsigned *attempts)
+{
+    char all[sizeof s->err] = "";
+    mqrpc_err e;
+
+    for (;;) {
+        ++*attempts;
+        e = connect_once(s);
+        if (e == MQRPC_OK || !transient(e))
+            return e;
+        if (s->addrs.count > 1)
+            mqr_append(all, sizeof all, "; ", s->err);
+        if (mqr_addrs_failed(&s->addrs))
+            break;
+    }
+    if (all[0])
+        snprintf(s->err, sizeof s->err, "%s", all);
+    return e;
+}
+
 mqrpc_err mqrpc_service_connect(mqrpc_service *s)
 {
     int64_t t0 = mqr_now_us(), left_us;
     int delay = s->opts.reconnect_min_ms, wait;
-    unsigned attempts = 0;
+    unsigned attempts = 0, rounds = 0;
     mqrpc_err e;
 
     if (s->conn)
         return MQRPC_ESTATE;
     for (;;) {
-        attempts++;
-        e = connect_once(s);
+        rounds++;
+        e = connect_round(s, &attempts);
         if (e == MQRPC_OK) {
             if (attempts > 1)
                 mqr_log(&s->log, MQRPC_LOG_INFO,
-                        "connected after %.1f s (%u attempts)",
-                        (double)(mqr_now_us() - t0) / 1e6, attempts);
+                        "connected after %.1f s (%u attempts), to %s",
+                        (double)(mqr_now_us() - t0) / 1e6, attempts,
+                        s->addrs.current);
+            else if (s->addrs.count > 1)
+                mqr_log(&s->log, MQRPC_LOG_INFO, "connected to %s",
+                        s->addrs.current);
             return MQRPC_OK;
         }
         if (!transient(e) || s->opts.connect_retry_ms == 0)
             return e;
         /* Said once: a supervisor's log should not fill up while the
          * broker is down. */
-        if (attempts == 1) {
+        if (rounds == 1) {
             notify(s, MQRPC_SERVICE_DISCONNECTED, s->err);
             if (s->opts.connect_retry_ms > 0)
                 mqr_log(&s->log, MQRPC_LOG_WARN,
@@ -536,11 +581,13 @@ static mqrpc_err run_inline(mqrpc_service *s, mqrpc_request *r)
     return e != MQRPC_OK ? e : drain_done(s);
 }
 
+static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m,
+                               const mqr_trace *trace);
+
 /* Handles one delivery: skipped, re-published, run inline, or queued for a
  * handler thread. */
 static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
 {
-    mqrpc_request *r;
     mqr_trace trace;
     mqr_req_fields f;
     char cid[65];
@@ -576,9 +623,33 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
                         "request %s skipped: past its deadline", cid);
         return mqr_service_done_with(s, m->delivery_tag);
     }
+    if (s->opts.queue_type == MQRPC_QUEUE_QUORUM) {
+        /* The broker counts the deliveries that came back: a redelivered
+         * request runs again at once, unless it is a poison one. Its
+         * failed deliveries: the broker's count of this copy plus what a
+         * hand-back carried over from an earlier copy in our header. */
+        mqr_msg q = *m;
+        uint64_t failed = (uint64_t)m->deliveries + m->delivery_count;
+        q.deliveries = failed > UINT32_MAX ? UINT32_MAX : (uint32_t)failed;
+        q.delivery_count = 0;
+        if (q.deliveries >= s->opts.max_deliveries ||
+            atomic_load(&s->stopping))
+            return mqr_republish(s, &q, &trace);
+        return start_request(s, &q, &trace);
+    }
     if (m->redelivered || atomic_load(&s->stopping))
         return mqr_republish(s, m, &trace);
-    r = mqr_request_new(s, m, &trace);
+    return start_request(s, m, &trace);
+}
+
+/* Makes m a request and runs it inline or queues it for a handler
+ * thread. */
+static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m,
+                               const mqr_trace *trace)
+{
+    mqrpc_request *r;
+
+    r = mqr_request_new(s, m, trace);
     if (!r)
         return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
     in_hand_append(s, r);
@@ -911,10 +982,10 @@ static mqrpc_err reconnect(mqrpc_service *s)
         if (e == MQRPC_OK) {
             MQR_STAT_ADD(s->st.reconnects, 1);
             mqr_log(&s->log, MQRPC_LOG_INFO,
-                    "connection regained after %.1f s (%u attempt%s); "
-                    "consuming %s again",
+                    "connection regained after %.1f s (%u attempt%s), to "
+                    "%s; consuming %s again",
                     (double)(mqr_now_us() - t0) / 1e6, attempts,
-                    attempts == 1 ? "" : "s", s->queue);
+                    attempts == 1 ? "" : "s", s->addrs.current, s->queue);
             return MQRPC_OK;
         }
         if (e == MQRPC_ENOMEM)
@@ -929,6 +1000,10 @@ static mqrpc_err reconnect(mqrpc_service *s)
             mqr_log(&s->log, MQRPC_LOG_DEBUG,
                     "reconnection attempt %u failed: %s", attempts, s->err);
         }
+        /* The next address of the list at once; the backoff once they
+         * all failed. */
+        if (!mqr_addrs_failed(&s->addrs))
+            continue;
         nap(s, mqr_jitter(&s->rng, delay));
         delay = mqr_backoff_next(delay, s->opts.reconnect_max_ms);
     }
@@ -1048,6 +1123,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
         if (e == MQRPC_ENOMEM || s->opts.reconnect_max_ms < 0)
             break;
         MQR_STAT_ADD(s->st.lost, 1);
+        mqr_addrs_lost(&s->addrs);
         if (consumer_timeout(s->err))
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "the broker closed the channel: a request was held "

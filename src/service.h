@@ -108,6 +108,7 @@ struct mqrpc_request {
 struct mqrpc_service {
     mqrpc_service_opts opts;
     mqr_conn_cfg cfg;
+    mqr_addrs addrs; /* where in the URL list the next attempt goes */
     char *queue;
     char dlq[256];
     char instance[300];

@@ -171,7 +171,38 @@ static const char *query_start(const char *s)
     return end;
 }
 
+static void redact_one(const char *url, char *buf, size_t len);
+
 void mqrpc_url_redact(const char *url, char *buf, size_t len)
+{
+    mqr_str e[MQR_URL_MAX_ENTRIES];
+    unsigned n = mqr_url_entries(url, e, MQR_URL_MAX_ENTRIES);
+    size_t used = 0;
+
+    if (!buf || len == 0)
+        return;
+    if (n <= 1 || n > MQR_URL_MAX_ENTRIES) {
+        redact_one(url, buf, len);
+        return;
+    }
+    /* Each entry on its own: every password of the list is masked. */
+    buf[0] = '\0';
+    for (unsigned i = 0; i < n && used + 1 < len; i++) {
+        char *one = strndup(e[i].ptr, e[i].len);
+        if (!one) {
+            snprintf(buf, len, "(%u broker URLs)", n);
+            return;
+        }
+        if (i > 0)
+            buf[used++] = ',';
+        redact_one(one, buf + used, len - used);
+        used += strlen(buf + used);
+        free(one);
+    }
+    buf[used < len ? used : len - 1] = '\0';
+}
+
+static void redact_one(const char *url, char *buf, size_t len)
 {
     const char *scheme_end, *at, *colon;
 
@@ -210,14 +241,20 @@ static bool is_loopback(const char *host)
 
 int mqrpc_url_plaintext_remote(const char *url)
 {
-    mqr_url u;
-    char err[256];
-    int r;
+    mqr_str e[MQR_URL_MAX_ENTRIES];
+    unsigned n = mqr_url_entries(url, e, MQR_URL_MAX_ENTRIES);
+    int r = 0;
 
-    if (mqr_url_parse(url, &u, err, sizeof err) != MQRPC_OK)
-        return 0;
-    r = !u.tls && !is_loopback(u.host);
-    mqr_url_clear(&u);
+    /* One clear-text entry is enough to cross the network in clear. */
+    for (unsigned i = 0; i < n && i < MQR_URL_MAX_ENTRIES && !r; i++) {
+        char *one = strndup(e[i].ptr, e[i].len), err[256];
+        mqr_url u;
+        if (one && mqr_url_parse(one, &u, err, sizeof err) == MQRPC_OK) {
+            r = !u.tls && !is_loopback(u.host);
+            mqr_url_clear(&u);
+        }
+        free(one);
+    }
     return r;
 }
 
@@ -501,5 +538,181 @@ mqrpc_err mqr_url_parse_query(char *query, mqr_url *out, char *err,
         }
         *slot = eq + 1;
     }
+    return MQRPC_OK;
+}
+
+/* ------------------------------------------------------------ URL lists */
+
+/* starts_entry: s (just after a ',') begins the next URL of a list: blanks,
+ * then a scheme ("amqp://"; any "name://", so that a wrong one is reported
+ * as that entry's). A ',' anywhere else is data (a password typed raw, a
+ * vhost), as it was before lists existed. */
+static const char *starts_entry(const char *s)
+{
+    const char *p;
+
+    while (*s == ' ' || *s == '\t')
+        s++;
+    for (p = s; (*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') ||
+                (p > s && ((*p >= '0' && *p <= '9') || *p == '+' ||
+                           *p == '-' || *p == '.'));
+         p++)
+        ;
+    return p > s && strncmp(p, "://", 3) == 0 ? s : NULL;
+}
+
+static mqr_str trimmed(const char *p, const char *end)
+{
+    mqr_str s;
+
+    while (p < end && (*p == ' ' || *p == '\t'))
+        p++;
+    while (end > p && (end[-1] == ' ' || end[-1] == '\t'))
+        end--;
+    s.ptr = p;
+    s.len = (size_t)(end - p);
+    return s;
+}
+
+unsigned mqr_url_entries(const char *list, mqr_str *out, unsigned max)
+{
+    const char *p, *begin;
+    unsigned n = 0;
+
+    if (!list)
+        return 0;
+    for (p = begin = list;; p++) {
+        const char *next = *p == ',' ? starts_entry(p + 1) : NULL;
+        if (*p != '\0' && !next)
+            continue;
+        if (n < max)
+            out[n] = trimmed(begin, p);
+        n++;
+        if (*p == '\0')
+            return n;
+        begin = next;
+        p = next - 1;
+    }
+}
+
+/* Writes entry i+1 of n's position into buf: "" for a single URL, whose
+ * messages stay what they were before lists. */
+static void position(char *buf, size_t len, unsigned i, unsigned n)
+{
+    if (n > 1)
+        snprintf(buf, len, "entry %u of %u: ", i + 1, n);
+    else
+        buf[0] = '\0';
+}
+
+mqrpc_err mqr_url_list_check(const char *list, const mqrpc_tls_opts *tls,
+                             char *err, size_t errlen)
+{
+    mqr_str e[MQR_URL_MAX_ENTRIES];
+    unsigned n = mqr_url_entries(list, e, MQR_URL_MAX_ENTRIES);
+    char pos[48], why[512];
+    mqrpc_err r = MQRPC_OK;
+
+    if (n > MQR_URL_MAX_ENTRIES) {
+        snprintf(err, errlen, "%u broker URLs in the list, over the limit of %d",
+                 n, MQR_URL_MAX_ENTRIES);
+        return MQRPC_EURL;
+    }
+    for (unsigned i = 0; i < n && r == MQRPC_OK; i++) {
+        char *one;
+        mqr_url u;
+
+        position(pos, sizeof pos, i, n);
+        if (e[i].len == 0) {
+            snprintf(err, errlen, "%sempty broker URL", pos);
+            return MQRPC_EURL;
+        }
+        if (e[i].ptr[e[i].len - 1] == ',') {
+            /* "a,,b" or "a,": a typo, not an address; the ',' stays with
+             * a, as data. */
+            char *bad = strndup(e[i].ptr, e[i].len), shown[512];
+            mqrpc_url_redact(bad, shown, sizeof shown);
+            snprintf(err, errlen,
+                     "%s\"%s\" ends with ',' where the next URL should "
+                     "follow (write a ',' in a password as %%2C)",
+                     pos, bad ? shown : "");
+            free(bad);
+            return MQRPC_EURL;
+        }
+        one = strndup(e[i].ptr, e[i].len);
+        if (!one)
+            return MQRPC_ENOMEM;
+        r = mqr_url_parse(one, &u, why, sizeof why);
+        if (r == MQRPC_OK && !u.tls && tls &&
+            (tls->ca_file || tls->cert_file || tls->key_file ||
+             tls->insecure)) {
+            snprintf(why, sizeof why,
+                     "TLS options given for a plain amqp:// URL (use "
+                     "amqps://)");
+            r = MQRPC_EINVAL;
+        }
+        if (r != MQRPC_OK)
+            snprintf(err, errlen, "%s%s", pos, why);
+        mqr_url_clear(&u); /* parse cleared it on failure: harmless */
+        free(one);
+    }
+    return r;
+}
+
+mqrpc_err mqrpc_url_check(const char *urls, const mqrpc_tls_opts *tls,
+                          char *err, size_t errlen)
+{
+    char dummy[8];
+
+    if (!err || errlen == 0) {
+        err = dummy;
+        errlen = sizeof dummy;
+    }
+    if (!urls || !*urls) {
+        snprintf(err, errlen, "empty broker URL");
+        return MQRPC_EURL;
+    }
+    return mqr_url_list_check(urls, tls, err, errlen);
+}
+
+void mqr_url_order(uint64_t seed, unsigned *order, unsigned n)
+{
+    uint64_t x = seed | 1;
+
+    for (unsigned i = 0; i < n; i++)
+        order[i] = i;
+    if (seed == 0)
+        return; /* the list's own order */
+    /* Fisher-Yates over xorshift64: the same seed gives the same order, so
+     * a handle walks its list in one order across attempts. */
+    for (unsigned i = n; i > 1; i--) {
+        unsigned j;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        j = (unsigned)(x % i);
+        unsigned t = order[i - 1];
+        order[i - 1] = order[j];
+        order[j] = t;
+    }
+}
+
+mqrpc_err mqr_url_pick(const char *list, uint64_t seed, unsigned next,
+                       char *out, size_t outlen, unsigned *count)
+{
+    mqr_str e[MQR_URL_MAX_ENTRIES];
+    unsigned order[MQR_URL_MAX_ENTRIES];
+    unsigned n = mqr_url_entries(list, e, MQR_URL_MAX_ENTRIES);
+    mqr_str s;
+
+    *count = n;
+    if (n == 0 || n > MQR_URL_MAX_ENTRIES)
+        return MQRPC_EURL;
+    mqr_url_order(seed, order, n);
+    s = e[order[next % n]];
+    if (s.len >= outlen)
+        return MQRPC_EINVAL;
+    memcpy(out, s.ptr, s.len);
+    out[s.len] = '\0';
     return MQRPC_OK;
 }

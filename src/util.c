@@ -211,3 +211,37 @@ void mqr_wake_drain(int fd)
         /* EAGAIN: nothing to drain (another read took it) */
     }
 }
+
+bool mqr_addrs_failed(mqr_addrs *a)
+{
+    a->next++;
+    if (++a->misses < a->count)
+        return false;
+    a->misses = 0;
+    return true;
+}
+
+void mqr_addrs_lost(mqr_addrs *a)
+{
+    /* The node that went may come back, but the others are up now. */
+    a->next++;
+    a->misses = 0;
+}
+
+void mqr_addrs_connected(mqr_addrs *a)
+{
+    a->misses = 0;
+}
+
+void mqr_append(char *buf, size_t size, const char *sep, const char *s)
+{
+    size_t n = strlen(buf);
+
+    if (n && n + strlen(sep) < size) {
+        memcpy(buf + n, sep, strlen(sep));
+        n += strlen(sep);
+    }
+    for (; *s && n + 1 < size; s++)
+        buf[n++] = *s;
+    buf[n] = '\0';
+}

@@ -34,6 +34,7 @@ enum {
     OPT_MAX_DELIVERIES,
     OPT_CONNECT_TIMEOUT,
     OPT_METRICS,
+    OPT_QUEUE_TYPE,
     OPT_EXTRA /* + index of the extra option */
 };
 
@@ -74,12 +75,11 @@ void cli_on_stop_signals(void (*on_stop)(int))
     signal(SIGPIPE, SIG_IGN);
 }
 
-/* A password typed into --url is visible to every local user in ps and
- * /proc/PID/cmdline: say so, and overwrite it in our argv (as mysql does)
- * to shorten the window. The copy in url_buf_ is the one used. */
-static void scrub_password(struct cli *c, char *arg)
+/* Overwrites the password of one URL (arg, NUL-terminated) with '*';
+ * returns whether it had one. */
+static bool scrub_one(char *arg)
 {
-    char shown[sizeof c->url_buf_];
+    char shown[2048];
     const char *mask;
     size_t start, end;
 
@@ -88,14 +88,60 @@ static void scrub_password(struct cli *c, char *arg)
     mqrpc_url_redact(arg, shown, sizeof shown);
     mask = strstr(shown, ":****@");
     if (!mask)
-        return;
+        return false;
     start = (size_t)(mask - shown) + 1;
     end = strlen(arg) - strlen(mask + 5);
     if (end <= start)
-        return;
+        return false;
     memset(arg + start, '*', end - start);
-    cli_error(c, "warning: a password in --url can be seen by other users "
-                 "(ps); use AMQP_URL or --url-file");
+    return true;
+}
+
+/* The start of the next URL of a list after p (a ','): blanks, then a
+ * scheme; the library's rule (mqrpc.h, Broker URLs). */
+static bool next_entry(const char *p)
+{
+    size_t n;
+
+    p += strspn(p, " \t");
+    n = strspn(p, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                  "0123456789+-.");
+    return n > 0 && strncmp(p + n, "://", 3) == 0;
+}
+
+/* A password typed into --url is visible to every local user in ps and
+ * /proc/PID/cmdline: say so, and overwrite it in our argv (as mysql does)
+ * to shorten the window; every entry of a list. The copy in url_buf_ is
+ * the one used. */
+static void scrub_password(struct cli *c, char *arg)
+{
+    bool any = false;
+    char *p = arg;
+
+    for (;;) {
+        char one[2048], *comma = p;
+        size_t n;
+        while ((comma = strchr(comma, ',')) && !next_entry(comma + 1))
+            comma++;
+        n = comma ? (size_t)(comma - p) : strlen(p);
+        if (n < sizeof one) {
+            /* On a copy: arg is written to only where a password was. */
+            memcpy(one, p, n);
+            one[n] = '\0';
+            if (scrub_one(one)) {
+                for (size_t i = 0; i < n; i++)
+                    if (one[i] != p[i])
+                        p[i] = one[i];
+                any = true;
+            }
+        }
+        if (!comma)
+            break;
+        p = comma + 1;
+    }
+    if (any)
+        cli_error(c, "warning: a password in --url can be seen by other "
+                     "users (ps); use AMQP_URL or --url-file");
 }
 
 /* After parsing: the URL file, and warnings about the connection's
@@ -104,7 +150,8 @@ static int check_url(struct cli *c)
 {
     mqrpc_role role =
         c->flags & CLI_SERVICE ? MQRPC_ROLE_SERVICE : MQRPC_ROLE_CLIENT;
-    char url[2048], err[512];
+    char url[4096], err[640], where[300];
+    const char *source = NULL;
 
     if (c->url_file) {
         if (c->url) {
@@ -122,8 +169,22 @@ static int check_url(struct cli *c)
         cli_error(c, "WARNING: --insecure: the broker's certificate and host "
                      "name are NOT verified; anyone on the path can read and "
                      "change the traffic. For tests only.");
-    if (mqrpc_default_url(c->url, role, url, sizeof url, NULL) == MQRPC_OK &&
-        mqrpc_url_plaintext_remote(url)) {
+    if (mqrpc_default_url(c->url, role, url, sizeof url, &source) !=
+        MQRPC_OK)
+        return -1; /* the connection says why, with the reason */
+    /* Every entry of a list now, with where it came from: not when its
+     * turn comes, maybe hours later. */
+    if (mqrpc_url_check(url, &c->tls, err, sizeof err) != MQRPC_OK) {
+        if (c->url_file)
+            snprintf(where, sizeof where, "URL file %s", c->url_file);
+        else if (strcmp(source, "state file") == 0)
+            snprintf(where, sizeof where, "the private broker's URL file");
+        else
+            snprintf(where, sizeof where, "%s", source);
+        cli_error(c, "%s: %s", where, err);
+        return CLI_EXIT_USAGE;
+    }
+    if (mqrpc_url_plaintext_remote(url)) {
         char shown[2048];
         mqrpc_url_redact(url, shown, sizeof shown);
         cli_error(c,
@@ -174,6 +235,13 @@ static void usage(const struct cli *c, FILE *f)
             "  --url URL          broker URL (else $AMQP_URL, else the "
             "private broker's,\n"
             "                     else amqp://guest:guest@localhost:5672/)\n");
+    fprintf(f, "                     URL may be a comma-separated list of "
+               "URLs (the nodes of a\n"
+               "                     cluster): each program takes them in a "
+               "random order and\n"
+               "                     moves to the next when one fails (also "
+               "in --url-file,\n"
+               "                     AMQP_URL)\n");
     fprintf(f, "  --url-file FILE    read the URL from FILE's first line; FILE "
                "must be readable\n"
                "                     by its owner only (chmod 600). Keeps the "
@@ -228,6 +296,15 @@ static void usage(const struct cli *c, FILE *f)
                 "goes to <queue>.dlq\n"
                 "                     (default %d)\n",
                 MQRPC_DEFAULT_MAX_DELIVERIES);
+        fprintf(f, "  --queue-type classic|quorum\n"
+                   "                     quorum: a durable queue replicated "
+                   "over a cluster's nodes,\n"
+                   "                     whose broker counts deliveries "
+                   "(x-delivery-limit); default\n"
+                   "                     classic, as the seed's services "
+                   "declare it (every instance\n"
+                   "                     must agree, and on "
+                   "--max-deliveries for quorum)\n");
         fprintf(f, "  --connect-timeout MS\n"
                    "                     give up (exit 3) when the broker "
                    "cannot be reached within\n"
@@ -445,6 +522,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
                                     NULL, OPT_CONNECT_TIMEOUT};
         opts[n++] =
             (struct option){"metrics", required_argument, NULL, OPT_METRICS};
+        opts[n++] = (struct option){"queue-type", required_argument, NULL,
+                                    OPT_QUEUE_TYPE};
     }
     for (int i = 0; c->extra && c->extra[i].name && n < 47; i++) {
         const struct cli_extra *x = &c->extra[i];
@@ -623,6 +702,18 @@ int cli_parse(struct cli *c, int argc, char **argv)
             c->connect_retry_ms = (int)v;
             break;
         case OPT_METRICS: c->metrics = optarg; break; /* checked by its user */
+        case OPT_QUEUE_TYPE:
+            if (strcmp(optarg, "classic") == 0)
+                c->queue_type = MQRPC_QUEUE_CLASSIC;
+            else if (strcmp(optarg, "quorum") == 0)
+                c->queue_type = MQRPC_QUEUE_QUORUM;
+            else {
+                cli_error(c, "--queue-type takes classic or quorum, got "
+                             "\"%s\"",
+                          optarg);
+                return CLI_EXIT_USAGE;
+            }
+            break;
         case 'v': c->verbose = true; break;
         case 'h': usage(c, stdout); return CLI_EXIT_OK;
         case OPT_VERSION:

@@ -75,6 +75,7 @@ struct cli {
     int retries;             /* --retries */
     unsigned max_queue;      /* --max-queue; 0: unbounded */
     unsigned max_deliveries; /* --max-deliveries; 0: the default */
+    unsigned queue_type;     /* --queue-type: MQRPC_QUEUE_CLASSIC, ... */
     int connect_retry_ms;    /* --connect-timeout; -1: keep trying */
     const char *metrics;     /* --metrics HOST:PORT; NULL: off */
     int optind;          /* first operand */

@@ -236,6 +236,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
             opts.log_record = log_record;
             opts.log_arg = w;
         }
+        opts.queue_type = c.queue_type;
         w->svc = p->request
                      ? mqrpc_service_new_async(&opts, p->request, w->arg)
                      : mqrpc_service_new(&opts, p->handler, w->arg);

@@ -235,12 +235,34 @@ typedef void (*mqrpc_log_record_fn)(const mqrpc_log_record *rec, void *arg);
 typedef enum { MQRPC_ROLE_CLIENT, MQRPC_ROLE_SERVICE } mqrpc_role;
 
 /*
+ * Broker URLs. Wherever a URL is taken (mqrpc_client_opts.url,
+ * mqrpc_service_opts.url, their url_file, $AMQP_URL, the private broker's
+ * URL files), a comma-separated list of URLs is taken too, as RabbitMQ
+ * PerfTest and kombu take it: the nodes of a cluster,
+ * "amqp://u:p@10.0.0.1:5672/,amqp://u:p@10.0.0.2:5672/". A ',' followed
+ * by (blanks and) a scheme ("amqp://", "amqps://") starts the next URL;
+ * any other ',' is part of the URL (write one in a password as %2C to be
+ * safe). Every entry
+ * is checked before the first connection attempt: one malformed entry, or
+ * TLS options with an amqp:// entry, fails the whole list, naming its
+ * position ("entry 2 of 3: ..."). Each client and service walks the list
+ * in an order of its own, drawn at random when it is created (so the
+ * connections of many spread over the nodes): the first connection tries
+ * each address in turn until one answers; after a lost connection the
+ * next address is tried at once, and the others after it, then the
+ * reconnection backoff applies between rounds over the whole list. A
+ * refused login, access or TLS handshake is not tried elsewhere. Log
+ * lines name the address connected to, redacted.
+ */
+
+/*
  * mqrpc_default_url resolves the broker URL the way every program does:
  * explicit (a --url option) if not NULL, else $AMQP_URL, else the URL file
  * the private broker wrote for role in its state directory
  * ($MQRPC_STATE_DIR, else the directory compiled in: clients.url or
  * services.url, read with mqrpc_url_file_read's checks), else
- * amqp://guest:guest@localhost:5672/. Writes a NUL-terminated URL into buf
+ * amqp://guest:guest@localhost:5672/. Writes a NUL-terminated URL (or
+ * list, as found) into buf
  * and, if source is not NULL, a static description of where it came from
  * ("--url", "AMQP_URL", "state file", "default"). Returns MQRPC_EINVAL if
  * buf is too small or the state file exists but cannot be used.
@@ -259,14 +281,16 @@ MQRPC_API mqrpc_err mqrpc_url_file_read(const char *path, char *buf, size_t len,
                               char *err, size_t errlen);
 
 /*
- * mqrpc_url_redact copies url into buf with its password replaced by "****",
- * for log lines and error messages. Always NUL-terminates (truncating).
+ * mqrpc_url_redact copies url (a URL or a list) into buf with every
+ * password replaced by "****", for log lines and error messages. Always
+ * NUL-terminates (truncating).
  */
 MQRPC_API void mqrpc_url_redact(const char *url, char *buf, size_t len);
 
-/* mqrpc_url_plaintext_remote returns 1 if url is a plain amqp:// URL to a
- * host that is not loopback, where the password and every message cross
- * the network unencrypted; programs warn about it. 0 otherwise. */
+/* mqrpc_url_plaintext_remote returns 1 if url (a URL or a list) has a
+ * plain amqp:// entry to a host that is not loopback, where the password
+ * and every message cross the network unencrypted; programs warn about
+ * it. 0 otherwise. */
 MQRPC_API int mqrpc_url_plaintext_remote(const char *url);
 
 /*
@@ -299,6 +323,18 @@ typedef struct mqrpc_tls_opts {
  * version (not ff) that starts like one; lowercase hex; trace id and
  * parent id not all zeros. 0 otherwise (NULL included). */
 MQRPC_API int mqrpc_traceparent_valid(const char *traceparent);
+/*
+ * mqrpc_url_check checks urls (a URL or a comma-separated list) as a
+ * connection attempt would, without connecting: every entry well-formed,
+ * and TLS options (tls, may be NULL) given only with amqps:// entries.
+ * Returns MQRPC_OK, MQRPC_EURL (malformed; also an empty entry or more
+ * than 64) or MQRPC_EINVAL (TLS options with an amqp:// entry), with one
+ * line in err that names the entry of a list ("entry 2 of 3: malformed
+ * broker URL \"amqp://u:****@h:x/\": port must be a decimal number") and
+ * never shows a password. err may be NULL.
+ */
+MQRPC_API mqrpc_err mqrpc_url_check(const char *urls, const mqrpc_tls_opts *tls,
+                                    char *err, size_t errlen);
 
 /* ---------------------------------------------------------------- client */
 
@@ -325,8 +361,9 @@ typedef void (*mqrpc_progress_fn)(void *call_arg, double percent,
  */
 typedef struct mqrpc_client_opts {
     size_t size; /* sizeof(mqrpc_client_opts); set by mqrpc_client_opts_init */
-    /* broker URL; NULL: url_file if set, else
-     * mqrpc_default_url(NULL, MQRPC_ROLE_CLIENT) */
+    /* broker URL, or a comma-separated list of them (see "Broker URLs");
+     * NULL: url_file if set, else mqrpc_default_url(NULL,
+     * MQRPC_ROLE_CLIENT) */
     const char *url;
     int heartbeat_s;        /* 0: MQRPC_DEFAULT_HEARTBEAT; <0: disabled */
     int connect_timeout_ms; /* TCP connect and login; 0: 5000 */
@@ -353,7 +390,8 @@ typedef struct mqrpc_client_opts {
      * reconnect_max_ms < 0: do not reconnect. */
     int reconnect_min_ms;
     int reconnect_max_ms;
-    /* A file holding the broker URL (mqrpc_url_file_read's checks), read
+    /* A file holding the broker URL or list (mqrpc_url_file_read's
+     * checks; the first line), read
      * again on every connection attempt, so a rotated password is picked
      * up when the client reconnects. Used when url is NULL. */
     const char *url_file;
@@ -414,9 +452,11 @@ MQRPC_API mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts);
 /*
  * mqrpc_client_connect opens the connection, a channel in publisher-confirm
  * mode, and a server-named reply queue (exclusive, or durable with
- * opts.durable). Blocks up to connect_timeout_ms. On failure,
+ * opts.durable). Blocks up to connect_timeout_ms per address tried (with a
+ * URL list, each address in turn until one answers). On failure,
  * mqrpc_client_errmsg says why in one line ("cannot connect to
- * 127.0.0.1:5682: connection refused"). After a later loss of the
+ * 127.0.0.1:5682: connection refused"; for a list, what each address
+ * said, separated by "; "). After a later loss of the
  * connection the client reconnects by itself (see reconnect_min_ms), from
  * inside mqrpc_client_process only, each attempt bounded by the earliest
  * deadline of the calls waiting for it.
@@ -739,13 +779,20 @@ typedef enum {
 typedef void (*mqrpc_service_event_fn)(mqrpc_service *s,
                                        mqrpc_service_event event,
                                        const char *detail, void *arg);
+/* Queue types, for mqrpc_service_opts.queue_type. A classic queue (the
+ * default, as the seed's pika peers declare it) lives on one node of a
+ * cluster. A quorum queue is replicated over the cluster's nodes (Raft)
+ * and survives the loss of a minority of them; it is always durable. */
+#define MQRPC_QUEUE_CLASSIC 0u
+#define MQRPC_QUEUE_QUORUM 1u
 
 /* Service options: fill with mqrpc_service_opts_init (as for
  * mqrpc_client_opts); zero means default except for queue. */
 typedef struct mqrpc_service_opts {
     size_t size; /* sizeof(mqrpc_service_opts); set by the init function */
-    /* broker URL; NULL: url_file if set, else
-     * mqrpc_default_url(NULL, MQRPC_ROLE_SERVICE) */
+    /* broker URL, or a comma-separated list of them (see "Broker URLs");
+     * NULL: url_file if set, else mqrpc_default_url(NULL,
+     * MQRPC_ROLE_SERVICE) */
     const char *url;
     const char *queue;       /* required: the queue this service consumes */
     /* Sent as app_id with every reply and used as the connection name;
@@ -808,6 +855,20 @@ typedef struct mqrpc_service_opts {
      * queue, correlation id, trace and span ids, outcome and duration
      * apart) instead of log; its arg is log_arg. */
     mqrpc_log_record_fn log_record;
+    /* MQRPC_QUEUE_CLASSIC (0) or MQRPC_QUEUE_QUORUM. A quorum queue is
+     * declared durable (x-queue-type quorum) with the broker's own
+     * delivery count: x-delivery-limit max_deliveries and dead-lettering
+     * to "<queue>.dlq". A request the broker delivers again after
+     * max_deliveries failed deliveries (its x-delivery-count) is not run:
+     * the instance moves it to "<queue>.dlq" itself and sends its caller a
+     * dead_letter error reply, as for a classic queue; should that
+     * instance die too, the broker dead-letters it at its next return
+     * (without a reply to the caller). Expiration and max_queue work as on
+     * a classic queue, except that a request that expires in the queue is
+     * dead-lettered to "<queue>.dlq" as well (x-first-death-reason
+     * "expired"), since the broker dead-letters every reason alike. All
+     * instances must agree on the type, and on max_deliveries too. */
+    unsigned queue_type;
 } mqrpc_service_opts;
 
 /* mqrpc_service_opts_init zeroes *o and sets o->size. */
@@ -890,8 +951,9 @@ MQRPC_API void mqrpc_request_fail(mqrpc_request *r, const char *code,
 
 /* mqrpc_service_new copies opts; handler and arg are kept. Returns NULL
  * with errno ENOMEM when out of memory, or EINVAL when opts->queue is NULL,
- * empty or too long (over 251 bytes, room for ".dlq"), handler is NULL, or
- * opts->size is wrong (see mqrpc_client_new). */
+ * empty or too long (over 251 bytes, room for ".dlq"), handler is NULL,
+ * opts->queue_type is unknown, or opts->size is wrong (see
+ * mqrpc_client_new). */
 MQRPC_API mqrpc_service *mqrpc_service_new(const mqrpc_service_opts *opts,
                                  mqrpc_handler_fn handler, void *arg);
 
@@ -907,8 +969,9 @@ MQRPC_API mqrpc_service *mqrpc_service_new_async(const mqrpc_service_opts *opts,
  * sets basic.qos prefetch and starts consuming with manual
  * acknowledgements. Once it returns MQRPC_OK the service is consuming and
  * requests wait in its socket until mqrpc_service_run. A queue that exists
- * with other arguments (durable, max_queue) fails with MQRPC_EACCESS and a
- * message naming the difference.
+ * with other arguments (durable, max_queue, queue_type, for a quorum queue
+ * max_deliveries) fails with MQRPC_EINVAL and a message naming the
+ * difference.
  */
 MQRPC_API mqrpc_err mqrpc_service_connect(mqrpc_service *s);
 

@@ -268,19 +268,21 @@ ok() {
 # count_lines FILE TEXT: how many lines of FILE hold TEXT.
 count_lines() { grep -cF -- "$2" "$1" 2>/dev/null || true; }
 
-# start_poison_supervisor QUEUE MAX_DELIVERIES TRIES: runs service_crash
+# start_poison_supervisor QUEUE MAX_DELIVERIES TRIES [ARGS...]: runs
+# service_crash (with ARGS)
 # (it dies on {"crash": true}) on QUEUE, starting it again each time it
 # dies, at most TRIES times or until $tmpdir/poison.stop exists; output is
 # appended to $tmpdir/poison.out and .err. Sets SUPERVISOR_PID; the
 # supervisor is stopped with the others at exit.
 start_poison_supervisor() {
     local queue=$1 max=$2 tries=$3
+    local args=("${@:4}")
     : >"$tmpdir/poison.err"
     (
         ulimit -c 0
         for ((i = 0; i < tries; i++)); do
             [[ -e $tmpdir/poison.stop ]] && break
-            "$MQRPC_BIN/service_crash" --queue "$queue" --max-deliveries "$max" \
+            "$MQRPC_BIN/service_crash" --queue "$queue" --max-deliveries "$max" "${args[@]}" \
                 >>"$tmpdir/poison.out" 2>>"$tmpdir/poison.err" </dev/null &
             echo $! >"$tmpdir/poison.pid"
             wait $!

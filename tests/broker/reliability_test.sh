@@ -263,7 +263,7 @@ for pid in "$f1" "$f2" "$f3"; do
 done
 run "$MQRPC_BIN/service_work" --queue "$q.full"
 expect_rc 2
-expect_err_has "every instance must use the same --durable and --max-queue"
+expect_err_has "every instance must use the same --durable, --max-queue"
 stop_pid "$full_pid"
 
 # ------------------------------------------------ malformed messages
@@ -287,5 +287,110 @@ rpc call "$q.soma" '{"a": 1, "b": 2}'
 expect_out 3
 stop_pid "$bad_pid"
 ok "the service exits cleanly" "[[ $STOP_RC == 0 ]]"
+
+# ------------------------------------------------ quorum queues
+# The key cases again on --queue-type quorum (a quorum queue works on one
+# node): answers, a poison message through the broker's delivery count,
+# deadlines and expiration, --max-queue, and instances that disagree.
+qq=$q.qq
+queues+=("$qq.a" "$qq.a.dlq" "$qq.poison" "$qq.poison.dlq" "$qq.late"
+    "$qq.late.dlq" "$qq.full" "$qq.full.dlq")
+
+LABEL='quorum: answers'
+start_service qa SOMA "$MQRPC_BIN/service_soma" --queue-type quorum --queue "$qq.a" || exit 1
+qa_pid=$SPAWNED_PID
+rpc call "$qq.a" '{"a": 2, "b": 40}'
+expect_rc 0
+expect_out 42
+ok "the queue is a durable quorum queue" \
+    "'$broker' ctl -q list_queues name type durable arguments 2>/dev/null | grep -F '$qq.a	quorum	true' | grep -q 'x-delivery-limit'"
+
+LABEL='quorum: instances that disagree'
+run "$MQRPC_BIN/service_soma" --queue "$qq.a"
+expect_rc 2
+expect_err_has "exists with other settings"
+expect_err_has "--queue-type"
+run "$MQRPC_BIN/service_soma" --queue-type quorum --max-deliveries 9 --queue "$qq.a"
+expect_rc 2
+expect_err_has "inequivalent arg 'x-delivery-limit'"
+stop_pid "$qa_pid"
+# and the other way round: a quorum instance on a classic queue
+start_service qc SOMA "$MQRPC_BIN/service_soma" --queue "$q.classic" || exit 1
+queues+=("$q.classic" "$q.classic.dlq")
+run "$MQRPC_BIN/service_soma" --queue-type quorum --queue "$q.classic"
+expect_rc 2
+expect_err_has "exists with other settings"
+stop_pid "$SPAWNED_PID"
+
+LABEL='quorum: a poison message is dead-lettered through x-delivery-count'
+rm -f "$tmpdir/poison.stop" # the classic case's
+: >"$tmpdir/poison.out"
+start_poison_supervisor "$qq.poison" 3 8 --queue-type quorum
+wait_for_line "$tmpdir/poison.out" "pronto" 10
+rpc --timeout 30000 call "$qq.poison" '{"crash": true}'
+expect_rc 1
+expect_err_has "dead_letter"
+expect_err_has "$qq.poison.dlq"
+ok "it is in the dead-letter queue" "wait_queue '$qq.poison.dlq' '1 0' 5"
+ok "the instances died 3 times" \
+    "[[ \$(count_lines '$tmpdir/poison.out' 'pronto') == 4 ]]"
+ok "the broker counted the deliveries" \
+    "grep -q 'after 3 deliveries' '$tmpdir/poison.err'"
+rpc call "$qq.poison" '{}'
+expect_rc 0
+expect_out_has '"pid"'
+touch "$tmpdir/poison.stop"
+kill -TERM "$(cat "$tmpdir/poison.pid")" 2>/dev/null
+wait_pid "$SUPERVISOR_PID" 10
+
+LABEL='quorum: a request past its deadline is skipped; one that expires in the queue goes'
+start_service qlate WORK "$MQRPC_BIN/service_work" -v --prefetch 2 --queue-type quorum --queue "$qq.late" || exit 1
+qlate_pid=$SPAWNED_PID
+spawn qbusy "$MQRPC_BIN/rpc_client" --timeout 10000 call "$qq.late" '{"ms": 3000}'
+sleep 1
+rpc --timeout 300 call "$qq.late" '{"ms": 5000}'
+expect_rc 4
+wait_pid "$SPAWNED_PID" 10
+ok "the service says it skipped it" \
+    "wait_for_line '$tmpdir/qlate.err' 'past its deadline' 5"
+ok "and never ran it" "[[ \$(count_lines '$tmpdir/qlate.err' 'answered ') == 1 ]]"
+stop_pid "$qlate_pid"
+# No instance: the broker expires the request (per-message expiration);
+# a quorum queue dead-letters it, with the reason.
+rpc --timeout 300 call "$qq.late" '{"ms": 0}'
+expect_rc 4
+ok "the broker expired it: the queue is empty" "wait_queue '$qq.late' '0 0' 5"
+ok "and it is in the dead-letter queue" "wait_queue '$qq.late.dlq' '1 0' 5"
+
+LABEL='quorum: --max-queue gives an immediate overloaded error'
+start_service qfull WORK "$MQRPC_BIN/service_work" --max-queue 2 --queue-type quorum --queue "$qq.full" || exit 1
+qfull_pid=$SPAWNED_PID
+spawn qf1 "$MQRPC_BIN/rpc_client" --timeout 20000 call "$qq.full" '{"ms": 4000}'
+qf1=$SPAWNED_PID
+sleep 1
+spawn qf2 "$MQRPC_BIN/rpc_client" --timeout 20000 call "$qq.full" '{"ms": 0}'
+qf2=$SPAWNED_PID
+spawn qf3 "$MQRPC_BIN/rpc_client" --timeout 20000 call "$qq.full" '{"ms": 0}'
+qf3=$SPAWNED_PID
+wait_queue "$qq.full" "2 1" 5
+# A quorum queue learns it is full just after the publish that fills it:
+# one more request may get in, the next ones are refused.
+spawn qf4 "$MQRPC_BIN/rpc_client" --timeout 20000 call "$qq.full" '{"ms": 0}'
+qf4=$SPAWNED_PID
+sleep 0.5
+rpc --timeout 20000 call "$qq.full" '{"ms": 0}'
+expect_rc 7
+expect_err_has "overloaded"
+# A quorum queue confirms (and refuses) after a Raft round: slower than a
+# classic queue on a busy machine, still far from the 20 s timeout.
+ok "at once (${ELAPSED_MS} ms)" "((ELAPSED_MS < 3000))"
+for pid in "$qf1" "$qf2" "$qf3"; do
+    wait_pid "$pid" 15
+    ok "the queued calls are answered" "[[ $WAIT_RC == 0 ]]"
+done
+wait_pid "$qf4" 15
+ok "the one over the limit was answered or refused ($WAIT_RC)" \
+    "[[ $WAIT_RC == 0 || $WAIT_RC == 7 ]]"
+stop_pid "$qfull_pid"
 
 finish

@@ -17,6 +17,12 @@ mqrpc_broker_test(perf bash ${CMAKE_CURRENT_SOURCE_DIR}/perf_test.sh)
 # rotation, input limits; over TLS also every refused TLS connection.
 mqrpc_broker_test(security bash ${CMAKE_CURRENT_SOURCE_DIR}/security_test.sh)
 
+# Address lists on the one test broker: a dead first address, entries
+# refused by position, a service and a client whose "node" (a TCP relay)
+# goes move to the next address; calls in flight fail at once or are
+# re-sent (rpc_bench --retries). About 20 s.
+mqrpc_broker_test(failover bash ${CMAKE_CURRENT_SOURCE_DIR}/failover_test.sh)
+
 # Faults: killed connections, broker restarts and hangs (heartbeats),
 # SIGKILLed instances, poison messages, deadlines, full queues, malformed
 # messages. Restarts and SIGSTOPs the test broker: the resource lock keeps

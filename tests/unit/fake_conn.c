@@ -72,8 +72,18 @@ mqrpc_err mqr_conn_open(const mqr_conn_params *p, mqr_conn **out, char *err,
 {
     mqr_conn *c;
 
-    (void)p;
     *out = NULL;
+    if (p->addrs && fake.addr_count) {
+        unsigned a = p->addrs->next % fake.addr_count;
+        p->addrs->count = fake.addr_count;
+        if (fake.ntried < 64)
+            fake.tried[fake.ntried++] = a;
+        if (fake.dead & (1u << a)) {
+            snprintf(err, errlen, "cannot connect to fake:%u: connection "
+                                  "refused", a);
+            return MQRPC_ECONNECT;
+        }
+    }
     if (fake.open_fails > 0) {
         fake.open_fails--;
         snprintf(err, errlen, "cannot connect to fake:1: connection refused");

@@ -44,6 +44,13 @@ struct fake {
     int acks;         /* deliveries acknowledged */
     int conn_id;      /* of the current connection */
     bool control_exchange; /* mqrpc.control exists (else ENOROUTE) */
+    /* A URL list of addr_count addresses (0: none); an attempt goes to
+     * address addrs->next % addr_count (the fake does not shuffle) and
+     * fails when its bit is in dead; tried[] records each attempt's. */
+    unsigned addr_count;
+    unsigned dead;
+    unsigned tried[64];
+    int ntried;
     struct fake_pub pub[FAKE_MAX_PUB];
     int npub;
     struct fake_event ev[FAKE_MAX_EVENTS];

@@ -275,6 +275,69 @@ static void reconnection_that_succeeds_then_fails_at_once(void **state)
     assert_int_equal(fake.live, 0);
 }
 
+/* A URL list: the first connection tries each address until one answers;
+ * a lost connection moves to the next address at once, and past dead ones
+ * at once too (the backoff, 1 s here, only after a whole round failed);
+ * an idempotent call is re-sent there, a plain one fails at once. */
+static void lost_connection_moves_to_the_next_address_at_once(void **state)
+{
+    mqrpc_client_opts o;
+    mqrpc_client *c;
+    struct rec *a, *b;
+    struct timespec t0, t;
+    (void)state;
+
+    fake_reset();
+    memset(recs, 0, sizeof recs);
+    nrecs = 0;
+    fake.addr_count = 3;
+    fake.dead = 1u << 0;
+    mqrpc_client_opts_init(&o);
+    o.retries = 2;
+    o.reconnect_min_ms = 1000;
+    o.reconnect_max_ms = 1000;
+    c = mqrpc_client_new(&o);
+    assert_non_null(c);
+    assert_int_equal(mqrpc_client_connect(c), MQRPC_OK);
+    assert_int_equal(fake.ntried, 2); /* 0 dead, then 1 */
+    assert_int_equal(fake.tried[1], 1);
+    assert_int_equal(start(c, "{}", MQRPC_CALL_IDEMPOTENT, 5000, &a),
+                     MQRPC_OK);
+    assert_int_equal(start(c, "{}", 0, 5000, &b), MQRPC_OK);
+    /* Address 1 goes; 2 is dead as well: 2, then 0 (dead), then 1. */
+    fake.dead = 1u << 2 | 1u << 0;
+    fake_fail();
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(mqrpc_client_process(c, 10), MQRPC_ECLOSED);
+    mqrpc_client_process(c, 0); /* the callback of the plain call */
+    assert_int_equal(b->calls, 1);
+    assert_int_equal(b->status, MQRPC_ECLOSED);
+    fake.dead = 1u << 2 | 1u << 0;
+    for (int i = 0; i < 50 && fake.npub < 3; i++)
+        mqrpc_client_process(c, 10);
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    assert_true((t.tv_sec - t0.tv_sec) * 1000 +
+                    (t.tv_nsec - t0.tv_nsec) / 1000000 <
+                500);
+    assert_int_equal(fake.ntried, 5);
+    assert_int_equal(fake.tried[2], 2);
+    assert_int_equal(fake.tried[3], 0);
+    assert_int_equal(fake.tried[4], 1);
+    assert_int_equal(fake.npub, 3); /* a, b, then a again */
+    assert_int_equal(a->calls, 0);
+    reply_to(2, "5");
+    process_until_done(c, 1000);
+    assert_int_equal(a->status, MQRPC_OK);
+    /* Every address dead: a whole round at once, then the backoff. */
+    fake.dead = 7;
+    fake_fail();
+    for (int i = 0; i < 10; i++)
+        mqrpc_client_process(c, 10);
+    assert_int_equal(fake.ntried, 8);
+    mqrpc_client_free(c);
+    assert_int_equal(fake.live, 0);
+}
+
 /* mqrpc_call_async never reconnects: a call made while disconnected is
  * queued, and process reconnects and sends it. */
 static void call_async_never_waits_for_a_reconnection(void **state)
@@ -626,6 +689,7 @@ int main(void)
         cmocka_unit_test(free_from_inside_a_callback),
         cmocka_unit_test(reconnection_that_succeeds_then_fails_at_once),
         cmocka_unit_test(call_async_never_waits_for_a_reconnection),
+        cmocka_unit_test(lost_connection_moves_to_the_next_address_at_once),
         cmocka_unit_test(unsent_call_fails_at_its_deadline),
         cmocka_unit_test(idempotent_empty_body_stays_the_callers),
         cmocka_unit_test(blocking_calls_inside_a_callback_are_refused),

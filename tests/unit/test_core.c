@@ -502,6 +502,175 @@ static void url_redact(void **state)
     assert_string_equal(buf, "amqps://u:****@host/?cacertfile=/ca@x.pem");
 }
 
+/* ---------------------------------------------------------- URL lists */
+
+static void url_list_entries(void **state)
+{
+    mqr_str e[4];
+    (void)state;
+    assert_int_equal(mqr_url_entries(NULL, e, 4), 0);
+    assert_int_equal(mqr_url_entries("amqp://u:p@h1:5682/", e, 4), 1);
+    assert_int_equal(
+        mqr_url_entries("amqp://u:p@h1:5682/, amqps://u:p@h2:5683/v", e, 4), 2);
+    assert_int_equal(e[0].len, strlen("amqp://u:p@h1:5682/"));
+    assert_memory_equal(e[1].ptr, "amqps://u:p@h2:5683/v", e[1].len);
+    /* A ',' not followed by a scheme is data: a raw password, a vhost. */
+    assert_int_equal(mqr_url_entries("amqp://u:a,b@h/x,y", e, 4), 1);
+    assert_int_equal(e[0].len, strlen("amqp://u:a,b@h/x,y"));
+    /* Counted beyond max. */
+    assert_int_equal(mqr_url_entries("amqp://a,amqp://b,amqp://c", e, 2), 3);
+}
+
+/* list_bad checks list, which must fail with code and an err holding
+ * why, one line, and never "secret". */
+static void list_bad(const char *list, mqrpc_err code, const char *why)
+{
+    char err[512];
+    mqrpc_tls_opts tls = {.ca_file = "/ca.pem"};
+
+    assert_int_equal(mqrpc_url_check(list, strstr(why, "TLS") ? &tls : NULL,
+                                     err, sizeof err),
+                     code);
+    if (!strstr(err, why))
+        fail_msg("\"%s\": \"%s\" does not say \"%s\"", list, err, why);
+    assert_null(strchr(err, '\n'));
+    assert_null(strstr(err, "secret"));
+}
+
+static void url_list_check_names_the_entry(void **state)
+{
+    char err[256];
+    (void)state;
+    assert_int_equal(mqrpc_url_check("amqp://u:p@127.0.0.1:5682/,"
+                                     "amqp://u:p@127.0.0.1:5683/",
+                                     NULL, err, sizeof err),
+                     MQRPC_OK);
+    list_bad("amqp://a/,amqp://u:secret@h:x/,amqp://c/", MQRPC_EURL,
+             "entry 2 of 3: malformed broker URL \"amqp://u:****@h:x/\": port "
+             "must be a decimal number");
+    list_bad("amqp://a/,http://u:secret@b/", MQRPC_EURL,
+             "entry 2 of 2: malformed broker URL \"http://u:****@b/\": it "
+             "must start with amqp://");
+    list_bad("amqp://u:secret@a/,,amqp://c/", MQRPC_EURL,
+             "entry 1 of 2: \"amqp://u:****@a/,\" ends with ','");
+    list_bad(",amqp://a/", MQRPC_EURL, "entry 1 of 2: empty broker URL");
+    list_bad("", MQRPC_EURL, "empty broker URL");
+    /* One URL: the message it always had, without a position. */
+    list_bad("amqp://h:x/", MQRPC_EURL, "malformed broker URL \"amqp://h:x/\"");
+    /* TLS options need amqps:// in every entry. */
+    list_bad("amqps://a/,amqp://b/", MQRPC_EINVAL,
+             "entry 2 of 2: TLS options given for a plain amqp:// URL");
+    list_bad("amqps://a/,amqp://b/?cacertfile=/x", MQRPC_EURL,
+             "entry 2 of 2: URL parameters cacertfile, certfile and keyfile "
+             "need an amqps:// URL");
+    {
+        char big[65 * 12 + 1] = "";
+        for (int i = 0; i < 65; i++)
+            strcat(big, i ? ",amqp://h/" : "amqp://h/");
+        list_bad(big, MQRPC_EURL, "65 broker URLs in the list, over the "
+                                  "limit of 64");
+    }
+}
+
+static void url_list_redact_and_plaintext(void **state)
+{
+    char buf[256];
+    (void)state;
+    mqrpc_url_redact("amqp://u:s1@h1:5682/,amqp://v:s2@h2:5683/", buf,
+                     sizeof buf);
+    assert_string_equal(buf, "amqp://u:****@h1:5682/,amqp://v:****@h2:5683/");
+    mqrpc_url_redact("amqp://u:s1@h1/, amqps://h2/", buf, sizeof buf);
+    assert_string_equal(buf, "amqp://u:****@h1/,amqps://h2/");
+    /* Cut short, still NUL-terminated, never a password. */
+    mqrpc_url_redact("amqp://u:s1@h1:5682/,amqp://v:secret@h2:5683/", buf, 30);
+    assert_true(strlen(buf) < 30);
+    assert_null(strstr(buf, "secret"));
+    /* One clear-text remote entry is enough for the warning. */
+    assert_int_equal(
+        mqrpc_url_plaintext_remote("amqp://u:p@127.0.0.1/,amqps://u:p@b.lan/"),
+        0);
+    assert_int_equal(
+        mqrpc_url_plaintext_remote("amqps://u:p@a.lan/,amqp://u:p@b.lan/"), 1);
+}
+
+static void url_list_shuffle(void **state)
+{
+    unsigned order[8], count[3][3] = {{0}};
+    char out[64];
+    (void)state;
+    /* Seed 0: the list's own order. */
+    mqr_url_order(0, order, 8);
+    for (unsigned i = 0; i < 8; i++)
+        assert_int_equal(order[i], i);
+    /* A permutation, the same for the same seed. */
+    for (uint64_t seed = 1; seed < 200; seed++) {
+        unsigned seen = 0, again[8];
+        mqr_url_order(seed * 0x9E3779B97F4A7C15ull | 1, order, 8);
+        mqr_url_order(seed * 0x9E3779B97F4A7C15ull | 1, again, 8);
+        assert_memory_equal(order, again, sizeof order);
+        for (unsigned i = 0; i < 8; i++)
+            seen |= 1u << order[i];
+        assert_int_equal(seen, 0xffu);
+    }
+    /* Spread: over many handles, each address comes first about as often
+     * (3 entries, 3000 seeds: 1000 each; at least 800). */
+    for (uint64_t seed = 1; seed <= 3000; seed++) {
+        mqr_url_order(seed * 0x9E3779B97F4A7C15ull | 1, order, 3);
+        for (unsigned i = 0; i < 3; i++)
+            count[i][order[i]]++;
+    }
+    for (unsigned i = 0; i < 3; i++)
+        for (unsigned j = 0; j < 3; j++)
+            assert_in_range(count[i][j], 800, 1200);
+    /* pick walks the order and wraps around. */
+    {
+        const char *list = "amqp://a/,amqp://b/,amqp://c/";
+        unsigned n, seen = 0;
+        uint64_t seed = 12345;
+        mqr_url_order(seed, order, 3);
+        for (unsigned next = 0; next < 6; next++) {
+            assert_int_equal(mqr_url_pick(list, seed, next, out, sizeof out, &n),
+                             MQRPC_OK);
+            assert_int_equal(n, 3);
+            assert_int_equal(out[7], "abc"[order[next % 3]]);
+            seen |= 1u << (out[7] - 'a');
+        }
+        assert_int_equal(seen, 7);
+        assert_int_equal(mqr_url_pick(list, seed, 0, out, 5, &n), MQRPC_EINVAL);
+    }
+}
+
+/* The order of attempts over a list: the next address at once, the
+ * backoff only when a whole round failed; a loss moves on. */
+static void url_list_attempt_policy(void **state)
+{
+    mqr_addrs a = {.seed = 7};
+    (void)state;
+    a.count = 3;
+    assert_false(mqr_addrs_failed(&a)); /* 2nd address at once */
+    assert_false(mqr_addrs_failed(&a)); /* 3rd at once */
+    assert_true(mqr_addrs_failed(&a));  /* all failed: back off */
+    assert_int_equal(a.next, 3);
+    assert_false(mqr_addrs_failed(&a)); /* a new round */
+    mqr_addrs_connected(&a);
+    assert_int_equal(a.next, 4);
+    mqr_addrs_lost(&a); /* moves past the node that went */
+    assert_int_equal(a.next, 5);
+    assert_false(mqr_addrs_failed(&a));
+    assert_false(mqr_addrs_failed(&a));
+    assert_true(mqr_addrs_failed(&a));
+    {
+        char buf[16] = "";
+        mqr_append(buf, sizeof buf, "; ", "a: refused");
+        mqr_append(buf, sizeof buf, "; ", "b: refused");
+        assert_string_equal(buf, "a: refused; b: "); /* cut, terminated */
+    }
+    /* One address: back off after every failure, as before lists. */
+    a.count = 1;
+    assert_true(mqr_addrs_failed(&a));
+    assert_true(mqr_addrs_failed(&a));
+}
+
 static void write_file(const char *path, const char *text, mode_t mode)
 {
     FILE *f = fopen(path, "w");
@@ -784,6 +953,27 @@ static void cli_service_options(void **state)
     struct cli c6 = {
         .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
     assert_int_equal(parse(&c6, 3, many), CLI_EXIT_USAGE);
+    /* --queue-type: classic (the default, 0) or quorum, nothing else. */
+    assert_int_equal(c5.queue_type, MQRPC_QUEUE_CLASSIC);
+    char *quorum[] = {"svc", "--queue-type", "quorum", NULL};
+    struct cli c7 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c7, 3, quorum), -1);
+    assert_int_equal(c7.queue_type, MQRPC_QUEUE_QUORUM);
+    char *qbad[] = {"svc", "--queue-type", "stream", NULL};
+    struct cli c8 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c8, 3, qbad), CLI_EXIT_USAGE);
+    /* A bad entry of a URL list is a usage error before anything
+     * connects. */
+    char *lbad[] = {"svc", "--url", "amqp://h/,amqp://h:x/", NULL};
+    struct cli c9 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c9, 3, lbad), CLI_EXIT_USAGE);
+    char *lok[] = {"svc", "--url", "amqp://h1/,amqp://h2/", NULL};
+    struct cli c10 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c10, 3, lok), -1);
 }
 
 /* --max-depth and --max-string: 0 (the library's default) unless given,
@@ -918,10 +1108,11 @@ static void cli_options_after_operands(void **state)
     /* A value is taken whole, even one that looks like an option, and
      * by the same rules as getopt_long: "--time" is --timeout, "=" and
      * a short option's attached value take no next element. */
-    char *vals[] = {"b",  "q",  "--url",     "--x", "--time", "70",
+    char *vals[] = {"b",  "q",  "--label",   "--x", "--time", "70",
                     "-n", "-5", "--calls=7", "-n9", "j",      NULL};
     struct cli_extra extra[] = {
         {.name = "calls", .arg = "N", .help = "n", .short_name = 'n'},
+        {.name = "label", .arg = "S", .help = "l"},
         {.name = NULL}};
     struct cli c6 = {.prog = "t",
                      .usage = "",
@@ -929,7 +1120,7 @@ static void cli_options_after_operands(void **state)
                      .flags = CLI_CALLER,
                      .extra = extra};
     assert_int_equal(parse(&c6, 11, vals), -1);
-    assert_string_equal(c6.url, "--x");
+    assert_string_equal(extra[1].value, "--x");
     assert_int_equal(c6.timeout_ms, 70);
     assert_string_equal(extra[0].value, "9");
     assert_int_equal(c6.optind, 9);
@@ -1265,6 +1456,11 @@ int main(void)
         cmocka_unit_test(url_tls_parameters),
         cmocka_unit_test(url_query_error_hides_password),
         cmocka_unit_test(url_plaintext_remote),
+        cmocka_unit_test(url_list_entries),
+        cmocka_unit_test(url_list_check_names_the_entry),
+        cmocka_unit_test(url_list_redact_and_plaintext),
+        cmocka_unit_test(url_list_shuffle),
+        cmocka_unit_test(url_list_attempt_policy),
         cmocka_unit_test(cli_caller_options),
         cmocka_unit_test(cli_service_options),
         cmocka_unit_test(cli_service_limit_options),
