@@ -20,6 +20,7 @@
 #define _GNU_SOURCE /* ppoll */
 #include "cli.h"
 #include "latency.h"
+#include "metrics.h"
 #ifdef RPC_BENCH_KNOBS
 /* rpc_bench_knobs (bench/CMakeLists.txt): this same program linked with
  * the static library, whose internal mqr_client_without turns guarantees
@@ -27,6 +28,7 @@
 #include "internal.h"
 #endif
 
+#include <errno.h>
 #include <math.h>
 #include <poll.h>
 #include <pthread.h>
@@ -732,6 +734,38 @@ static void quiet(mqrpc_log_level level, const char *line, void *arg)
 }
 
 /* --hist FILE: the latency histogram, for plotting (NULL: not asked). */
+/* The client library's statistics of every connection, warm-up calls
+ * included, as Prometheus text. false (reported) when path cannot be
+ * written. */
+static bool write_metrics(struct cli *c, const char *path,
+                          const struct bench *b)
+{
+    mqrpc_client_stats sum, st;
+    FILE *f;
+    bool ok;
+
+    if (!path)
+        return true;
+    memset(&sum, 0, sizeof sum);
+    for (unsigned i = 0; i < b->nconn; i++)
+        if (b->conns[i].client) {
+            mqrpc_client_get_stats(b->conns[i].client, &st, sizeof st);
+            metrics_sum_client(&sum, &st);
+        }
+    f = strcmp(path, "-") == 0 ? stdout : fopen(path, "w");
+    if (!f) {
+        cli_error(c, "--metrics-out: cannot write %s: %s", path,
+                  strerror(errno));
+        return false;
+    }
+    metrics_write_client(f, "rpc_bench", b->queue, &sum);
+    ok = f == stdout ? fflush(f) == 0 : fclose(f) == 0;
+    if (!ok)
+        cli_error(c, "--metrics-out: cannot write %s: %s", path,
+                  strerror(errno));
+    return ok;
+}
+
 static void write_hist(struct cli *c, const char *path,
                        const struct latency *lat)
 {
@@ -763,6 +797,7 @@ int main(int argc, char **argv)
         X_DIRECT,
         X_RATE,
         X_DURABLE,
+        X_METRICS_OUT,
         X_RETRIES,
 #ifdef RPC_BENCH_KNOBS
         X_NO_CONFIRMS,
@@ -826,6 +861,10 @@ int main(int argc, char **argv)
         [X_DURABLE] = {.name = "durable",
                        .help = "persistent requests and a durable reply "
                                "queue (give the service --durable too)"},
+        [X_METRICS_OUT] = {.name = "metrics-out",
+                           .arg = "FILE|-",
+                           .help = "write the client library's counters "
+                                   "there (- : stdout) as Prometheus text"},
         [X_RETRIES] = {.name = "retries",
                        .arg = "N",
                        .help = "calls are idempotent: re-send each up to N "
@@ -1071,6 +1110,9 @@ int main(int argc, char **argv)
     }
 
 out:
+    /* The threads are joined: their clients may be read here. */
+    if (!write_metrics(&c, extra[X_METRICS_OUT].value, &b) && rc == CLI_EXIT_OK)
+        rc = CLI_EXIT_FAILURE;
     for (unsigned i = 0; i < b.nconn; i++) {
         mqrpc_client_free(b.conns[i].client);
         free(b.conns[i].slots);

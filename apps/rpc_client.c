@@ -24,7 +24,27 @@ static const char summary[] =
     "  media N [N...]      average of a list of numbers\n"
     "  busca NOME          look a person up by name\n"
     "  info                system information of the answering instance\n"
-    "  call QUEUE JSON     send a JSON object to any queue ('-' reads stdin)";
+    "  call QUEUE JSON     send a JSON object to any queue ('-' reads stdin)\n"
+    "Operating (README, Health and discovery; --timeout defaults to 1000 "
+    "here):\n"
+    "  ping [QUEUE]        every live instance (of QUEUE) answers: one line "
+    "each\n"
+    "                      (--json: one JSON object per line)\n"
+    "  services [QUEUE...] every queue with live instances (and each QUEUE "
+    "named):\n"
+    "                      its instances and the consumers the broker counts\n"
+    "                      (--json: one JSON object per queue and line)\n"
+    "  health QUEUE        exit 0 when an instance of QUEUE answers in time "
+    "and\n"
+    "                      consumes it; else one line saying why and exit 4 "
+    "(no\n"
+    "                      instance), 5 (not consuming) or 8 (blocked)";
+
+/* --timeout of ping, services and health when not given: a live instance
+ * answers within a few ms, and a probe should not hang around. */
+#define CONTROL_TIMEOUT_MS 1000
+/* cli.timeout_ms before parsing: tells "not given" from any value. */
+#define TIMEOUT_UNSET (-1)
 
 /* --------------------------------------------------------------- values */
 
@@ -79,7 +99,9 @@ static json_t *parse_list(char **words, int n, char *bad, size_t badlen)
 
 struct session {
     struct cli *cli;
+    mqrpc_call_opts call; /* --traceparent, --tracestate */
     mqrpc_client *client;
+    bool json;      /* --json */
     bool bar_shown; /* a progress bar is on the terminal's last line */
 };
 
@@ -204,12 +226,12 @@ static int do_call(struct session *s, const char *queue, const char *body,
     /* Services that report progress send it only when asked: asked when
      * someone watches (a terminal), or with -v; a script's stderr stays
      * the one line of an error. */
-    e = mqrpc_call(s->client, queue, body, len, s->cli->timeout_ms,
-                   call_flags(queue) |
-                       (isatty(STDERR_FILENO) || s->cli->verbose
-                            ? MQRPC_CALL_PROGRESS
-                            : 0),
-                   &r);
+    e = mqrpc_call_ex(s->client, queue, body, len, s->cli->timeout_ms,
+                      call_flags(queue) |
+                          (isatty(STDERR_FILENO) || s->cli->verbose
+                               ? MQRPC_CALL_PROGRESS
+                               : 0),
+                      &s->call, &r);
     clock_gettime(CLOCK_MONOTONIC, &t1);
     if (s->bar_shown) {
         fputs("\r\033[K", stderr);
@@ -231,6 +253,13 @@ static int do_call(struct session *s, const char *queue, const char *body,
         fprintf(stderr, "answered by %s in %.1f ms\n", mqrpc_reply_app_id(r),
                 (double)(t1.tv_sec - t0.tv_sec) * 1e3 +
                     (double)(t1.tv_nsec - t0.tv_nsec) / 1e6);
+    if (s->cli->verbose && mqrpc_reply_call_traceparent(r))
+        /* The service's span, when it answered with one: its id is what
+         * to look for in the service's log lines. */
+        fprintf(stderr, "traceparent %s, reply traceparent %s\n",
+                mqrpc_reply_call_traceparent(r),
+                mqrpc_reply_traceparent(r) ? mqrpc_reply_traceparent(r)
+                                           : "none");
     rc = cli_exit_code(e);
     mqrpc_reply_free(r);
     return rc;
@@ -250,6 +279,248 @@ static int call_json(struct session *s, const char *queue, json_t *req,
     rc = do_call(s, queue, body, strlen(body), prefix);
     free(body);
     return rc;
+}
+
+/* ------------------------------------------------------------ operating */
+
+static int strcmp_ptr(const void *a, const void *b)
+{
+    return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
+
+static const char *str_field(json_t *o, const char *k)
+{
+    const char *v = json_string_value(json_object_get(o, k));
+    return v ? v : "?";
+}
+
+static long long int_field(json_t *o, const char *k)
+{
+    return (long long)json_integer_value(json_object_get(o, k));
+}
+
+/* One instance's answer, as one line of key=value words. */
+static void print_instance(json_t *a, const char *indent)
+{
+    printf("%s%s queue=%s host=%s pid=%lld version=%s uptime=%.1fs "
+           "served=%lld in_progress=%lld consuming=%s blocked=%s broker=%s "
+           "cluster=%s\n",
+           indent, str_field(a, "instance"), str_field(a, "queue"),
+           str_field(a, "host"), int_field(a, "pid"), str_field(a, "version"),
+           (double)int_field(a, "uptime_ms") / 1e3, int_field(a, "served"),
+           int_field(a, "in_progress"),
+           json_is_true(json_object_get(a, "consuming")) ? "yes" : "no",
+           json_is_true(json_object_get(a, "blocked")) ? "yes" : "no",
+           str_field(a, "broker"), str_field(a, "cluster"));
+}
+
+static void print_json_line(json_t *j)
+{
+    char *t = json_dumps(j, JSON_COMPACT);
+    printf("%s\n", t ? t : "null");
+    free(t);
+}
+
+/* Pings (queue NULL: every instance). Returns the answers, or NULL after
+ * reporting the failure in *rc. */
+static json_t *ping(struct session *s, const char *queue, int *rc)
+{
+    json_t *answers = NULL;
+    mqrpc_err e = ensure_connected(s);
+
+    if (e != MQRPC_OK) {
+        *rc = cli_exit_code(e);
+        return NULL;
+    }
+    e = mqrpc_client_ping(s->client, queue, s->cli->timeout_ms, &answers);
+    if (e != MQRPC_OK && json_array_size(answers) == 0) {
+        /* The reason of a probe's failure comes first: "blocked: ...". */
+        cli_error(s->cli, "%s%s%s%s", queue ? queue : "", queue ? ": " : "",
+                  e == MQRPC_EBLOCKED ? "blocked: " : "",
+                  mqrpc_client_errmsg(s->client));
+        json_decref(answers);
+        *rc = cli_exit_code(e);
+        return NULL;
+    }
+    return answers;
+}
+
+static int cmd_ping(struct session *s, const char *queue)
+{
+    int rc = CLI_EXIT_OK;
+    json_t *answers = ping(s, queue, &rc), *a;
+    size_t i;
+
+    if (!answers)
+        return rc;
+    json_array_foreach (answers, i, a) {
+        if (s->json)
+            print_json_line(a);
+        else
+            print_instance(a, "");
+    }
+    fflush(stdout);
+    if (json_array_size(answers) == 0) {
+        cli_error(s->cli, "no instance%s%s answered within %d ms",
+                  queue ? " of " : "", queue ? queue : "", s->cli->timeout_ms);
+        rc = CLI_EXIT_TIMEOUT;
+    }
+    json_decref(answers);
+    return rc;
+}
+
+/* What the broker says of queue: *exists, and its consumers and waiting
+ * requests. false after reporting a failure other than "no such queue". */
+static bool queue_state(struct session *s, const char *queue, bool *exists,
+                        uint32_t *consumers, uint32_t *waiting, int *rc)
+{
+    mqrpc_err e = mqrpc_client_queue_info(s->client, queue, waiting, consumers);
+
+    *exists = e == MQRPC_OK;
+    if (e == MQRPC_OK || e == MQRPC_ENOROUTE)
+        return true;
+    cli_error(s->cli, "%s: %s", queue, mqrpc_client_errmsg(s->client));
+    *rc = cli_exit_code(e);
+    return false;
+}
+
+static int cmd_services(struct session *s, int nq, char **queues)
+{
+    int rc = CLI_EXIT_OK;
+    json_t *answers = ping(s, NULL, &rc), *byq, *a, *list;
+    const char *q;
+    size_t i;
+
+    if (!answers)
+        return rc;
+    /* Queues by name (sorted by the object's keys when dumped, but the
+     * iteration order is not: collect, then sort the names). */
+    byq = json_object();
+    json_array_foreach (answers, i, a) {
+        q = str_field(a, "queue");
+        if (!json_object_get(byq, q))
+            json_object_set_new(byq, q, json_array());
+        json_array_append(json_object_get(byq, q), a);
+    }
+    for (int k = 0; k < nq; k++)
+        if (!json_object_get(byq, queues[k]))
+            json_object_set_new(byq, queues[k], json_array());
+    if (json_object_size(byq) == 0) {
+        cli_error(s->cli,
+                  "no instance answered within %d ms (a queue without a live "
+                  "instance can be looked up by name: services QUEUE)",
+                  s->cli->timeout_ms);
+        json_decref(byq);
+        json_decref(answers);
+        return CLI_EXIT_TIMEOUT;
+    }
+    {
+        size_t n = json_object_size(byq), j = 0;
+        const char **names = malloc(n * sizeof *names);
+        if (!names) {
+            cli_error(s->cli, "out of memory");
+            json_decref(byq);
+            json_decref(answers);
+            return CLI_EXIT_FAILURE;
+        }
+        json_object_foreach (byq, q, list)
+            names[j++] = q;
+        qsort(names, n, sizeof *names, strcmp_ptr);
+        for (j = 0; j < n && rc == CLI_EXIT_OK; j++) {
+            uint32_t consumers = 0, waiting = 0;
+            bool exists;
+            size_t live;
+            q = names[j];
+            list = json_object_get(byq, q);
+            live = json_array_size(list);
+            if (!queue_state(s, q, &exists, &consumers, &waiting, &rc))
+                break;
+            if (s->json) {
+                json_t *o = json_pack("{s:s, s:b, s:I, s:I, s:O}", "queue", q,
+                                      "exists", exists, "consumers",
+                                      (json_int_t)consumers, "waiting",
+                                      (json_int_t)waiting, "instances", list);
+                print_json_line(o);
+                json_decref(o);
+                continue;
+            }
+            if (!exists) {
+                printf("%s instances=%zu (no such queue)\n", q, live);
+            } else {
+                printf("%s instances=%zu consumers=%u waiting=%u", q, live,
+                       consumers, waiting);
+                /* An mqrpc instance is one consumer (one connection). */
+                if (consumers > live)
+                    printf(" (%u consumer%s without a live mqrpc instance)",
+                           (unsigned)(consumers - live),
+                           consumers - live == 1 ? "" : "s");
+                putchar('\n');
+            }
+            json_array_foreach (list, i, a)
+                print_instance(a, "  ");
+        }
+        free(names);
+    }
+    fflush(stdout);
+    json_decref(byq);
+    json_decref(answers);
+    return rc;
+}
+
+static int cmd_health(struct session *s, const char *queue)
+{
+    int rc = CLI_EXIT_OK;
+    json_t *answers = ping(s, queue, &rc), *a;
+    size_t i, n, consuming = 0, blocked = 0;
+    uint32_t consumers = 0, waiting = 0;
+    bool exists;
+
+    if (!answers)
+        return rc;
+    n = json_array_size(answers);
+    json_array_foreach (answers, i, a) {
+        if (!json_is_true(json_object_get(a, "consuming")))
+            continue;
+        consuming++;
+        if (json_is_true(json_object_get(a, "blocked")))
+            blocked++;
+    }
+    json_decref(answers);
+    if (n == 0) {
+        char why[128] = "";
+        if (queue_state(s, queue, &exists, &consumers, &waiting, &rc)) {
+            if (!exists)
+                snprintf(why, sizeof why, " (no such queue)");
+            else
+                snprintf(why, sizeof why,
+                         " (the broker counts %u consumer%s, %u request%s "
+                         "waiting)",
+                         consumers, consumers == 1 ? "" : "s", waiting,
+                         waiting == 1 ? "" : "s");
+        }
+        cli_error(s->cli, "%s: no instance answered within %d ms%s", queue,
+                  s->cli->timeout_ms, why);
+        return CLI_EXIT_TIMEOUT;
+    }
+    if (consuming == 0) {
+        cli_error(s->cli,
+                  "%s: not consuming: %zu instance%s answered, none consumes "
+                  "the queue",
+                  queue, n, n == 1 ? "" : "s");
+        return CLI_EXIT_NOSERVICE;
+    }
+    if (blocked == consuming) {
+        cli_error(s->cli,
+                  "%s: blocked: the broker blocks the connection of every "
+                  "consuming instance (connection.blocked)",
+                  queue);
+        return CLI_EXIT_BLOCKED;
+    }
+    printf("%s: healthy: %zu instance%s answered within %d ms, %zu "
+           "consuming\n",
+           queue, n, n == 1 ? "" : "s", s->cli->timeout_ms,
+           consuming - blocked);
+    return CLI_EXIT_OK;
 }
 
 /* ------------------------------------------------------------- commands */
@@ -334,6 +605,28 @@ static int run_command(struct session *s, int argc, char **argv)
 {
     const char *cmd = argv[0];
     char bad[128];
+
+    if (strcmp(cmd, "ping") == 0 || strcmp(cmd, "services") == 0 ||
+        strcmp(cmd, "health") == 0) {
+        if (s->cli->timeout_ms == TIMEOUT_UNSET)
+            s->cli->timeout_ms = CONTROL_TIMEOUT_MS;
+        for (int i = 1; i < argc; i++)
+            if (!*argv[i] || strlen(argv[i]) > 255)
+                return usage_error(s, "queue name must be 1 to 255 bytes");
+        if (cmd[0] == 'p') {
+            if (argc > 2)
+                return usage_error(s, "ping takes at most one queue: ping "
+                                      "[QUEUE]");
+            return cmd_ping(s, argc == 2 ? argv[1] : NULL);
+        }
+        if (cmd[0] == 's')
+            return cmd_services(s, argc - 1, argv + 1);
+        if (argc != 2)
+            return usage_error(s, "health takes one queue: health QUEUE");
+        return cmd_health(s, argv[1]);
+    }
+    if (s->cli->timeout_ms == TIMEOUT_UNSET)
+        s->cli->timeout_ms = MQRPC_DEFAULT_TIMEOUT_MS;
 
     if (strcmp(cmd, "soma") == 0) {
         json_t *a, *b;
@@ -466,6 +759,8 @@ static int menu(struct session *s)
     struct line_reader lr = {.fd = STDIN_FILENO};
     char *line, bad[128];
 
+    if (s->cli->timeout_ms == TIMEOUT_UNSET)
+        s->cli->timeout_ms = MQRPC_DEFAULT_TIMEOUT_MS;
     /* Connect up front so that a dead broker is reported before any typing,
      * then stay connected across calls. */
     if (ensure_connected(s) != MQRPC_OK)
@@ -539,17 +834,61 @@ static int menu(struct session *s)
 
 int main(int argc, char **argv)
 {
+    struct cli_extra extra[] = {
+        {.name = "traceparent",
+         .arg = "VALUE",
+         .help = "continue this W3C trace: 00-<32 hex trace id>-<16 hex\n"
+                 "                     parent id>-<2 hex flags> (default: "
+                 "each call starts one)"},
+        {.name = "tracestate",
+         .arg = "VALUE",
+         .help = "W3C tracestate sent with --traceparent"},
+        {.name = "json", .help = "ping, services: JSON lines instead of text"},
+        {.name = NULL},
+    };
     struct cli c = {.prog = "rpc_client",
                     .usage = "[OPTIONS] [soma A B | media N... | busca NOME | "
-                             "info | call QUEUE JSON]",
+                             "info | call QUEUE JSON |\n"
+                             "                  ping [QUEUE] | services "
+                             "[QUEUE...] | health QUEUE]",
                     .summary = summary,
-                    .flags = CLI_CALLER};
+                    .flags = CLI_CALLER,
+                    .extra = extra,
+                    .verbose_help = "say which instance answered, how fast, "
+                                    "and the call's trace\n"
+                                    "                     (traceparent sent "
+                                    "and the reply's)",
+                    .timeout_ms = TIMEOUT_UNSET};
     struct session s = {.cli = &c};
     int rc;
 
     rc = cli_parse(&c, argc, argv);
     if (rc >= 0)
         return rc;
+    mqrpc_call_opts_init(&s.call);
+    s.call.traceparent = extra[0].value;
+    s.call.tracestate = extra[1].value;
+    if (s.call.traceparent && !mqrpc_traceparent_valid(s.call.traceparent)) {
+        cli_error(&c,
+                  "--traceparent: not a W3C traceparent "
+                  "(00-<32 hex>-<16 hex>-<2 hex>, lowercase, ids not all "
+                  "zero): \"%.80s\"",
+                  s.call.traceparent);
+        return CLI_EXIT_USAGE;
+    }
+    if (s.call.tracestate &&
+        (!s.call.traceparent || !*s.call.tracestate ||
+         strlen(s.call.tracestate) > MQRPC_TRACESTATE_MAX ||
+         strspn(s.call.tracestate,
+                " !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                "[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~") !=
+             strlen(s.call.tracestate))) {
+        cli_error(&c, "--tracestate needs --traceparent and 1 to %d "
+                      "printable ASCII characters",
+                  MQRPC_TRACESTATE_MAX);
+        return CLI_EXIT_USAGE;
+    }
+    s.json = extra[2].value != NULL;
     if (c.optind < argc)
         rc = run_command(&s, argc - c.optind, argv + c.optind);
     else

@@ -23,6 +23,12 @@
 #   MQRPC_DIST_PORT              Erlang distribution port (default AMQP+20000)
 #   MQRPC_EPMD_PORT              private epmd port (default AMQP-1000)
 #   MQRPC_BROKER_MANAGEMENT      1 = enable management plugin (default), 0 = off
+#   MQRPC_PROMETHEUS_PORT        RabbitMQ's own Prometheus endpoint (plugin
+#                                rabbitmq_prometheus, on 127.0.0.1, per-queue
+#                                metrics; URL in <state>/prometheus_url, one
+#                                line per node; default AMQP+10010: 15692 for
+#                                5682; node n of a cluster: +2(n-1))
+#   MQRPC_BROKER_PROMETHEUS      1 = enable that endpoint (default), 0 = off
 #   MQRPC_BROKER_START_TIMEOUT   seconds to wait for readiness (default 60,
 #                                120 for a cluster)
 #   MQRPC_BROKER_TLS             1 = also listen with TLS (mutual: client
@@ -121,16 +127,20 @@ setup_env() {
     mgmt_port=${MQRPC_MGMT_PORT:-$((base_port + 10000))}
     base_dist_port=${MQRPC_DIST_PORT:-$((base_port + 20000))}
     epmd_port=${MQRPC_EPMD_PORT:-$((base_port - 1000))}
+    base_prom_port=${MQRPC_PROMETHEUS_PORT:-$((base_port + 10010))}
     local p
-    for p in "$mgmt_port" "$base_dist_port" "$epmd_port"; do
+    for p in "$mgmt_port" "$base_dist_port" "$epmd_port" "$base_prom_port"; do
         is_uint "$p" || die "port settings must be numbers, got '$p'"
     done
-    for p in "$base_port" "$mgmt_port" "$base_dist_port" "$epmd_port"; do
+    for p in "$base_port" "$mgmt_port" "$base_dist_port" "$epmd_port" "$base_prom_port"; do
         ((p >= 1 && p <= 65535)) || die "port $p out of range (check MQRPC_*_PORT)"
     done
     management=${MQRPC_BROKER_MANAGEMENT:-1}
     [[ "$management" == 0 || "$management" == 1 ]] ||
         die "MQRPC_BROKER_MANAGEMENT must be 0 or 1, got '$management'"
+    prometheus=${MQRPC_BROKER_PROMETHEUS:-1}
+    [[ "$prometheus" == 0 || "$prometheus" == 1 ]] ||
+        die "MQRPC_BROKER_PROMETHEUS must be 0 or 1, got '$prometheus'"
     tls=${MQRPC_BROKER_TLS:-0}
     [[ "$tls" == 0 || "$tls" == 1 ]] || die "MQRPC_BROKER_TLS must be 0 or 1, got '$tls'"
     base_tls_port=${MQRPC_BROKER_TLS_PORT:-$((base_port + 1))}
@@ -145,6 +155,7 @@ setup_env() {
     clients_url_file=$state_dir/clients.url
     services_url_file=$state_dir/services.url
     mgmt_url_file=$state_dir/management_url
+    prom_url_file=$state_dir/prometheus_url
     cred_file=$shared_dir/credentials
     definitions_file=$shared_dir/definitions.json
     nodes_file=$shared_dir/nodes
@@ -199,6 +210,7 @@ select_node() {
     amqp_port=$((base_port + 2 * (node_index - 1)))
     tls_port=$((base_tls_port + 2 * (node_index - 1)))
     dist_port=$((base_dist_port + 2 * (node_index - 1)))
+    prom_port=$((base_prom_port + 2 * (node_index - 1)))
     node=$(node_name "$node_index")
     if ((node_index == 1)); then
         broker_dir=$state_dir/broker
@@ -379,10 +391,14 @@ password_hash() {
 # The accounts and what each may do, loaded by the broker at boot and by
 # "rotate". Permissions are regular expressions on resource names:
 #   services: configure and read service_* queues (declare, consume), write
-#             to the default exchange (replies)
+#             to the default exchange (replies); declare and read the
+#             mqrpc.control exchange and declare, bind (write) and consume
+#             their control queues mqrpc.control.* (exclusive: an instance
+#             reads only its own)
 #   clients:  configure and read server-named queues amq.gen-* (their
 #             exclusive reply queues), write to the default exchange
-#             (requests). They cannot consume, declare or delete service_*.
+#             (requests) and to mqrpc.control (pings). They cannot consume,
+#             declare or delete service_*, nor bind to or read mqrpc.control.
 write_definitions() {
     local a h users="" sep="" pw_var tags
     for a in "${ACCOUNTS[@]}"; do
@@ -402,8 +418,8 @@ write_definitions() {
   "vhosts": [{"name": "/"}],
   "permissions": [
     {"user": "admin", "vhost": "/", "configure": ".*", "write": ".*", "read": ".*"},
-    {"user": "services", "vhost": "/", "configure": "^service_", "write": "^amq\\\\.default\$", "read": "^service_"},
-    {"user": "clients", "vhost": "/", "configure": "^amq\\\\.gen-", "write": "^amq\\\\.default\$", "read": "^amq\\\\.gen-"}
+    {"user": "services", "vhost": "/", "configure": "^(service_|mqrpc\\\\.control\$|mqrpc\\\\.control\\\\.)", "write": "^(amq\\\\.default\$|mqrpc\\\\.control\\\\.)", "read": "^(service_|mqrpc\\\\.control\$|mqrpc\\\\.control\\\\.)"},
+    {"user": "clients", "vhost": "/", "configure": "^amq\\\\.gen-", "write": "^(amq\\\\.default|mqrpc\\\\.control)\$", "read": "^amq\\\\.gen-"}
   ]
 }
 EOF
@@ -516,16 +532,28 @@ write_config() {
                 echo "management.tcp.ip = 127.0.0.1"
                 echo "management.tcp.port = $mgmt_port"
             fi
+            if ((prometheus)); then
+                # Queue depth and consumers per queue beside the services'
+                # own metrics (packaging/prometheus): loopback only, and
+                # per object, since the default aggregates all queues.
+                echo "prometheus.tcp.ip = 127.0.0.1"
+                echo "prometheus.tcp.port = $prom_port"
+                echo "prometheus.return_per_object_metrics = true"
+            fi
         } >"$RABBITMQ_CONFIG_FILE"
     )
+    local plugins=()
     if ((management && node_index == 1)); then
-        echo '[rabbitmq_management].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+        plugins+=(rabbitmq_management)
     elif ((management)); then
         # The UI on node 1 shows the other nodes through their agents.
-        echo '[rabbitmq_management_agent].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
-    else
-        echo '[].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+        plugins+=(rabbitmq_management_agent)
     fi
+    ((prometheus)) && plugins+=(rabbitmq_prometheus)
+    (
+        IFS=,
+        echo "[${plugins[*]}]." >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+    )
 }
 
 # ---------------------------------------------------------------------------
@@ -542,6 +570,9 @@ print_ready() {
     echo "URLs (with passwords) written to $clients_url_file and $services_url_file"
     if ((management)) && [[ -f "$mgmt_url_file" ]]; then
         echo "management UI: $(<"$mgmt_url_file") (user admin, password in $cred_file)"
+    fi
+    if ((prometheus)) && [[ -f "$prom_url_file" ]]; then
+        echo "RabbitMQ metrics: $(paste -sd" " "$prom_url_file")"
     fi
 }
 
@@ -602,6 +633,14 @@ write_urls() {
     else
         rm -f "$mgmt_url_file"
     fi
+    if ((prometheus)); then
+        local n
+        for ((n = 1; n <= nodes; n++)); do
+            echo "http://127.0.0.1:$((base_prom_port + 2 * (n - 1)))/metrics"
+        done >"$prom_url_file"
+    else
+        rm -f "$prom_url_file"
+    fi
 }
 
 # launch_node: starts the selected node's server in the background; sets
@@ -620,11 +659,12 @@ launch_node() {
     # The URL files stay until write_urls replaces them (atomically): see
     # cmd_stop.
     rm -f "$pid_file" "$rmq_pid_file"
-    ((node_index == 1)) && rm -f "$mgmt_url_file"
+    ((node_index == 1)) && rm -f "$mgmt_url_file" "$prom_url_file"
 
     local p ports=("$amqp_port" "$dist_port")
     ((tls)) && ports+=("$tls_port")
     ((management && node_index == 1)) && ports+=("$mgmt_port")
+    ((prometheus)) && ports+=("$prom_port")
     for p in "${ports[@]}"; do
         port_in_use "$p" && die "port $p on 127.0.0.1 is already in use (another broker? set MQRPC_BROKER_PORT)"
     done
@@ -801,7 +841,7 @@ stop_node() {
     # reconnect once it is back), not fall back to guest@localhost:5672.
     if ! pid_alive "$pid"; then
         rm -f "$pid_file"
-        ((node_index == 1)) && rm -f "$mgmt_url_file"
+        ((node_index == 1)) && rm -f "$mgmt_url_file" "$prom_url_file"
         echo "broker $node not running"
         return 0
     fi
@@ -818,7 +858,7 @@ stop_node() {
     done
     pid_alive "$pid" && die "pid $pid still alive after stop"
     rm -f "$pid_file" "$rmq_pid_file"
-    ((node_index == 1)) && rm -f "$mgmt_url_file"
+    ((node_index == 1)) && rm -f "$mgmt_url_file" "$prom_url_file"
     echo "broker $node stopped"
 }
 

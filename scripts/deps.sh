@@ -21,7 +21,9 @@ set -euo pipefail
 packages=(
     gcc g++ clang libc6-dev make cmake pkg-config
     librabbitmq-dev libjansson-dev libsqlite3-dev libcmocka-dev
+    libmicrohttpd-dev prometheus
     libssl-dev openssl
+    libsystemd-dev
     rabbitmq-server
     python3 python3-pika
     procps

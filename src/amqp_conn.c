@@ -44,6 +44,7 @@
 #define CH_MAIN 1
 #define CH_SIDE 2
 #define CH_CONFIRM MQR_CONFIRM_CHANNEL
+#define CH_CONTROL MQR_CONTROL_CHANNEL
 #define FRAME_MAX 131072
 /* Bytes a publish adds to its body at most: method, header with our
  * properties, frame ends. */
@@ -61,6 +62,8 @@ struct mqr_conn {
     uint64_t pub_seq; /* publishes on CH_MAIN since confirm.select */
     uint64_t confirm_seq; /* publishes on CH_CONFIRM */
     char consumer_tag[256]; /* of the last basic.consume; "" when none */
+    bool control_ch;        /* CH_CONTROL is open */
+    bool control_consuming; /* and its consumer is on */
     int heartbeat;
     int wake_fd; /* -1: none */
     char where[300]; /* "host:port", for messages */
@@ -154,6 +157,9 @@ static mqrpc_err server_close(mqr_conn *c, amqp_channel_t ch,
         }
         if (ch == CH_SIDE) {
             c->side_open = false;
+        } else if (ch == CH_CONTROL) {
+            /* Health and discovery are extras: requests go on without. */
+            c->control_ch = c->control_consuming = false;
         } else {
             /* Everything we do runs on the main channel: without it the
              * connection is of no use, so give it up entirely. */
@@ -547,6 +553,17 @@ static amqp_table_entry_t int_entry(const char *key, int64_t v)
     return t;
 }
 
+/* A string header as the OpenTelemetry instrumentations (and pika, for a
+ * Python str) write it: an AMQP long string. */
+static amqp_table_entry_t str_entry(const char *key, mqr_str v)
+{
+    amqp_table_entry_t t;
+    t.key = amqp_cstring_bytes(key);
+    t.value.kind = AMQP_FIELD_KIND_UTF8;
+    t.value.value.bytes = bytes_of(v);
+    return t;
+}
+
 mqrpc_err mqr_conn_declare_queue(mqr_conn *c, const char *queue,
                                  const mqr_queue_opts *o, char *name_out)
 {
@@ -666,13 +683,14 @@ mqrpc_err mqr_conn_cancel(mqr_conn *c)
     return e;
 }
 
-static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
+static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch,
+                            const char *exchange, mqr_str routing_key,
                             const mqr_props *p, const void *body, size_t len,
                             bool mandatory)
 {
     amqp_basic_properties_t props;
     amqp_bytes_t b = {len, (void *)body};
-    amqp_table_entry_t headers[3];
+    amqp_table_entry_t headers[5];
     mqrpc_err e;
 
     if (!c->open)
@@ -704,10 +722,18 @@ static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
             int_entry(MQR_HDR_DELIVERIES, p->deliveries);
     if (p->progress)
         headers[props.headers.num_entries++] = int_entry(MQR_HDR_PROGRESS, 1);
+    if (p->traceparent.len)
+        headers[props.headers.num_entries++] =
+            str_entry(MQR_HDR_TRACEPARENT, p->traceparent);
+    if (p->tracestate.len)
+        headers[props.headers.num_entries++] =
+            str_entry(MQR_HDR_TRACESTATE, p->tracestate);
     if (props.headers.num_entries)
         props._flags |= AMQP_BASIC_HEADERS_FLAG;
     e = check_status(c,
-                     amqp_basic_publish(c->state, ch, amqp_empty_bytes,
+                     amqp_basic_publish(c->state, ch,
+                                        exchange ? amqp_cstring_bytes(exchange)
+                                                 : amqp_empty_bytes,
                                         bytes_of(routing_key), mandatory, 0,
                                         &props, b),
                      "publish");
@@ -721,7 +747,8 @@ static mqrpc_err publish_on(mqr_conn *c, amqp_channel_t ch, mqr_str routing_key,
 mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key, const mqr_props *p,
                            const void *body, size_t len, bool mandatory)
 {
-    mqrpc_err e = publish_on(c, CH_MAIN, routing_key, p, body, len, mandatory);
+    mqrpc_err e =
+        publish_on(c, CH_MAIN, NULL, routing_key, p, body, len, mandatory);
 
     if (e == MQRPC_OK)
         c->pub_seq++;
@@ -750,7 +777,7 @@ mqrpc_err mqr_conn_publish_confirmed(mqr_conn *c, mqr_str routing_key,
         c->confirm_open = true;
         c->confirm_seq = 0;
     }
-    e = publish_on(c, CH_CONFIRM, routing_key, p, body, len, false);
+    e = publish_on(c, CH_CONFIRM, NULL, routing_key, p, body, len, false);
     if (e == MQRPC_OK)
         *seq = ++c->confirm_seq;
     return e;
@@ -823,6 +850,17 @@ static void read_headers(const amqp_table_t *t, mqr_msg *m)
         } else if (mqr_str_eq(key, MQR_HDR_PROGRESS)) {
             /* Advisory: a header of another type asks for nothing. */
             m->progress = int_value(&h->value, &v) && v != 0;
+        } else if (mqr_str_eq(key, MQR_HDR_TRACEPARENT) ||
+                   mqr_str_eq(key, MQR_HDR_TRACESTATE)) {
+            /* Advisory too: a value of another type is no trace context,
+             * and whoever reads it starts a trace of its own. */
+            if (h->value.kind == AMQP_FIELD_KIND_UTF8 ||
+                h->value.kind == AMQP_FIELD_KIND_BYTES) {
+                if (key.len == sizeof MQR_HDR_TRACEPARENT - 1)
+                    m->traceparent = str_of(h->value.value.bytes);
+                else
+                    m->tracestate = str_of(h->value.value.bytes);
+            }
         }
     }
 }
@@ -1086,6 +1124,10 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
             /* The broker cancels a consumer when its queue is deleted
              * (consumer_cancel_notify); the owner decides what follows. */
             m->kind = MQR_CANCEL;
+            if (f.channel == CH_CONTROL)
+                c->control_consuming = false;
+            else if (f.channel == CH_MAIN)
+                c->consumer_tag[0] = '\0';
             return MQRPC_OK;
         case AMQP_CONNECTION_BLOCKED_METHOD: {
             const amqp_connection_blocked_t *b = f.payload.method.decoded;
@@ -1148,4 +1190,116 @@ mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
     if (consumers)
         *consumers = ok->consumer_count;
     return MQRPC_OK;
+}
+
+/* ------------------------------------------------------------- control */
+
+bool mqr_conn_consuming(const mqr_conn *c)
+{
+    return c->open && c->consumer_tag[0];
+}
+
+const char *mqr_conn_where(const mqr_conn *c)
+{
+    return c->where;
+}
+
+void mqr_conn_cluster_name(const mqr_conn *c, char *buf, size_t len)
+{
+    const amqp_table_t *t;
+
+    buf[0] = '\0';
+    if (!c->state || !(t = amqp_get_server_properties(c->state)))
+        return;
+    for (int i = 0; i < t->num_entries; i++) {
+        const amqp_table_entry_t *e = &t->entries[i];
+        if (e->key.len == 12 && memcmp(e->key.bytes, "cluster_name", 12) == 0 &&
+            (e->value.kind == AMQP_FIELD_KIND_UTF8 ||
+             e->value.kind == AMQP_FIELD_KIND_BYTES)) {
+            snprintf(buf, len, "%.*s", (int)e->value.value.bytes.len,
+                     (const char *)e->value.value.bytes.bytes);
+            return;
+        }
+    }
+}
+
+mqrpc_err mqr_conn_control_open(mqr_conn *c, const char *exchange,
+                                const char *queue, const char *const *keys,
+                                size_t nkeys)
+{
+    mqrpc_err e;
+
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    if (!c->control_ch) {
+        amqp_channel_open(c->state, CH_CONTROL);
+        e = check_reply(c, CH_CONTROL, amqp_get_rpc_reply(c->state),
+                        "channel.open");
+        if (e != MQRPC_OK)
+            return e;
+        c->control_ch = true;
+    }
+    /* Durable, so that callers find it across broker restarts even before
+     * an instance is back; every instance declares it the same way. */
+    amqp_exchange_declare(c->state, CH_CONTROL, amqp_cstring_bytes(exchange),
+                          amqp_cstring_bytes("direct"), 0, 1, 0, 0,
+                          amqp_empty_table);
+    e = check_reply(c, CH_CONTROL, amqp_get_rpc_reply(c->state),
+                    "exchange.declare");
+    if (e != MQRPC_OK)
+        return e;
+    /* Exclusive and auto-delete: it lives exactly as long as this
+     * connection, so a dead instance leaves nothing behind to answer. */
+    amqp_queue_declare(c->state, CH_CONTROL, amqp_cstring_bytes(queue), 0, 0, 1,
+                       1, amqp_empty_table);
+    e = check_reply(c, CH_CONTROL, amqp_get_rpc_reply(c->state),
+                    "queue.declare");
+    for (size_t i = 0; i < nkeys && e == MQRPC_OK; i++) {
+        amqp_queue_bind(c->state, CH_CONTROL, amqp_cstring_bytes(queue),
+                        amqp_cstring_bytes(exchange),
+                        amqp_cstring_bytes(keys[i]), amqp_empty_table);
+        e = check_reply(c, CH_CONTROL, amqp_get_rpc_reply(c->state),
+                        "queue.bind");
+    }
+    if (e != MQRPC_OK)
+        return e;
+    /* No acknowledgements: a ping is answered at once or not at all, and
+     * the request consumer's prefetch must not count it. */
+    amqp_basic_consume(c->state, CH_CONTROL, amqp_cstring_bytes(queue),
+                       amqp_empty_bytes, 0, 1, 1, amqp_empty_table);
+    e = check_reply(c, CH_CONTROL, amqp_get_rpc_reply(c->state),
+                    "basic.consume");
+    if (e == MQRPC_OK)
+        c->control_consuming = true;
+    return e;
+}
+
+bool mqr_conn_control_on(const mqr_conn *c)
+{
+    return c->open && c->control_consuming;
+}
+
+mqrpc_err mqr_conn_publish_to(mqr_conn *c, const char *exchange,
+                              mqr_str routing_key, const mqr_props *p,
+                              const void *body, size_t len)
+{
+    mqrpc_err e =
+        publish_on(c, CH_MAIN, exchange, routing_key, p, body, len, false);
+
+    if (e == MQRPC_OK)
+        c->pub_seq++;
+    return e;
+}
+
+mqrpc_err mqr_conn_exchange_exists(mqr_conn *c, const char *exchange)
+{
+    mqrpc_err e = open_side(c);
+
+    if (e != MQRPC_OK)
+        return e;
+    amqp_exchange_declare(c->state, CH_SIDE, amqp_cstring_bytes(exchange),
+                          amqp_cstring_bytes("direct"), 1, 0, 0, 0,
+                          amqp_empty_table);
+    return check_reply(c, CH_SIDE, amqp_get_rpc_reply(c->state),
+                       "exchange.declare (passive)");
 }

@@ -50,6 +50,8 @@ static void call_clear(mqr_call *k)
         free(k->body);
     json_decref(k->reply.result);
     free(k->text);
+    free(k->tracestate);
+    k->tracestate = NULL;
 }
 
 void mqr_call_free(mqr_call *k)

@@ -74,6 +74,10 @@ struct mqrpc_client {
     int wake_fd; /* eventfd for mqrpc_client_wake */
     char down[400]; /* why the client is disconnected */
     char err[512];
+    /* A mqrpc_client_ping in progress: its answers gather here. */
+    json_t *ping_answers; /* borrowed from mqrpc_client_ping; NULL: none */
+    char ping_corr[CORR_MAX];
+    size_t ping_corr_len;
 };
 
 static void random_bytes(void *buf, size_t len)
@@ -307,6 +311,7 @@ void mqrpc_client_get_stats(const mqrpc_client *c, mqrpc_client_stats *out,
 
     st.connected = c->conn != NULL;
     st.is_blocked = c->conn && c->blocked;
+    st.in_flight = c->calls.pending;
     mqr_struct_out(out, size, &st, sizeof st);
 }
 
@@ -401,6 +406,21 @@ static void fail_call(mqrpc_client *c, mqr_call *k, mqrpc_err status,
     mqr_calls_finish(&c->calls, k);
 }
 
+/* The statistics of a call that ended. */
+static void count_call(mqrpc_client *c, const mqr_call *k)
+{
+    unsigned status = (unsigned)k->reply.status;
+    int64_t us = mqr_now_us() -
+                 (k->deadline_us - (int64_t)k->timeout_ms * 1000);
+    const size_t nstatus = sizeof c->st.calls / sizeof c->st.calls[0];
+
+    c->st.calls[status < nstatus ? status : nstatus - 1]++;
+    if (k->reply.status == MQRPC_EREMOTE)
+        c->st.remote[mqrpc_code_of(k->reply.error_code)]++;
+    c->st.duration[mqr_duration_bucket(us)]++;
+    c->st.duration_us += (uint64_t)(us > 0 ? us : 0);
+}
+
 /* Runs the callbacks of finished calls, oldest first. A callback may
  * start calls (whose failures join the list and run in this same loop)
  * or ask for the client to be freed (done by the caller of this function
@@ -412,8 +432,10 @@ static void run_finished(mqrpc_client *c)
     while ((k = mqr_calls_pop_finished(&c->calls))) {
         mqrpc_reply *r = &k->reply;
         r->queue = k->queue;
+        r->call_traceparent = k->traceparent;
         if (r->status != MQRPC_OK && !r->error_code)
             r->error_code = mqrpc_errname(r->status);
+        count_call(c, k);
         c->completed++;
         c->in_callback++;
         k->done(r, k->arg);
@@ -506,6 +528,23 @@ static void on_progress(mqrpc_client *c, const mqr_msg *m)
     json_decref(j);
 }
 
+/* An answer to the ping in progress: kept if it is a JSON object. */
+static bool on_pong(mqrpc_client *c, const mqr_msg *m)
+{
+    json_t *j;
+
+    if (!c->ping_answers || m->correlation_id.len != c->ping_corr_len ||
+        memcmp(m->correlation_id.ptr, c->ping_corr, c->ping_corr_len) != 0)
+        return false;
+    j = json_loadb(m->body.ptr, m->body.len, 0, NULL);
+    if (json_is_object(j))
+        json_array_append(c->ping_answers, j);
+    else
+        c->st.dropped++;
+    json_decref(j);
+    return true;
+}
+
 static void on_reply(mqrpc_client *c, const mqr_msg *m)
 {
     mqr_call *k;
@@ -513,6 +552,8 @@ static void on_reply(mqrpc_client *c, const mqr_msg *m)
     mqrpc_fault fault;
     mqrpc_reply *r;
 
+    if (on_pong(c, m))
+        return;
     if (m->progress) {
         on_progress(c, m);
         return;
@@ -538,6 +579,12 @@ static void on_reply(mqrpc_client *c, const mqr_msg *m)
         memcpy(c->app_id, m->app_id.ptr, n);
         c->app_id[n] = '\0';
         r->app_id = c->app_id;
+    }
+    if (mqr_traceparent_parse(m->traceparent.ptr, m->traceparent.len, NULL) &&
+        m->traceparent.len < sizeof k->reply_traceparent) {
+        memcpy(k->reply_traceparent, m->traceparent.ptr, m->traceparent.len);
+        k->reply_traceparent[m->traceparent.len] = '\0';
+        r->traceparent = k->reply_traceparent;
     }
     r->status = mqr_decode_reply(mqr_str_eq(m->type, "error"), m->body.ptr,
                                  m->body.len, &r->result, &fault);
@@ -690,6 +737,9 @@ static mqrpc_err send_call(mqrpc_client *c, mqr_call *k, int64_t now)
     props.reply_to.len = c->reply_queue_len;
     props.persistent = c->opts.durable;
     props.progress = k->progress;
+    props.traceparent = mqr_cstr(k->traceparent);
+    if (k->tracestate)
+        props.tracestate = mqr_cstr(k->tracestate);
     /* mandatory: a queue nobody declared makes the broker return the
      * request (basic.return) instead of dropping it silently. */
     e = mqr_conn_publish(c->conn, mqr_cstr(k->queue), &props, k->body,
@@ -973,6 +1023,48 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
                            size_t len, int timeout_ms, unsigned flags,
                            mqrpc_done_fn done, void *arg)
 {
+    return mqrpc_call_async_ex(c, queue, body, len, timeout_ms, flags, NULL,
+                               done, arg);
+}
+
+/* Checks a caller's per-call options into *o (zeroed: the defaults). */
+static bool call_opts_ok(mqrpc_client *c, const mqrpc_call_opts *given,
+                         mqrpc_call_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    if (!given)
+        return true;
+    if (!mqr_opts_copy(o, sizeof *o, given)) {
+        snprintf(c->err, sizeof c->err,
+                 "mqrpc_call_opts: size not set by mqrpc_call_opts_init, or "
+                 "an option this library does not know");
+        return false;
+    }
+    if (o->traceparent && !mqrpc_traceparent_valid(o->traceparent)) {
+        snprintf(c->err, sizeof c->err,
+                 "traceparent is not a W3C traceparent "
+                 "(00-<32 hex>-<16 hex>-<2 hex>, ids not all zero)");
+        return false;
+    }
+    if (o->tracestate && (!o->traceparent ||
+                          !mqr_tracestate_ok(o->tracestate,
+                                             strlen(o->tracestate)))) {
+        snprintf(c->err, sizeof c->err,
+                 o->traceparent ? "tracestate must be 1 to %d printable "
+                                  "ASCII characters"
+                                : "tracestate without a traceparent",
+                 MQRPC_TRACESTATE_MAX);
+        return false;
+    }
+    return true;
+}
+
+mqrpc_err mqrpc_call_async_ex(mqrpc_client *c, const char *queue,
+                              const void *body, size_t len, int timeout_ms,
+                              unsigned flags, const mqrpc_call_opts *opts,
+                              mqrpc_done_fn done, void *arg)
+{
+    mqrpc_call_opts o;
     size_t qlen;
     mqr_call *k;
     bool resendable, now;
@@ -986,6 +1078,8 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
         snprintf(c->err, sizeof c->err, "invalid argument to mqrpc_call_async");
         return MQRPC_EINVAL;
     }
+    if (!call_opts_ok(c, opts, &o))
+        return MQRPC_EINVAL;
     qlen = strlen(queue);
     if (qlen == 0 || qlen > 255) {
         snprintf(c->err, sizeof c->err,
@@ -1017,6 +1111,22 @@ mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const void *body,
     k->done = done;
     k->arg = arg;
     k->progress = (flags & MQRPC_CALL_PROGRESS) != 0;
+    if (o.traceparent) {
+        /* A later version's is passed on as the 00 it starts with. */
+        mqr_trace_ids ids;
+        mqr_traceparent_parse(o.traceparent, strlen(o.traceparent), &ids);
+        mqr_traceparent_format(k->traceparent, ids.trace_id, ids.span_id,
+                               ids.flags);
+        if (o.tracestate && !(k->tracestate = strdup(o.tracestate))) {
+            mqr_call_free(k);
+            return MQRPC_ENOMEM;
+        }
+    } else {
+        char trace_id[33], span_id[17];
+        mqr_trace_random_hex(trace_id, 16);
+        mqr_trace_random_hex(span_id, 8);
+        mqr_traceparent_format(k->traceparent, trace_id, span_id, "01");
+    }
     k->body_len = len;
     /* A call that may be published later keeps its own copy of the body;
      * one sent now reads the caller's, which is valid until we return. */
@@ -1086,6 +1196,8 @@ static mqrpc_reply *reply_copy(const mqrpc_reply *r)
     o->error_message = dup_or_null(r->error_message);
     o->app_id = dup_or_null(r->app_id);
     o->queue = dup_or_null(r->queue);
+    o->traceparent = dup_or_null(r->traceparent);
+    o->call_traceparent = dup_or_null(r->call_traceparent);
     if (r->result)
         json_incref(r->result);
     return o;
@@ -1111,14 +1223,21 @@ mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *body,
                      size_t len, int timeout_ms, unsigned flags,
                      mqrpc_reply **out)
 {
+    return mqrpc_call_ex(c, queue, body, len, timeout_ms, flags, NULL, out);
+}
+
+mqrpc_err mqrpc_call_ex(mqrpc_client *c, const char *queue, const void *body,
+                        size_t len, int timeout_ms, unsigned flags,
+                        const mqrpc_call_opts *opts, mqrpc_reply **out)
+{
     struct sync_call s = {.want_copy = out != NULL};
     mqrpc_err e;
 
     if (out)
         *out = NULL;
     e = c->in_callback ? MQRPC_ESTATE
-                       : mqrpc_call_async(c, queue, body, len, timeout_ms,
-                                          flags, sync_done, &s);
+                       : mqrpc_call_async_ex(c, queue, body, len, timeout_ms,
+                                             flags, opts, sync_done, &s);
     if (e != MQRPC_OK) {
         if (out) {
             mqrpc_reply r = {.status = e,
@@ -1158,6 +1277,134 @@ mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
         snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
     if (mqr_conn_fd(c->conn) < 0)
         lost(c); /* its calls' callbacks run in the next process */
+    return e;
+}
+
+/* Orders answers by queue, then instance. */
+static int pong_cmp(const void *a, const void *b)
+{
+    json_t *x = *(json_t *const *)a, *y = *(json_t *const *)b;
+    const char *qx = json_string_value(json_object_get(x, "queue"));
+    const char *qy = json_string_value(json_object_get(y, "queue"));
+    const char *ix = json_string_value(json_object_get(x, "instance"));
+    const char *iy = json_string_value(json_object_get(y, "instance"));
+    int d = strcmp(qx ? qx : "", qy ? qy : "");
+
+    return d ? d : strcmp(ix ? ix : "", iy ? iy : "");
+}
+
+static json_t *sorted(json_t *arr)
+{
+    size_t n = json_array_size(arr), i;
+    json_t **v = n ? malloc(n * sizeof *v) : NULL, *out;
+
+    if (!v)
+        return arr; /* empty, or no memory to sort: as they came */
+    for (i = 0; i < n; i++)
+        v[i] = json_array_get(arr, i);
+    qsort(v, n, sizeof *v, pong_cmp);
+    out = json_array();
+    for (i = 0; out && i < n; i++)
+        json_array_append(out, v[i]);
+    free(v);
+    if (!out)
+        return arr;
+    json_decref(arr);
+    return out;
+}
+
+mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue, int timeout_ms,
+                            json_t **answers)
+{
+    static const char body[] = "{}";
+    mqr_props props = {0};
+    char expiration[16];
+    json_t *got;
+    int64_t end;
+    mqrpc_err e;
+
+    if (answers)
+        *answers = NULL;
+    if (!c->ever_connected || c->in_callback || c->closing || c->ping_answers)
+        return MQRPC_ESTATE;
+    if (timeout_ms <= 0 || (queue && strlen(queue) > 255)) {
+        snprintf(c->err, sizeof c->err, "%s", mqrpc_strerror(MQRPC_EINVAL));
+        return MQRPC_EINVAL;
+    }
+    got = json_array();
+    if (!got)
+        return MQRPC_ENOMEM;
+    if (try_reconnect(c) != MQRPC_OK) {
+        e = MQRPC_ECLOSED;
+        goto out;
+    }
+    /* Before any instance ever ran, the exchange does not exist: a publish
+     * to it would cost the main channel, and nobody can answer anyway. */
+    e = mqr_conn_exchange_exists(c->conn, MQR_CONTROL_EXCHANGE);
+    if (e == MQRPC_ENOROUTE) {
+        e = MQRPC_OK;
+        goto out;
+    }
+    if (e != MQRPC_OK) {
+        snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
+        if (mqr_conn_fd(c->conn) < 0)
+            lost(c);
+        goto out;
+    }
+    if (c->blocked) {
+        /* It would not read our ping. */
+        e = MQRPC_EBLOCKED;
+        goto out;
+    }
+    c->ping_corr_len =
+        (size_t)snprintf(c->ping_corr, sizeof c->ping_corr, "%s-ping-%" PRIx64,
+                         c->prefix, ++c->next_seq);
+    props.correlation_id = mqr_cstr(c->ping_corr);
+    props.reply_to = mqr_cstr(c->reply_queue);
+    props.type = mqr_cstr(MQR_PING_TYPE);
+    /* A control queue holds a ping only while its instance is too slow to
+     * take it: after the timeout nobody listens for the answer. */
+    snprintf(expiration, sizeof expiration, "%d", timeout_ms);
+    props.expiration = mqr_cstr(expiration);
+    e = mqr_conn_publish_to(c->conn, MQR_CONTROL_EXCHANGE,
+                            mqr_cstr(queue ? queue : ""), &props, body,
+                            sizeof body - 1);
+    if (e != MQRPC_OK) {
+        snprintf(c->err, sizeof c->err, "%s", mqr_conn_errmsg(c->conn));
+        lost(c);
+        goto out;
+    }
+    c->ping_answers = got;
+    end = mqr_now_us() + (int64_t)timeout_ms * 1000;
+    for (;;) {
+        int64_t left = end - mqr_now_us();
+        if (left <= 0)
+            break;
+        e = mqrpc_client_process(c, (int)((left + 999) / 1000));
+        if (e == MQRPC_ECANCELED) {
+            /* A callback of another call freed c. */
+            json_decref(got);
+            return e;
+        }
+        if (e == MQRPC_ECLOSED || !c->conn) {
+            e = MQRPC_ECLOSED;
+            snprintf(c->err, sizeof c->err, "%s", c->down);
+            break;
+        }
+        e = MQRPC_OK;
+    }
+    c->ping_answers = NULL;
+    c->ping_corr_len = 0;
+    if (e == MQRPC_OK && c->blocked && json_array_size(got) == 0)
+        e = MQRPC_EBLOCKED;
+out:
+    if (e == MQRPC_EBLOCKED)
+        snprintf(c->err, sizeof c->err, "the broker is blocking publishers: %s",
+                 c->blocked_reason[0] ? c->blocked_reason : "(no reason)");
+    if (answers)
+        *answers = sorted(got);
+    else
+        json_decref(got);
     return e;
 }
 
@@ -1236,6 +1483,16 @@ const char *mqrpc_reply_queue(const mqrpc_reply *r)
     return r->queue;
 }
 
+const char *mqrpc_reply_traceparent(const mqrpc_reply *r)
+{
+    return r->traceparent;
+}
+
+const char *mqrpc_reply_call_traceparent(const mqrpc_reply *r)
+{
+    return r->call_traceparent;
+}
+
 void mqrpc_reply_free(mqrpc_reply *r)
 {
     if (!r)
@@ -1246,6 +1503,8 @@ void mqrpc_reply_free(mqrpc_reply *r)
         free((char *)r->error_message);
         free((char *)r->app_id);
         free((char *)r->queue);
+        free((char *)r->traceparent);
+        free((char *)r->call_traceparent);
     }
     json_decref(r->result);
     free(r);

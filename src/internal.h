@@ -49,6 +49,17 @@ int mqr_backoff_next(int d, int max);
  * wrong that way or smaller than the size field itself. */
 bool mqr_opts_copy(void *dst, size_t dst_size, const void *src);
 
+/* mqr_duration_bucket: the index, in the stats' duration histograms, of
+ * a duration of us microseconds (MQRPC_DURATION_BUCKETS: above them all). */
+unsigned mqr_duration_bucket(int64_t us);
+
+/* Statistics that another thread may read while their one writer runs
+ * (mqrpc_service_get_stats): relaxed atomics, one uint64_t at a time. */
+#define MQR_STAT_ADD(field, n) \
+    __atomic_fetch_add(&(field), (uint64_t)(n), __ATOMIC_RELAXED)
+#define MQR_STAT_SET(field, v) \
+    __atomic_store_n(&(field), (uint64_t)(v), __ATOMIC_RELAXED)
+
 /* mqr_struct_out copies src (this library's struct of src_size bytes) into
  * a caller's struct of out_size bytes: the common prefix. */
 void mqr_struct_out(void *out, size_t out_size, const void *src,
@@ -58,6 +69,7 @@ void mqr_struct_out(void *out, size_t out_size, const void *src,
  * the name that prefixes them there. */
 typedef struct mqr_logger {
     mqrpc_log_fn fn; /* NULL: stderr */
+    mqrpc_log_record_fn record_fn; /* when set, used instead of fn */
     void *arg;
     const char *name; /* borrowed from the handle */
 } mqr_logger;
@@ -65,6 +77,23 @@ typedef struct mqr_logger {
 /* mqr_log formats one line and hands it to lg. */
 void mqr_log(const mqr_logger *lg, mqrpc_log_level level, const char *fmt,
              ...) __attribute__((format(printf, 3, 4)));
+
+/* What a log line about one request says besides its text (the
+ * mqrpc_log_record fields; NULL or negative: unknown). */
+typedef struct mqr_req_fields {
+    const char *queue;
+    const char *correlation_id;
+    const char *trace_id;
+    const char *span_id;
+    const char *code;
+    double duration_ms;
+} mqr_req_fields;
+
+/* mqr_log_req is mqr_log for a line about a request: a record function
+ * gets the fields apart, a text line ends with "trace_id=T span_id=S". */
+void mqr_log_req(const mqr_logger *lg, mqrpc_log_level level,
+                 const mqr_req_fields *f, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
 
 /* mqr_wall_ms: Unix time in milliseconds, the clock of deadline headers
  * (they cross machines, so they cannot be monotonic). */
@@ -79,6 +108,53 @@ int64_t mqr_wall_ms(void);
  * with *failed in its header. Pure, unit-tested. */
 bool mqr_redelivery_decide(uint32_t deliveries, unsigned max_deliveries,
                            uint32_t *failed);
+
+/* ---------------------------------------------------------------- trace */
+/* W3C Trace Context (trace.c). */
+
+#define MQR_HDR_TRACEPARENT "traceparent"
+#define MQR_HDR_TRACESTATE "tracestate"
+
+/* The fields of a traceparent, NUL-terminated. */
+typedef struct mqr_trace_ids {
+    char trace_id[33];
+    char span_id[17]; /* its parent-id: the sender's span */
+    char flags[3];
+} mqr_trace_ids;
+
+/* mqr_traceparent_parse: s (len bytes, not NUL-terminated) is a valid
+ * traceparent: version 00 exactly, or a later version (not ff) whose first
+ * 55 characters read as 00's; lowercase hex; trace and parent ids not all
+ * zero. Fills out (when not NULL) on success. */
+bool mqr_traceparent_parse(const char *s, size_t len, mqr_trace_ids *out);
+
+/* mqr_tracestate_ok: s is a tracestate we pass on: 1 to
+ * MQRPC_TRACESTATE_MAX printable ASCII characters. */
+bool mqr_tracestate_ok(const char *s, size_t len);
+
+/* mqr_traceparent_format writes "00-<trace_id>-<span_id>-<flags>". */
+void mqr_traceparent_format(char out[MQRPC_TRACEPARENT_LEN + 1],
+                            const char *trace_id, const char *span_id,
+                            const char *flags);
+
+/* mqr_trace_random_hex writes nbytes (at most 16) random bytes from
+ * getrandom, never all zero, as 2 * nbytes lowercase hex digits and a
+ * NUL. */
+void mqr_trace_random_hex(char *out, size_t nbytes);
+
+/* A span of ours within a trace. */
+typedef struct mqr_trace {
+    char trace_id[33];
+    char span_id[17];   /* ours, new */
+    char parent_id[17]; /* the sender's span; "" when the trace began here */
+    char flags[3];
+    char traceparent[MQRPC_TRACEPARENT_LEN + 1]; /* 00-trace-span-flags */
+} mqr_trace;
+
+/* mqr_trace_start begins a span of ours: in the trace of incoming (a
+ * received traceparent header, maybe empty) when it is valid, else in a
+ * new trace (flags 01). */
+void mqr_trace_start(mqr_trace *t, mqr_str incoming);
 
 /* ------------------------------------------------------------------ url */
 
@@ -245,6 +321,8 @@ struct mqrpc_reply {
     const char *error_message;
     const char *app_id;
     const char *queue;
+    const char *traceparent;      /* the reply's header, or NULL */
+    const char *call_traceparent; /* what the call was sent with */
     bool owned; /* strings and body are malloc'd (mqrpc_call's copy) */
 };
 
@@ -271,6 +349,9 @@ struct mqr_call {
     mqrpc_reply reply; /* the outcome, once finished (points into the
                           call; for a reply, into the current message) */
     char *text;         /* owned message the outcome points to */
+    char *tracestate;   /* owned; NULL: none */
+    char traceparent[MQRPC_TRACEPARENT_LEN + 1]; /* sent with the request */
+    char reply_traceparent[MQRPC_TRACEPARENT_LEN + 1]; /* "": none */
     size_t queue_cap;   /* bytes allocated for queue */
     char queue[];
 };
@@ -334,6 +415,9 @@ void mqr_client_without(mqrpc_client *c, unsigned what);
  * carries publishes that must be confirmed while channel 1 is not in
  * confirm mode (a service's re-publishes). */
 #define MQR_CONFIRM_CHANNEL 3
+/* Channel 4 carries a service's control consumer (control.c): a failure
+ * there closes that channel alone. */
+#define MQR_CONTROL_CHANNEL 4
 
 typedef struct mqr_conn mqr_conn;
 
@@ -384,6 +468,8 @@ typedef struct mqr_msg {
     uint32_t delivery_count;
     bool progress;       /* MQR_HDR_PROGRESS is nonzero */
     bool bad_headers;    /* one of our headers had the wrong type */
+    mqr_str traceparent; /* MQR_HDR_TRACEPARENT, as received; empty: none */
+    mqr_str tracestate;  /* MQR_HDR_TRACESTATE, as received; empty: none */
 } mqr_msg;
 
 /* Properties of a message to publish; empty fields are not sent. */
@@ -397,6 +483,8 @@ typedef struct mqr_props {
     int64_t deadline_ms; /* sent as MQR_HDR_DEADLINE when nonzero */
     uint32_t deliveries; /* sent as MQR_HDR_DELIVERIES when nonzero */
     bool progress;       /* sent as MQR_HDR_PROGRESS = 1 when true */
+    mqr_str traceparent; /* sent as MQR_HDR_TRACEPARENT when not empty */
+    mqr_str tracestate;  /* sent as MQR_HDR_TRACESTATE when not empty */
 } mqr_props;
 
 /* How to declare a queue. */
@@ -575,5 +663,48 @@ void mqr_conn_set_wake_fd(mqr_conn *c, int fd);
  * MQRPC_ENOROUTE if the queue does not exist. */
 mqrpc_err mqr_conn_queue_info(mqr_conn *c, const char *queue,
                               uint32_t *messages, uint32_t *consumers);
+
+/* mqr_conn_consuming: the consumer of the last mqr_conn_consume is on
+ * (not cancelled by us nor by the broker). */
+bool mqr_conn_consuming(const mqr_conn *c);
+
+/* mqr_conn_where: "host:port" of the broker, no credentials. */
+const char *mqr_conn_where(const mqr_conn *c);
+
+/* mqr_conn_cluster_name writes the broker's cluster_name server property
+ * (RabbitMQ's default is its first node's name), or "". */
+void mqr_conn_cluster_name(const mqr_conn *c, char *buf, size_t len);
+
+/* mqr_conn_control_open, on MQR_CONTROL_CHANNEL (opened if needed):
+ * declares exchange (durable, direct), the exclusive auto-delete queue,
+ * binds it with each of keys and consumes it without acknowledgements.
+ * Its deliveries come from mqr_conn_wait with that channel. A refusal
+ * closes that channel only (the connection stays usable). */
+mqrpc_err mqr_conn_control_open(mqr_conn *c, const char *exchange,
+                                const char *queue, const char *const *keys,
+                                size_t nkeys);
+
+/* mqr_conn_control_on: the control consumer is on. */
+bool mqr_conn_control_on(const mqr_conn *c);
+
+/* mqr_conn_publish_to is mqr_conn_publish (not mandatory) to exchange. */
+mqrpc_err mqr_conn_publish_to(mqr_conn *c, const char *exchange,
+                              mqr_str routing_key, const mqr_props *p,
+                              const void *body, size_t len);
+
+/* mqr_conn_exchange_exists: passive exchange.declare on the side channel;
+ * MQRPC_ENOROUTE when it does not exist. */
+mqrpc_err mqr_conn_exchange_exists(mqr_conn *c, const char *exchange);
+
+/* -------------------------------------------------------------- control */
+/* Health and discovery (control.c): every service instance answers pings
+ * on the control exchange; the README's wire contract describes them. */
+#define MQR_CONTROL_EXCHANGE "mqrpc.control"
+/* Names of control queues: this prefix, the service queue, a dot and
+ * random hex. Named (not server-named amq.gen-*) so that the services
+ * account may declare them without being able to declare reply queues. */
+#define MQR_CONTROL_QUEUE_PREFIX "mqrpc.control."
+#define MQR_PING_TYPE "mqrpc.ping"
+#define MQR_PONG_TYPE "mqrpc.pong"
 
 #endif /* MQRPC_INTERNAL_H */

@@ -57,25 +57,28 @@ bool mqr_acks_waiting(const mqrpc_service *s)
     return s->held.n || s->unconfirmed.n;
 }
 
-/* Copies s into the entry's data at *at. */
+/* Copies s into the entry's data at *at, NUL-terminated (log lines). */
 static mqr_str out_copy(char **at, mqr_str s)
 {
     mqr_str r = {*at, s.len};
 
     if (s.len)
         memcpy(*at, s.ptr, s.len);
-    *at += s.len;
+    (*at)[s.len] = '\0';
+    *at += s.len + 1;
     return r;
 }
 
 /* An entry with copies of what the message in hand lends (valid only until
  * the next mqr_conn_wait). */
 static struct out *out_new(enum out_kind kind, uint64_t tag, mqr_str rk,
-                           mqr_str reply_to, const mqr_props *p, mqr_str body)
+                           mqr_str reply_to, const mqr_props *p, mqr_str body,
+                           const mqr_trace *trace)
 {
     size_t n = rk.len + reply_to.len + p->correlation_id.len +
                p->reply_to.len + p->type.len + p->app_id.len +
-               p->expiration.len + body.len;
+               p->expiration.len + p->traceparent.len + p->tracestate.len +
+               body.len + 10;
     struct out *o = calloc(1, sizeof *o + n + 1);
     char *at;
 
@@ -92,7 +95,11 @@ static struct out *out_new(enum out_kind kind, uint64_t tag, mqr_str rk,
     o->props.type = out_copy(&at, p->type);
     o->props.app_id = out_copy(&at, p->app_id);
     o->props.expiration = out_copy(&at, p->expiration);
+    o->props.traceparent = out_copy(&at, p->traceparent);
+    o->props.tracestate = out_copy(&at, p->tracestate);
     o->body = out_copy(&at, body);
+    if (trace)
+        o->trace = *trace;
     return o;
 }
 
@@ -151,14 +158,34 @@ static mqrpc_err submit(mqrpc_service *s, struct out *o)
     return mqr_send_held(s);
 }
 
+const mqr_req_fields *mqr_out_fields(const mqrpc_service *s,
+                                     const struct out *o, mqr_req_fields *f)
+{
+    if (!o->trace.trace_id[0])
+        return NULL;
+    *f = (mqr_req_fields){.queue = s->queue,
+                          .correlation_id = o->props.correlation_id.ptr,
+                          .trace_id = o->trace.trace_id,
+                          .span_id = o->trace.span_id,
+                          .duration_ms = -1};
+    return f;
+}
+
 mqrpc_err mqr_send_reply(mqrpc_service *s, uint64_t tag,
                             mqr_str correlation_id, mqr_str reply_to,
                             bool persistent, const char *body, size_t len,
-                            bool is_error)
+                            bool is_error, const mqr_trace *trace,
+                            mqr_str tracestate)
 {
     mqr_props props = reply_props(s, correlation_id, persistent, is_error);
     mqr_str b = {body, len};
     mqrpc_err e;
+
+    /* The caller learns our span: the reply is its child's answer. */
+    if (trace && trace->trace_id[0]) {
+        props.traceparent = mqr_cstr(trace->traceparent);
+        props.tracestate = tracestate;
+    }
 
     if (!s->held.head && mqr_conn_can_publish(s->conn, len)) {
         e = mqr_conn_publish(s->conn, reply_to, &props, body, len, false);
@@ -167,7 +194,7 @@ mqrpc_err mqr_send_reply(mqrpc_service *s, uint64_t tag,
         return tag ? mqr_service_done_with(s, tag) : MQRPC_OK;
     }
     return submit(s, out_new(OUT_REPLY, tag, reply_to, mqr_cstr(""), &props,
-                             b));
+                             b, trace));
 }
 
 /* Sends the caller of a refused or dead-lettered request an error reply,
@@ -181,8 +208,10 @@ static mqrpc_err send_fault(mqrpc_service *s, const struct out *o,
 
     if (!body)
         return MQRPC_ENOMEM;
+    MQR_STAT_ADD(s->st.replies[mqrpc_code_of(fault->code)], 1);
     e = mqr_send_reply(s, o->tag, o->props.correlation_id, o->reply_to,
-                   o->props.persistent, body, len, true);
+                       o->props.persistent, body, len, true, &o->trace,
+                       o->props.tracestate);
     free(body);
     return e;
 }
@@ -192,20 +221,22 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
 {
     mqr_str id = o->props.correlation_id;
     mqrpc_fault fault;
+    mqr_req_fields fields;
+    const mqr_req_fields *f = mqr_out_fields(s, o, &fields);
 
     switch (o->kind) {
     case OUT_REQUEUE:
         if (ack) {
-            s->st.redelivered++;
+            MQR_STAT_ADD(s->st.redelivered, 1);
             if (s->opts.verbose)
-                mqr_log(&s->log, MQRPC_LOG_DEBUG,
+                mqr_log_req(&s->log, MQRPC_LOG_DEBUG, f,
                         "request %.*s redelivered (%u failed deliveries): "
                         "queued again",
                         mqr_service_shown_len(id), id.ptr, (unsigned)o->props.deliveries);
             return mqr_conn_ack(s->conn, o->tag, false);
         }
-        s->st.refused++;
-        mqr_log(&s->log, MQRPC_LOG_WARN,
+        MQR_STAT_ADD(s->st.refused, 1);
+        mqr_log_req(&s->log, MQRPC_LOG_WARN, f,
                 "request %.*s redelivered, but the broker refused to queue "
                 "it again (%s full?): answered overloaded",
                 mqr_service_shown_len(id), id.ptr, s->queue);
@@ -216,8 +247,8 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
         return send_fault(s, o, &fault);
     case OUT_DEAD_LETTER:
         if (ack) {
-            s->st.dead_lettered++;
-            mqr_log(&s->log, MQRPC_LOG_WARN,
+            MQR_STAT_ADD(s->st.dead_lettered, 1);
+            mqr_log_req(&s->log, MQRPC_LOG_WARN, f,
                     "request %.*s dead-lettered to %s after %u deliveries",
                     mqr_service_shown_len(id), id.ptr, s->dlq,
                     (unsigned)o->props.deliveries);
@@ -227,8 +258,8 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
                             "is in %s and will not be run again",
                             (unsigned)o->props.deliveries, s->dlq);
         } else {
-            s->st.refused++;
-            mqr_log(&s->log, MQRPC_LOG_WARN,
+            MQR_STAT_ADD(s->st.refused, 1);
+            mqr_log_req(&s->log, MQRPC_LOG_WARN, f,
                     "request %.*s failed %u deliveries, and the broker "
                     "refused it in %s: dropped, its caller told",
                     mqr_service_shown_len(id), id.ptr, (unsigned)o->props.deliveries,
@@ -243,12 +274,12 @@ static mqrpc_err settle(mqrpc_service *s, const struct out *o, bool ack)
         return send_fault(s, o, &fault);
     case OUT_HAND_BACK:
         if (ack) {
-            s->st.handed_back++;
+            MQR_STAT_ADD(s->st.handed_back, 1);
             return mqr_conn_ack(s->conn, o->tag, false);
         }
         /* Left unacknowledged: closing the channel puts it back, where it
          * counts one failed delivery. */
-        mqr_log(&s->log, MQRPC_LOG_WARN,
+        mqr_log_req(&s->log, MQRPC_LOG_WARN, f,
                 "request %.*s: the broker refused to take it back; it "
                 "returns as a redelivery",
                 mqr_service_shown_len(id), id.ptr);
@@ -290,7 +321,8 @@ mqrpc_err mqr_on_confirm(mqrpc_service *s, const mqr_msg *m)
  * max_deliveries; its delivery is acknowledged once the broker confirmed
  * the copy. Otherwise it is a stop's hand-back of an unstarted delivery:
  * re-published unchanged (a redelivered one counts as it would have). */
-mqrpc_err mqr_republish(mqrpc_service *s, const mqr_msg *m)
+mqrpc_err mqr_republish(mqrpc_service *s, const mqr_msg *m,
+                        const mqr_trace *trace)
 {
     mqr_props props = {0};
     uint32_t failed = m->deliveries;
@@ -312,6 +344,8 @@ mqrpc_err mqr_republish(mqrpc_service *s, const mqr_msg *m)
     props.persistent = m->persistent;
     props.deadline_ms = m->deadline_ms;
     props.deliveries = failed;
+    props.traceparent = m->traceparent;
+    props.tracestate = m->tracestate;
     if (kind != OUT_DEAD_LETTER && m->deadline_ms) {
         /* The broker's expiration restarts with the copy: give it what is
          * left of the caller's time. */
@@ -323,5 +357,5 @@ mqrpc_err mqr_republish(mqrpc_service *s, const mqr_msg *m)
     return submit(s, out_new(kind, m->delivery_tag,
                              mqr_cstr(kind == OUT_DEAD_LETTER ? s->dlq
                                                               : s->queue),
-                             m->reply_to, &props, m->body));
+                             m->reply_to, &props, m->body, trace));
 }

@@ -29,10 +29,14 @@ static mqr_str copy_into(char **at, mqr_str s)
     return r;
 }
 
-mqrpc_request *mqr_request_new(mqrpc_service *s, const mqr_msg *m)
+mqrpc_request *mqr_request_new(mqrpc_service *s, const mqr_msg *m,
+                               const mqr_trace *trace)
 {
+    mqr_str ts = mqr_tracestate_ok(m->tracestate.ptr, m->tracestate.len)
+                     ? m->tracestate
+                     : (mqr_str){NULL, 0};
     size_t n = m->correlation_id.len + m->reply_to.len + m->content_type.len +
-               m->body.len + 4;
+               m->body.len + m->traceparent.len + ts.len + 6;
     mqrpc_request *r = calloc(1, sizeof *r + n);
     char *at;
 
@@ -43,6 +47,7 @@ mqrpc_request *mqr_request_new(mqrpc_service *s, const mqr_msg *m)
     r->tag = m->delivery_tag;
     r->gen = s->gen;
     r->deadline_ms = m->deadline_ms;
+    r->arrived_us = mqr_now_us();
     r->deliveries = m->deliveries;
     r->persistent = m->persistent;
     r->want_progress = m->progress;
@@ -52,6 +57,10 @@ mqrpc_request *mqr_request_new(mqrpc_service *s, const mqr_msg *m)
     r->reply_to = copy_into(&at, m->reply_to);
     r->content_type = copy_into(&at, m->content_type);
     r->body = copy_into(&at, m->body);
+    r->traceparent = copy_into(&at, m->traceparent);
+    r->tracestate = copy_into(&at, ts);
+    r->trace = *trace;
+    r->start_us = mqr_now_us();
     return r;
 }
 
@@ -144,6 +153,8 @@ static void end_with(mqrpc_request *r, char *body, size_t len, bool is_error)
     r->reply_body = body;
     r->reply_len = len;
     r->reply_is_error = is_error;
+    if (!is_error)
+        memcpy(r->code, "ok", 3);
     r->ended = true;
     post_locked(s, r);
     pthread_mutex_unlock(&s->lock);
@@ -154,9 +165,15 @@ static void end_with_fault(mqrpc_request *r, const mqrpc_fault *fault)
     size_t len = 0;
     char *body = mqr_encode_fault(fault, &len);
 
-    if (r->s->opts.verbose)
-        mqr_log(&r->s->log, MQRPC_LOG_DEBUG, "error reply %s: %s",
-                fault->code, fault->message);
+    /* Set before the request ends, by the one thread that ends it. */
+    snprintf(r->code, sizeof r->code, "%s", fault->code);
+    if (r->s->opts.verbose) {
+        mqr_req_fields f;
+        mqr_request_fields(r, &f);
+        f.code = r->code;
+        mqr_log_req(&r->s->log, MQRPC_LOG_DEBUG, &f, "error reply %s: %s",
+                    fault->code, fault->message);
+    }
     /* Out of memory: an empty error reply still tells the caller. */
     end_with(r, body, body ? len : 0, true);
 }
@@ -229,6 +246,26 @@ json_t *mqrpc_request_params(const mqrpc_request *r)
 const char *mqrpc_request_correlation_id(const mqrpc_request *r)
 {
     return r->correlation_id.ptr;
+}
+
+const char *mqrpc_request_traceparent(const mqrpc_request *r)
+{
+    return r->trace.traceparent;
+}
+
+const char *mqrpc_request_tracestate(const mqrpc_request *r)
+{
+    return r->tracestate.len ? r->tracestate.ptr : NULL;
+}
+
+void mqr_request_fields(const mqrpc_request *r, mqr_req_fields *f)
+{
+    f->queue = r->s->queue;
+    f->correlation_id = r->correlation_id.ptr;
+    f->trace_id = r->trace.trace_id;
+    f->span_id = r->trace.span_id;
+    f->code = NULL;
+    f->duration_ms = -1;
 }
 
 int64_t mqrpc_request_time_left_ms(const mqrpc_request *r)

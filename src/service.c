@@ -138,6 +138,10 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     else
         mqrpc_instance_id(opts->queue, s->instance, sizeof s->instance);
     cut_short_string(s->instance);
+    s->started_us = mqr_now_us();
+    if (gethostname(s->host, sizeof s->host) != 0)
+        snprintf(s->host, sizeof s->host, "unknown");
+    s->host[sizeof s->host - 1] = '\0';
     p.url = s->opts.url;
     p.url_file = s->opts.url_file;
     p.name = s->instance;
@@ -185,6 +189,7 @@ static mqrpc_service *service_new(const mqrpc_service_opts *opts,
     /* Its own order of the URL list: instances spread over a cluster. */
     s->addrs.seed = (s->rng * 0x9E3779B97F4A7C15ull) | 1;
     s->log.fn = s->opts.log;
+    s->log.record_fn = s->opts.log_record;
     s->log.arg = s->opts.log_arg;
     s->log.name = s->instance;
     s->handler = handler;
@@ -266,6 +271,39 @@ static mqrpc_err declare_and_consume(mqrpc_service *s)
     return e;
 }
 
+/* Tells the program (mqrpc_service_opts.event). */
+static void notify(mqrpc_service *s, mqrpc_service_event ev, const char *detail)
+{
+    if (s->opts.event)
+        s->opts.event(s, ev, detail, s->opts.event_arg);
+}
+
+/* How long until a tick is due, at most cap ms. */
+static int until_tick_ms(const mqrpc_service *s, int cap)
+{
+    int64_t left;
+
+    if (s->opts.tick_ms <= 0 || !s->opts.event)
+        return cap;
+    left = (s->next_tick_us - mqr_now_us() + 999) / 1000;
+    return left <= 0 ? 0 : left < cap ? (int)left : cap;
+}
+
+/* A tick, when one is due: called from every loop of the connection
+ * thread, so that a loop that hangs stops them (a supervisor's watchdog). */
+static void tick(mqrpc_service *s)
+{
+    int64_t now;
+
+    if (s->opts.tick_ms <= 0 || !s->opts.event)
+        return;
+    now = mqr_now_us();
+    if (now < s->next_tick_us)
+        return;
+    s->next_tick_us = now + (int64_t)s->opts.tick_ms * 1000;
+    notify(s, MQRPC_SERVICE_TICK, NULL);
+}
+
 /* One attempt: connect, declare, consume. */
 static mqrpc_err connect_once(mqrpc_service *s)
 {
@@ -280,6 +318,8 @@ static mqrpc_err connect_once(mqrpc_service *s)
         snprintf(s->err, sizeof s->err, "%s", mqr_conn_errmsg(s->conn));
     else
         e = declare_and_consume(s);
+    if (e == MQRPC_OK)
+        e = mqr_control_start(s);
     if (e != MQRPC_OK) {
         mqr_conn_free(s->conn);
         s->conn = NULL;
@@ -290,17 +330,21 @@ static mqrpc_err connect_once(mqrpc_service *s)
     s->gen++;
     s->err[0] = '\0';
     s->blocked_us = 0;
+    MQR_STAT_SET(s->st.is_blocked, 0);
+    MQR_STAT_SET(s->st.connected, 1);
+    notify(s, MQRPC_SERVICE_CONSUMING, s->queue);
     return MQRPC_OK;
 }
 
-/* Sleeps ms, waking early when stopped. */
+/* Sleeps ms, waking early when stopped, ticking meanwhile. */
 static void nap(mqrpc_service *s, int ms)
 {
     while (ms > 0 && !atomic_load(&s->stop)) {
-        int step = ms < STOP_CHECK_MS ? ms : STOP_CHECK_MS;
+        int step = until_tick_ms(s, ms < STOP_CHECK_MS ? ms : STOP_CHECK_MS);
         struct timespec ts = {0, step * 1000000L};
         nanosleep(&ts, NULL);
         ms -= step;
+        tick(s);
     }
 }
 
@@ -363,6 +407,7 @@ mqrpc_err mqrpc_service_connect(mqrpc_service *s)
         /* Said once: a supervisor's log should not fill up while the
          * broker is down. */
         if (rounds == 1) {
+            notify(s, MQRPC_SERVICE_DISCONNECTED, s->err);
             if (s->opts.connect_retry_ms > 0)
                 mqr_log(&s->log, MQRPC_LOG_WARN,
                         "%s; retrying for up to %.1f s", s->err,
@@ -471,6 +516,7 @@ static void drop_request(mqrpc_service *s, mqrpc_request *r)
 {
     in_hand_unlink(s, r);
     s->outstanding--;
+    MQR_STAT_SET(s->st.in_progress, s->outstanding);
     mqr_request_free(r);
 }
 
@@ -488,6 +534,8 @@ static mqr_msg msg_of(const mqrpc_request *r)
     m.deadline_ms = r->deadline_ms;
     m.deliveries = r->deliveries;
     m.progress = r->want_progress;
+    m.traceparent = r->traceparent;
+    m.tracestate = r->tracestate;
     return m;
 }
 
@@ -503,7 +551,7 @@ static mqrpc_err take_back_unstarted(mqrpc_service *s, bool hand_back)
         next = r->next;
         if (hand_back && e == MQRPC_OK && r->gen == s->gen && s->conn) {
             mqr_msg m = msg_of(r);
-            e = mqr_republish(s, &m);
+            e = mqr_republish(s, &m, &r->trace);
         }
         drop_request(s, r);
     }
@@ -536,32 +584,46 @@ static mqrpc_err run_inline(mqrpc_service *s, mqrpc_request *r)
     return e != MQRPC_OK ? e : drain_done(s);
 }
 
-static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m);
+static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m,
+                               const mqr_trace *trace);
 
 /* Handles one delivery: skipped, re-published, run inline, or queued for a
  * handler thread. */
 static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
 {
+    mqr_trace trace;
+    mqr_req_fields f;
+    char cid[65];
+
+    if (m->channel == MQR_CONTROL_CHANNEL)
+        return mqr_control_on_ping(s, m);
+    /* Every delivery is a span of ours, so that each line about it names
+     * its trace, even when it is never run here. */
+    mqr_trace_start(&trace, m->traceparent);
+    snprintf(cid, sizeof cid, "%.*s", mqr_service_shown_len(m->correlation_id),
+             m->correlation_id.ptr ? m->correlation_id.ptr : "");
+    f = (mqr_req_fields){.queue = s->queue,
+                         .correlation_id = cid,
+                         .trace_id = trace.trace_id,
+                         .span_id = trace.span_id,
+                         .duration_ms = -1};
     if (m->reply_to.len == 0 || m->correlation_id.len == 0) {
         /* Nobody could match an answer: acknowledge so it does not come
          * back forever. */
-        s->st.dropped++;
-        mqr_log(&s->log, MQRPC_LOG_WARN,
-                "request without %s (correlation_id \"%.*s\"): "
-                "acknowledged and dropped",
-                m->reply_to.len == 0 ? "reply_to" : "correlation_id",
-                mqr_service_shown_len(m->correlation_id),
-                m->correlation_id.ptr ? m->correlation_id.ptr : "");
+        MQR_STAT_ADD(s->st.dropped, 1);
+        mqr_log_req(&s->log, MQRPC_LOG_WARN, &f,
+                    "request without %s (correlation_id \"%s\"): "
+                    "acknowledged and dropped",
+                    m->reply_to.len == 0 ? "reply_to" : "correlation_id",
+                    cid);
         return mqr_service_done_with(s, m->delivery_tag);
     }
     if (m->deadline_ms && mqr_wall_ms() >= m->deadline_ms) {
         /* Its caller gave up: running it would be wasted work. */
-        s->st.expired++;
+        MQR_STAT_ADD(s->st.expired, 1);
         if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG,
-                    "request %.*s skipped: past its deadline",
-                    mqr_service_shown_len(m->correlation_id),
-                    m->correlation_id.ptr);
+            mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f,
+                        "request %s skipped: past its deadline", cid);
         return mqr_service_done_with(s, m->delivery_tag);
     }
     if (s->opts.queue_type == MQRPC_QUEUE_QUORUM) {
@@ -575,25 +637,27 @@ static mqrpc_err on_delivery(mqrpc_service *s, const mqr_msg *m)
         q.delivery_count = 0;
         if (q.deliveries >= s->opts.max_deliveries ||
             atomic_load(&s->stopping))
-            return mqr_republish(s, &q);
-        return start_request(s, &q);
+            return mqr_republish(s, &q, &trace);
+        return start_request(s, &q, &trace);
     }
     if (m->redelivered || atomic_load(&s->stopping))
-        return mqr_republish(s, m);
-    return start_request(s, m);
+        return mqr_republish(s, m, &trace);
+    return start_request(s, m, &trace);
 }
 
 /* Makes m a request and runs it inline or queues it for a handler
  * thread. */
-static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m)
+static mqrpc_err start_request(mqrpc_service *s, const mqr_msg *m,
+                               const mqr_trace *trace)
 {
     mqrpc_request *r;
 
-    r = mqr_request_new(s, m);
+    r = mqr_request_new(s, m, trace);
     if (!r)
         return MQRPC_ENOMEM; /* the delivery stays unacked: redelivered */
     in_hand_append(s, r);
     s->outstanding++;
+    MQR_STAT_SET(s->st.in_progress, s->outstanding);
     if (s->opts.threads == 1 && pthread_equal(pthread_self(), s->conn_thread)) {
         bool idle;
         pthread_mutex_lock(&s->lock);
@@ -639,11 +703,12 @@ static mqrpc_err send_progress(mqrpc_service *s, mqrpc_request *r,
     props.correlation_id = r->correlation_id;
     props.app_id = mqr_cstr(s->instance);
     props.progress = true;
+    props.traceparent = mqr_cstr(r->trace.traceparent);
     e = mqr_conn_publish(s->conn, r->reply_to, &props, body, strlen(body),
                          true);
     free(body);
     if (e == MQRPC_OK)
-        s->st.progress++;
+        MQR_STAT_ADD(s->st.progress, 1);
     return e;
 }
 
@@ -654,29 +719,46 @@ static mqrpc_err finish_request(mqrpc_service *s, mqrpc_request *r)
 {
     bool current = r->gen == s->gen;
     mqrpc_err e = MQRPC_OK;
+    mqr_req_fields f;
 
+    if (s->opts.verbose) {
+        mqr_request_fields(r, &f);
+        f.code = r->code[0] ? r->code : NULL;
+        f.duration_ms = (double)(mqr_now_us() - r->start_us) / 1e3;
+    }
     if (r->skipped || caller_gone(r)) {
         if (r->skipped)
-            s->st.expired++;
+            MQR_STAT_ADD(s->st.expired, 1);
         else
-            s->st.abandoned++;
+            MQR_STAT_ADD(s->st.abandoned, 1);
         if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG, "request %.*s%s",
-                    mqr_service_shown_len(r->correlation_id),
-                    r->correlation_id.ptr,
-                    r->skipped ? " skipped: past its deadline"
-                               : ": reply not sent, its caller gave up");
+            mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f, "request %.*s%s",
+                        mqr_service_shown_len(r->correlation_id),
+                        r->correlation_id.ptr,
+                        r->skipped ? " skipped: past its deadline"
+                                   : ": reply not sent, its caller gave up");
         if (current)
             e = mqr_service_done_with(s, r->tag);
     } else {
-        s->st.served++;
+        MQR_STAT_ADD(s->st.served, 1);
+        MQR_STAT_ADD(s->st.replies[r->reply_is_error ? mqrpc_code_of(r->code)
+                                                     : MQRPC_CODE_OK],
+                     1);
+        {
+            int64_t us = mqr_now_us() - r->arrived_us;
+            MQR_STAT_ADD(s->st.handling[mqr_duration_bucket(us)], 1);
+            MQR_STAT_ADD(s->st.handling_us, us);
+        }
         if (s->opts.verbose)
-            mqr_log(&s->log, MQRPC_LOG_DEBUG, "answered %.*s",
-                    mqr_service_shown_len(r->correlation_id),
-                    r->correlation_id.ptr);
+            mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f,
+                        "answered %.*s: %s in %.3f ms",
+                        mqr_service_shown_len(r->correlation_id),
+                        r->correlation_id.ptr, f.code ? f.code : "?",
+                        f.duration_ms);
         e = mqr_send_reply(s, current ? r->tag : 0, r->correlation_id,
                            r->reply_to, r->persistent, r->reply_body,
-                           r->reply_len, r->reply_is_error);
+                           r->reply_len, r->reply_is_error, &r->trace,
+                           r->tracestate);
     }
     drop_request(s, r);
     return e;
@@ -721,13 +803,16 @@ static void on_return(mqrpc_service *s, const mqr_msg *m)
         if (mqr_str_eq(m->correlation_id, r->correlation_id.ptr) &&
             r->correlation_id.len == m->correlation_id.len) {
             atomic_store(&r->gone, true);
-            if (s->opts.verbose)
-                mqr_log(&s->log, MQRPC_LOG_DEBUG,
-                        "request %.*s: its caller's reply queue is gone "
-                        "(%d %.*s); the handler sees it cancelled",
-                        mqr_service_shown_len(r->correlation_id),
-                        r->correlation_id.ptr, m->reply_code,
-                        (int)m->reply_text.len, m->reply_text.ptr);
+            if (s->opts.verbose) {
+                mqr_req_fields f;
+                mqr_request_fields(r, &f);
+                mqr_log_req(&s->log, MQRPC_LOG_DEBUG, &f,
+                            "request %.*s: its caller's reply queue is gone "
+                            "(%d %.*s); the handler sees it cancelled",
+                            mqr_service_shown_len(r->correlation_id),
+                            r->correlation_id.ptr, m->reply_code,
+                            (int)m->reply_text.len, m->reply_text.ptr);
+            }
             return;
         }
 }
@@ -741,7 +826,7 @@ static mqrpc_err consume_again(mqrpc_service *s)
     int64_t t0 = mqr_now_us();
     mqrpc_err e;
 
-    s->st.cancelled++;
+    MQR_STAT_ADD(s->st.cancelled, 1);
     mqr_log(&s->log, MQRPC_LOG_WARN,
             "the broker cancelled the consumer of %s (queue deleted?); "
             "declaring it again",
@@ -753,6 +838,7 @@ static mqrpc_err consume_again(mqrpc_service *s)
     }
     mqr_log(&s->log, MQRPC_LOG_INFO, "consuming %s again after %.1f ms",
             s->queue, (double)(mqr_now_us() - t0) / 1e3);
+    notify(s, MQRPC_SERVICE_CONSUMING, s->queue);
     return MQRPC_OK;
 }
 
@@ -770,7 +856,8 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
         return MQRPC_OK;
     case MQR_RETURN: on_return(s, m); return MQRPC_OK;
     case MQR_BLOCKED:
-        s->st.blocked++;
+        MQR_STAT_ADD(s->st.blocked, 1);
+        MQR_STAT_SET(s->st.is_blocked, 1);
         s->blocked_us = mqr_now_us();
         mqr_log(&s->log, MQRPC_LOG_WARN,
                 "the broker is blocking publishers: %.*s; replies wait "
@@ -785,8 +872,11 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
                               : 0.0,
                 s->held.n);
         s->blocked_us = 0;
+        MQR_STAT_SET(s->st.is_blocked, 0);
         return mqr_send_held(s);
     case MQR_CANCEL:
+        if (m->channel == MQR_CONTROL_CHANNEL)
+            return mqr_control_on_cancel(s);
         /* While stopping, the cancel is ours. */
         return atomic_load(&s->stopping) ? MQRPC_OK : consume_again(s);
     default: return MQRPC_OK;
@@ -797,8 +887,8 @@ static mqrpc_err on_event(mqrpc_service *s, const mqr_msg *m)
 static int wait_ms(const mqrpc_service *s)
 {
     if (s->held.head && !mqr_conn_blocked(s->conn))
-        return HELD_RETRY_MS; /* the socket was full: try again soon */
-    return STOP_CHECK_MS;
+        return until_tick_ms(s, HELD_RETRY_MS); /* the socket was full */
+    return until_tick_ms(s, STOP_CHECK_MS);
 }
 
 /* Waits for one message and handles it. */
@@ -807,6 +897,7 @@ static mqrpc_err step(mqrpc_service *s)
     mqr_msg m;
     mqrpc_err e = mqr_conn_wait(s->conn, wait_ms(s), &m);
 
+    tick(s);
     if (e == MQRPC_ETIMEOUT)
         e = MQRPC_OK;
     else if (e == MQRPC_OK && m.kind == MQR_DELIVERY)
@@ -892,7 +983,7 @@ static mqrpc_err reconnect(mqrpc_service *s)
         attempts++;
         e = connect_once(s);
         if (e == MQRPC_OK) {
-            s->st.reconnects++;
+            MQR_STAT_ADD(s->st.reconnects, 1);
             mqr_log(&s->log, MQRPC_LOG_INFO,
                     "connection regained after %.1f s (%u attempt%s), to "
                     "%s; consuming %s again",
@@ -903,6 +994,7 @@ static mqrpc_err reconnect(mqrpc_service *s)
         if (e == MQRPC_ENOMEM)
             return e;
         if (strcmp(said, s->err) != 0) {
+            notify(s, MQRPC_SERVICE_DISCONNECTED, s->err);
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "reconnection attempt %u failed: %s; retrying", attempts,
                     s->err);
@@ -930,6 +1022,8 @@ static void drop_conn(mqrpc_service *s)
     mqr_conn_free(s->conn);
     s->conn = NULL;
     s->blocked_us = 0;
+    MQR_STAT_SET(s->st.is_blocked, 0);
+    MQR_STAT_SET(s->st.connected, 0);
     s->nacks = 0;
     mqr_out_clear(&s->held);
     mqr_out_clear(&s->unconfirmed);
@@ -949,6 +1043,7 @@ static void finish(mqrpc_service *s)
     int64_t end = 0;
 
     atomic_store(&s->stopping, true);
+    notify(s, MQRPC_SERVICE_STOPPING, NULL);
     if (s->conn && (mqr_conn_blocked(s->conn) ||
                     mqr_conn_cancel(s->conn) != MQRPC_OK))
         drop_conn(s);
@@ -972,6 +1067,7 @@ static void finish(mqrpc_service *s)
                 return;
             struct timespec ts = {0, 10 * 1000000L};
             nanosleep(&ts, NULL);
+            tick(s);
             continue;
         }
         if (!s->outstanding && !mqr_acks_waiting(s) && !s->nacks &&
@@ -1029,7 +1125,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
         drop_conn(s);
         if (e == MQRPC_ENOMEM || s->opts.reconnect_max_ms < 0)
             break;
-        s->st.lost++;
+        MQR_STAT_ADD(s->st.lost, 1);
         mqr_addrs_lost(&s->addrs);
         if (consumer_timeout(s->err))
             mqr_log(&s->log, MQRPC_LOG_WARN,
@@ -1041,6 +1137,7 @@ mqrpc_err mqrpc_service_run(mqrpc_service *s)
         else
             mqr_log(&s->log, MQRPC_LOG_WARN,
                     "connection lost: %s; reconnecting", s->err);
+        notify(s, MQRPC_SERVICE_DISCONNECTED, s->err);
         e = reconnect(s);
         if (e != MQRPC_OK)
             break;
@@ -1069,7 +1166,17 @@ const char *mqrpc_service_instance(const mqrpc_service *s)
 void mqrpc_service_get_stats(const mqrpc_service *s, mqrpc_service_stats *out,
                              size_t size)
 {
-    mqr_struct_out(out, size, &s->st, sizeof s->st);
+    /* The thread running s writes these while a metrics thread reads: a
+     * plain copy would be a data race. */
+    enum { WORDS = sizeof(mqrpc_service_stats) / sizeof(uint64_t) };
+    _Static_assert(sizeof(mqrpc_service_stats) % sizeof(uint64_t) == 0,
+                   "mqrpc_service_stats holds only uint64_t fields");
+    const uint64_t *from = (const uint64_t *)&s->st;
+    uint64_t snap[WORDS];
+
+    for (unsigned i = 0; i < WORDS; i++)
+        snap[i] = __atomic_load_n(&from[i], __ATOMIC_RELAXED);
+    mqr_struct_out(out, size, snap, sizeof snap);
 }
 
 const char *mqrpc_service_errmsg(const mqrpc_service *s)

@@ -57,6 +57,7 @@ struct out {
     mqr_str reply_to; /* re-publishes: whom to tell if it is refused */
     mqr_props props;
     mqr_str body;
+    mqr_trace trace;  /* the request's, for log lines; "" ids: none */
     char data[];
 };
 
@@ -75,6 +76,7 @@ struct mqrpc_request {
     uint64_t tag;                 /* delivery tag on connection gen */
     uint64_t gen;
     int64_t deadline_ms; /* the caller's, Unix ms; 0: none */
+    int64_t arrived_us;  /* mqr_now_us() when its delivery arrived */
     uint32_t deliveries; /* its failed-delivery count, as received */
     bool persistent;
     bool want_progress;
@@ -82,6 +84,8 @@ struct mqrpc_request {
     bool in_hand;  /* linked in s->in_hand (connection thread only) */
     atomic_bool gone; /* its reply queue is gone: the caller left */
     json_t *params;
+    mqr_trace trace;     /* this service's span of the request */
+    int64_t start_us;    /* when it was delivered (mqr_now_us) */
     /* Under s->lock: */
     bool queued_done;   /* in the done list */
     bool ended;         /* reply_body is the answer */
@@ -93,8 +97,11 @@ struct mqrpc_request {
     char *reply_body;
     size_t reply_len;
     bool reply_is_error;
-    /* The delivery's strings, pointing into data. */
+    char code[32]; /* "ok" or the error reply's code, once ended */
+    /* The delivery's strings, pointing into data (NUL-terminated);
+     * traceparent as received, tracestate only when passed on. */
     mqr_str correlation_id, reply_to, content_type, body;
+    mqr_str traceparent, tracestate;
     char data[];
 };
 
@@ -142,7 +149,13 @@ struct mqrpc_service {
     bool taken_over;         /* under lock: the stand-in has the connection */
     unsigned busy;           /* under lock: handler threads in a request */
     mqrpc_err lent_err;      /* how the stand-in's servicing ended */
+    int64_t next_tick_us;    /* MQRPC_SERVICE_TICK due (opts.tick_ms) */
     char err[512];
+    /* Health and discovery (control.c). */
+    int64_t started_us;      /* mqr_now_us() at creation: the uptime */
+    char host[256];          /* gethostname() */
+    char control_queue[256]; /* this connection's; "" without one */
+    bool control_warned;     /* its failure was logged */
 };
 
 /* service.c */
@@ -162,16 +175,27 @@ mqrpc_err mqr_send_held(mqrpc_service *s);
 mqrpc_err mqr_send_reply(mqrpc_service *s, uint64_t tag,
                          mqr_str correlation_id, mqr_str reply_to,
                          bool persistent, const char *body, size_t len,
-                         bool is_error);
+                         bool is_error, const mqr_trace *trace,
+                         mqr_str tracestate);
 /* A redelivered request goes back to the queue with its count (or to the
- * dead-letter queue); otherwise m is an unstarted delivery handed back. */
-mqrpc_err mqr_republish(mqrpc_service *s, const mqr_msg *m);
+ * dead-letter queue); otherwise m is an unstarted delivery handed back.
+ * Its trace headers go with it unchanged; trace names it in log lines. */
+mqrpc_err mqr_republish(mqrpc_service *s, const mqr_msg *m,
+                        const mqr_trace *trace);
+/* The log fields of a request the out entry o re-publishes, or NULL
+ * when it has no trace ids. */
+const mqr_req_fields *mqr_out_fields(const mqrpc_service *s,
+                                     const struct out *o, mqr_req_fields *f);
 /* A publisher confirm from the confirm channel. */
 mqrpc_err mqr_on_confirm(mqrpc_service *s, const mqr_msg *m);
 
 /* request.c */
-/* A request from a delivery (copies what it lends), or NULL. */
-mqrpc_request *mqr_request_new(mqrpc_service *s, const mqr_msg *m);
+/* A request from a delivery (copies what it lends) in the span trace,
+ * or NULL. */
+mqrpc_request *mqr_request_new(mqrpc_service *s, const mqr_msg *m,
+                               const mqr_trace *trace);
+/* The log fields of r (no outcome). */
+void mqr_request_fields(const mqrpc_request *r, mqr_req_fields *f);
 void mqr_request_free(mqrpc_request *r);
 /* Starts and stops the handler threads. */
 mqrpc_err mqr_workers_start(mqrpc_service *s);
@@ -195,6 +219,15 @@ mqrpc_request *mqr_done_unqueue(mqrpc_service *s, mqrpc_request *r,
                                 struct mqr_done *d);
 /* Checks and decodes r, then runs the user's function on it. */
 void mqr_run_request(mqrpc_service *s, mqrpc_request *r);
+
+/* control.c */
+/* Sets up the control queue on a new connection. Never fails but with
+ * the connection (a refusal is logged and the instance goes on). */
+mqrpc_err mqr_control_start(mqrpc_service *s);
+/* Answers a delivery of the control queue, inline. */
+mqrpc_err mqr_control_on_ping(mqrpc_service *s, const mqr_msg *m);
+/* The broker cancelled the control consumer: a new control queue. */
+mqrpc_err mqr_control_on_cancel(mqrpc_service *s);
 
 /* service.c: the idle handler thread services the connection while an
  * inline handler runs long (called without s->lock). */

@@ -1,5 +1,6 @@
 #include "cli.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
@@ -32,6 +33,7 @@ enum {
     OPT_MAX_QUEUE,
     OPT_MAX_DELIVERIES,
     OPT_CONNECT_TIMEOUT,
+    OPT_METRICS,
     OPT_QUEUE_TYPE,
     OPT_EXTRA /* + index of the extra option */
 };
@@ -117,15 +119,24 @@ static void scrub_password(struct cli *c, char *arg)
     char *p = arg;
 
     for (;;) {
-        char *comma = p;
+        char one[2048], *comma = p;
+        size_t n;
         while ((comma = strchr(comma, ',')) && !next_entry(comma + 1))
             comma++;
-        if (comma)
-            *comma = '\0';
-        any |= scrub_one(p);
+        n = comma ? (size_t)(comma - p) : strlen(p);
+        if (n < sizeof one) {
+            /* On a copy: arg is written to only where a password was. */
+            memcpy(one, p, n);
+            one[n] = '\0';
+            if (scrub_one(one)) {
+                for (size_t i = 0; i < n; i++)
+                    if (one[i] != p[i])
+                        p[i] = one[i];
+                any = true;
+            }
+        }
         if (!comma)
             break;
-        *comma = ',';
         p = comma + 1;
     }
     if (any)
@@ -299,6 +310,11 @@ static void usage(const struct cli *c, FILE *f)
                    "cannot be reached within\n"
                    "                     MS ms at start (default: keep "
                    "trying; 0: one attempt)\n");
+        fprintf(f, "  --metrics HOST:PORT serve Prometheus metrics on "
+                   "http://HOST:PORT/metrics\n"
+                   "                     (default: off; no authentication: "
+                   "loopback or a private\n"
+                   "                     network only)\n");
     }
     for (const struct cli_extra *x = c->extra; x && x->name; x++) {
         char flag[64];
@@ -334,7 +350,10 @@ static void usage(const struct cli *c, FILE *f)
                                          : "say which instance answered, and "
                                            "how fast");
     fprintf(f, "  -h, --help         show this help\n"
-               "  --version          show the version\n\n");
+               "  --version          show the version\n\n"
+               "Options may also follow the arguments; -- ends the options "
+               "(for an argument\nthat starts with '-'; negative numbers "
+               "need none).\n\n");
     fputs(c->exit_codes ? c->exit_codes
                         : "Exit codes: 0 ok, 1 error reply, 2 usage, 3 broker "
                           "unreachable or lost,\n"
@@ -346,14 +365,109 @@ static void usage(const struct cli *c, FILE *f)
           f);
 }
 
+/* An operand that starts with '-' but is a number ("-5", "-1.5", "-.5",
+ * "-1e3"): no option is a digit, so it cannot be one. */
+static bool negative_number(const char *a)
+{
+    return a[0] == '-' && (isdigit((unsigned char)a[1]) ||
+                           (a[1] == '.' && isdigit((unsigned char)a[2])));
+}
+
+/* Whether "--name" (no "=value") takes the next element as its value, by
+ * getopt_long's rules: an exact name, else a unique prefix. An unknown or
+ * ambiguous name takes nothing; getopt_long reports it. */
+static bool long_takes_next(const char *arg, const struct option *opts)
+{
+    const char *name = arg + 2;
+    size_t len = strlen(name);
+    const struct option *hit = NULL;
+    int hits = 0;
+
+    if (strchr(name, '='))
+        return false;
+    for (const struct option *o = opts; o->name; o++) {
+        if (strncmp(o->name, name, len) != 0)
+            continue;
+        if (strlen(o->name) == len) {
+            hit = o;
+            hits = 1;
+            break;
+        }
+        hit = o;
+        hits++;
+    }
+    return hits == 1 && hit->has_arg == required_argument;
+}
+
+/* Whether the short options cluster arg ("-v", "-n500", "-vn") takes the
+ * next element as its value: its last option needs one and got none. */
+static bool short_takes_next(const char *arg, const char *shorts)
+{
+    shorts += strspn(shorts, "+:");
+    for (const char *p = arg + 1; *p; p++) {
+        const char *o = *p == ':' ? NULL : strchr(shorts, *p);
+        if (!o)
+            return false; /* unknown: getopt_long reports it */
+        if (o[1] == ':')
+            return p[1] == '\0';
+    }
+    return false;
+}
+
+/* Options may follow the operands, as in GNU tools ("call Q JSON --timeout
+ * 4000"), but glibc's own permutation takes a negative number for an
+ * option, and "soma -5 3" must stay an addition. So argv is permuted here,
+ * stably: options (with their values) first, then the "--" if any, then
+ * the operands, where "-", "-5" and everything after "--" are operands.
+ * Returns how many elements getopt_long should see (argv[0] and the
+ * options) and sets *first_operand. */
+static int permute(int argc, char **argv, const char *shorts,
+                   const struct option *opts, int *first_operand)
+{
+    char **operands = malloc((size_t)(argc > 0 ? argc : 1) * sizeof *operands);
+    char *dashdash = NULL;
+    int nopt = 1, nops = 0;
+
+    if (!operands)
+        return -1;
+    for (int i = 1; i < argc; i++) {
+        char *a = argv[i];
+        bool takes_next;
+
+        if (dashdash) {
+            operands[nops++] = a;
+            continue;
+        }
+        if (strcmp(a, "--") == 0) {
+            dashdash = a;
+            continue;
+        }
+        if (a[0] != '-' || a[1] == '\0' || negative_number(a)) {
+            operands[nops++] = a;
+            continue;
+        }
+        takes_next = a[1] == '-' ? long_takes_next(a, opts)
+                                 : short_takes_next(a, shorts);
+        argv[nopt++] = a;
+        if (takes_next && i + 1 < argc)
+            argv[nopt++] = argv[++i];
+    }
+    *first_operand = nopt;
+    if (dashdash)
+        argv[(*first_operand)++] = dashdash;
+    memcpy(argv + *first_operand, operands, (size_t)nops * sizeof *operands);
+    free(operands);
+    return nopt;
+}
+
 int cli_parse(struct cli *c, int argc, char **argv)
 {
-    struct option opts[40];
-    /* "+": stop at the first operand, so JSON like -1 after "call Q" and
-     * negative numbers after "soma" are operands, not options. ":": a
+    struct option opts[64];
+    /* "+": no permutation of getopt_long's own (see permute). ":": a
      * missing value is reported as ':', not as an unknown option. */
     char shorts[80] = "+:vh";
     size_t n = 0, ns = 4;
+    int nargs, first_operand;
     bool verbose = !c->verbose_help || *c->verbose_help;
     long v;
     int ch;
@@ -406,10 +520,12 @@ int cli_parse(struct cli *c, int argc, char **argv)
                                     OPT_MAX_DELIVERIES};
         opts[n++] = (struct option){"connect-timeout", required_argument,
                                     NULL, OPT_CONNECT_TIMEOUT};
+        opts[n++] =
+            (struct option){"metrics", required_argument, NULL, OPT_METRICS};
         opts[n++] = (struct option){"queue-type", required_argument, NULL,
                                     OPT_QUEUE_TYPE};
     }
-    for (int i = 0; c->extra && c->extra[i].name && n < 39; i++) {
+    for (int i = 0; c->extra && c->extra[i].name && n < 47; i++) {
         const struct cli_extra *x = &c->extra[i];
         opts[n++] =
             (struct option){x->name, x->arg ? required_argument : no_argument,
@@ -421,6 +537,8 @@ int cli_parse(struct cli *c, int argc, char **argv)
             shorts[ns] = '\0';
         }
     }
+    /* Room for the terminator: a table that outgrew opts is a bug here. */
+    if (n >= sizeof opts / sizeof opts[0]) abort();
     opts[n] = (struct option){NULL, 0, NULL, 0};
 
     c->connect_retry_ms = -1;
@@ -430,9 +548,14 @@ int cli_parse(struct cli *c, int argc, char **argv)
         c->heartbeat_s = MQRPC_DEFAULT_HEARTBEAT;
     if (c->workers == 0)
         c->workers = 1;
+    nargs = permute(argc, argv, shorts, opts, &first_operand);
+    if (nargs < 0) {
+        cli_error(c, "out of memory");
+        return CLI_EXIT_FAILURE;
+    }
     opterr = 0;
     optind = 0; /* glibc: a full reset, so parsing can run more than once */
-    while ((ch = getopt_long(argc, argv, shorts, opts, NULL)) != -1) {
+    while ((ch = getopt_long(nargs, argv, shorts, opts, NULL)) != -1) {
         switch (ch) {
         case OPT_URL:
             if (strlen(optarg) >= sizeof c->url_buf_) {
@@ -578,6 +701,7 @@ int cli_parse(struct cli *c, int argc, char **argv)
             }
             c->connect_retry_ms = (int)v;
             break;
+        case OPT_METRICS: c->metrics = optarg; break; /* checked by its user */
         case OPT_QUEUE_TYPE:
             if (strcmp(optarg, "classic") == 0)
                 c->queue_type = MQRPC_QUEUE_CLASSIC;
@@ -635,6 +759,6 @@ int cli_parse(struct cli *c, int argc, char **argv)
             return CLI_EXIT_USAGE;
         }
     }
-    c->optind = optind;
+    c->optind = first_operand;
     return check_url(c);
 }

@@ -77,13 +77,17 @@ struct cli {
     unsigned max_deliveries; /* --max-deliveries; 0: the default */
     unsigned queue_type;     /* --queue-type: MQRPC_QUEUE_CLASSIC, ... */
     int connect_retry_ms;    /* --connect-timeout; -1: keep trying */
+    const char *metrics;     /* --metrics HOST:PORT; NULL: off */
     int optind;          /* first operand */
     char url_buf_[2048]; /* the URL read from --url or --url-file */
 };
 
-/* cli_parse parses argv. Returns -1 to go on, or an exit code to return
- * from main at once (0 after --help/--version, CLI_EXIT_USAGE on errors,
- * already reported on stderr). */
+/* cli_parse parses argv. Options may come before or after the operands;
+ * "--" ends them, and "-", negative numbers ("-5", "-1.5") are operands.
+ * It permutes argv (operands last, from c->optind on). Returns -1 to go
+ * on, or an exit code to return from main at once (0 after
+ * --help/--version, CLI_EXIT_USAGE on errors, already reported on
+ * stderr). */
 int cli_parse(struct cli *c, int argc, char **argv);
 
 /* cli_exit_code maps a status to the documented exit code. */

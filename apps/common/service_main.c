@@ -1,7 +1,12 @@
 #include "service_main.h"
+#include "notify.h"
+
+#include "metrics.h"
+#include "jsonlog.h"
 
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,7 +20,83 @@ struct worker {
     mqrpc_err status;
     pthread_t thread;
     bool started;
+    char instance[300]; /* for JSON log lines */
 };
+
+/* --log-format json: every line on stderr is one JSON object. */
+static bool log_json;
+
+static void log_record(const mqrpc_log_record *rec, void *arg)
+{
+    jsonlog_line(((struct worker *)arg)->instance, rec);
+}
+
+/* A line of this program's own (not the library's): JSON with
+ * --log-format json, else "prog: message". */
+static void say(const struct cli *c, const char *instance,
+                mqrpc_log_level level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+static void say(const struct cli *c, const char *instance,
+                mqrpc_log_level level, const char *fmt, ...)
+{
+    char msg[1024];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    if (log_json) {
+        mqrpc_log_record rec = {.size = sizeof rec,
+                                .level = level,
+                                .msg = msg,
+                                .duration_ms = -1};
+        jsonlog_line(instance, &rec);
+    } else if (level == MQRPC_LOG_INFO) {
+        fprintf(stderr, "%s: %s\n", instance, msg);
+    } else {
+        cli_error(c, "%s", msg);
+    }
+}
+
+/* The program's options followed by those every service has here. */
+#define MAX_EXTRA 16
+static int parse_options(struct cli *c, int argc, char **argv,
+                         struct cli_extra *prog)
+{
+    struct cli_extra all[MAX_EXTRA + 2];
+    size_t n = 0;
+    int rc;
+
+    for (; prog && prog[n].name && n < MAX_EXTRA; n++)
+        all[n] = prog[n];
+    all[n] = (struct cli_extra){
+        .name = "log-format",
+        .arg = "FORMAT",
+        .help = "text, or json: one JSON object per line on\n"
+                "                     stderr (ts, level, instance, msg; per "
+                "request\n"
+                "                     also queue, correlation_id, trace_id, "
+                "span_id,\n"
+                "                     duration_ms, code)",
+        .value = "text"};
+    all[n + 1] = (struct cli_extra){.name = NULL};
+    c->extra = all;
+    rc = cli_parse(c, argc, argv);
+    c->extra = prog;
+    for (size_t i = 0; i < n; i++)
+        prog[i].value = all[i].value;
+    if (rc >= 0)
+        return rc;
+    if (strcmp(all[n].value, "json") == 0) {
+        log_json = true;
+    } else if (strcmp(all[n].value, "text") != 0) {
+        cli_error(c, "--log-format takes text or json, got \"%s\"",
+                  all[n].value);
+        return CLI_EXIT_USAGE;
+    }
+    return -1;
+}
 
 /* The signal handler needs the services; one service program per process. */
 static struct worker *workers;
@@ -70,10 +151,11 @@ int service_main(int argc, char **argv, const struct service_program *p)
     mqrpc_service_opts opts;
     sigset_t stop_signals;
     mqrpc_service_stats sum = {0};
+    struct metrics_server *metrics = NULL;
     mqrpc_err e;
-    int rc;
+    int rc, tick_ms;
 
-    rc = cli_parse(&c, argc, argv);
+    rc = parse_options(&c, argc, argv, p->extra);
     if (rc >= 0)
         return rc;
     if (c.optind < argc) {
@@ -81,13 +163,34 @@ int service_main(int argc, char **argv, const struct service_program *p)
                   argv[c.optind]);
         return CLI_EXIT_USAGE;
     }
+    if (c.metrics) {
+        /* Before connecting: a taken port fails at once, not after. */
+        struct metrics_service_info mi = {p->prog, c.queue, c.workers,
+                                          c.max_queue};
+        enum metrics_fail why;
+        metrics = metrics_server_start(c.metrics, &mi, &why, err, sizeof err);
+        if (!metrics) {
+            cli_error(&c, "%s", err);
+            return why == METRICS_BAD_ADDRESS ? CLI_EXIT_USAGE
+                                              : CLI_EXIT_FAILURE;
+        }
+    }
     workers = calloc(c.workers, sizeof *workers);
     if (!workers) {
+        metrics_server_stop(metrics);
         cli_error(&c, "out of memory");
         return CLI_EXIT_FAILURE;
     }
     nworkers = c.workers;
     rc = CLI_EXIT_OK;
+    tick_ms = notify_init(nworkers);
+    if (tick_ms < 0) {
+        cli_error(&c, "out of memory");
+        free(workers);
+        workers = NULL;
+        nworkers = 0;
+        return CLI_EXIT_FAILURE;
+    }
 
     /* Sequentially, in this thread: a handler's open (busca creating its
      * database on first start) never races with another worker's. */
@@ -98,6 +201,7 @@ int service_main(int argc, char **argv, const struct service_program *p)
             size_t n = strlen(instance);
             snprintf(instance + n, sizeof instance - n, "/%u", i + 1);
         }
+        snprintf(w->instance, sizeof w->instance, "%s", instance);
         if (p->open &&
             !(w->arg = p->open(p->extra, instance, err, sizeof err))) {
             cli_error(&c, "%s", err);
@@ -123,6 +227,15 @@ int service_main(int argc, char **argv, const struct service_program *p)
         opts.durable = c.durable;
         opts.max_queue = c.max_queue;
         opts.max_deliveries = c.max_deliveries;
+        /* systemd: READY=1 once every worker consumes, WATCHDOG=1 from
+         * their connection threads' ticks, STOPPING=1 (notify.c). */
+        opts.event = notify_event;
+        opts.event_arg = notify_arg(i);
+        opts.tick_ms = tick_ms;
+        if (log_json) {
+            opts.log_record = log_record;
+            opts.log_arg = w;
+        }
         opts.queue_type = c.queue_type;
         w->svc = p->request
                      ? mqrpc_service_new_async(&opts, p->request, w->arg)
@@ -132,10 +245,11 @@ int service_main(int argc, char **argv, const struct service_program *p)
             rc = CLI_EXIT_FAILURE;
             break;
         }
+        metrics_server_add(metrics, w->svc);
         e = mqrpc_service_connect(w->svc);
         if (e != MQRPC_OK) {
-            cli_error(&c, "%s%s", mqrpc_service_errmsg(w->svc),
-                      cli_connect_hint(e));
+            say(&c, instance, MQRPC_LOG_ERROR, "%s%s",
+                mqrpc_service_errmsg(w->svc), cli_connect_hint(e));
             rc = cli_exit_code(e);
         }
     }
@@ -182,21 +296,22 @@ int service_main(int argc, char **argv, const struct service_program *p)
         sum.abandoned += st.abandoned;
         if ((i > 0 && !w->started) || w->status == MQRPC_OK)
             continue;
-        cli_error(&c, "%s", mqrpc_service_errmsg(w->svc));
+        say(&c, w->instance, MQRPC_LOG_ERROR, "%s",
+            mqrpc_service_errmsg(w->svc));
         if (rc == CLI_EXIT_OK)
             rc = cli_exit_code(w->status);
     }
     if (rc == CLI_EXIT_OK) {
         mqrpc_instance_id(c.queue, instance, sizeof instance);
-        fprintf(stderr,
-                "%s: stopped after answering %llu requests (%llu skipped "
+        say(&c, instance, MQRPC_LOG_INFO,
+                "stopped after answering %llu requests (%llu skipped "
                 "past their deadline, %llu requeued after a redelivery, %llu "
                 "dead-lettered, %llu refused by the broker, %llu handed back "
                 "unstarted, %llu not sent as their callers had given up; "
                 "connection lost %llu times, regained %llu; "
                 "consumer cancelled %llu times; blocked by the broker %llu "
-                "times)\n",
-                instance, (unsigned long long)sum.served,
+                "times)",
+                (unsigned long long)sum.served,
                 (unsigned long long)sum.expired,
                 (unsigned long long)sum.redelivered,
                 (unsigned long long)sum.dead_lettered,
@@ -214,6 +329,8 @@ out:
     sigaddset(&stop_signals, SIGINT);
     sigaddset(&stop_signals, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
+    /* The server reads the services: it goes first. */
+    metrics_server_stop(metrics);
     for (unsigned i = 0; i < nworkers; i++) {
         mqrpc_service_free(workers[i].svc);
         workers[i].svc = NULL;
@@ -223,5 +340,6 @@ out:
     free(workers);
     workers = NULL;
     nworkers = 0;
+    notify_done();
     return rc;
 }

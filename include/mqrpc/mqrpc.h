@@ -17,6 +17,13 @@
  * {"error": {"code": "...", "message": "..."}}. A service re-publishes a
  * request that comes back after its instance died with the header
  * x-mqrpc-deliveries (deliveries that ended without an answer).
+ * Trace context (W3C, as the OpenTelemetry RabbitMQ instrumentations
+ * carry it): a request has the string header traceparent
+ * ("00-<trace id>-<parent id>-<flags>") and, when the caller has one,
+ * tracestate; a service continues that trace (or starts one when the
+ * header is missing or invalid) with a span id of its own, and its reply
+ * carries traceparent "00-<same trace id>-<its span id>-<same flags>" and
+ * the tracestate it got.
  */
 #ifndef MQRPC_MQRPC_H
 #define MQRPC_MQRPC_H
@@ -113,6 +120,51 @@ MQRPC_API const char *mqrpc_errname(mqrpc_err err);
  * broker refused it there and it was not kept). */
 #define MQRPC_DEAD_LETTER "dead_letter"
 
+/*
+ * Metrics. MQRPC_CODES lists the result codes the statistics count apart
+ * (mqrpc_service_stats.replies, mqrpc_client_stats.remote), indexed by
+ * mqrpc_code; every other code a handler chooses is counted as "other".
+ * New codes are added before OTHER only with a new MQRPC_CODE_SLOTS-sized
+ * struct field, so an index never changes meaning within one field.
+ */
+#define MQRPC_CODES(X)                     \
+    X(OK, "ok")                            \
+    X(BAD_REQUEST, "bad_request")          \
+    X(NOT_FOUND, "not_found")              \
+    X(INTERNAL, "internal")                \
+    X(DEAD_LETTER, "dead_letter")          \
+    X(OVERLOADED, "overloaded")            \
+    X(OTHER, "other")
+
+typedef enum {
+#define MQRPC_CODE_ENUM_(name, text) MQRPC_CODE_##name,
+    MQRPC_CODES(MQRPC_CODE_ENUM_)
+#undef MQRPC_CODE_ENUM_
+    MQRPC_CODE_COUNT
+} mqrpc_code;
+
+/* Room for codes in the stats structs: MQRPC_CODE_COUNT of them are used. */
+#define MQRPC_CODE_SLOTS 16
+
+/* mqrpc_code_name returns the static name of a mqrpc_code ("bad_request"),
+ * or NULL past MQRPC_CODE_COUNT. */
+MQRPC_API const char *mqrpc_code_name(unsigned code);
+
+/* mqrpc_code_of returns the mqrpc_code counting a reply's code (NULL or
+ * "" is MQRPC_CODE_OK; an unknown one MQRPC_CODE_OTHER). */
+MQRPC_API mqrpc_code mqrpc_code_of(const char *code);
+
+/* The upper bounds, in seconds, of the duration histograms (a service's
+ * handling time, a client's call time): MQRPC_DURATION_BOUNDS_S is an
+ * initializer list of MQRPC_DURATION_BUCKETS increasing values. The
+ * stats count each duration once, in the first bucket whose bound is at
+ * or above it, or in the last slot (index MQRPC_DURATION_BUCKETS) above
+ * them all: not cumulative, unlike Prometheus' le buckets. */
+#define MQRPC_DURATION_BUCKETS 18
+#define MQRPC_DURATION_BOUNDS_S                                          \
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,   \
+        0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
+
 /* Default request body limit of a service, in bytes (1 MiB). */
 #define MQRPC_DEFAULT_MAX_BODY (1024u * 1024u)
 /* Default nesting limit of a request; the request object is level 1. */
@@ -147,6 +199,35 @@ typedef enum {
  */
 typedef void (*mqrpc_log_fn)(mqrpc_log_level level, const char *line,
                              void *arg);
+
+/*
+ * mqrpc_log_record is one log line with its fields apart, for structured
+ * logs (service_main's --log-format json). The library fills it; size is
+ * sizeof(mqrpc_log_record) of the library, which only ever adds fields at
+ * the end: a program reads the fields its header knows. Strings are valid
+ * only during the call; a field that does not apply is NULL (duration_ms:
+ * negative).
+ */
+typedef struct mqrpc_log_record {
+    size_t size;
+    mqrpc_log_level level;
+    /* The line mqrpc_log_fn would get, without the request's trace ids. */
+    const char *msg;
+    /* About one request (NULL when the line is not): */
+    const char *queue;
+    const char *correlation_id;
+    const char *trace_id; /* 32 hex digits */
+    const char *span_id;  /* 16 hex digits: the service's span for it */
+    /* Once answered: "ok" or the error reply's code, and the time from
+     * its delivery to its answer, in ms. */
+    const char *code;
+    double duration_ms;
+} mqrpc_log_record;
+
+/* mqrpc_log_record_fn receives log records (mqrpc_service_opts.log_record)
+ * under mqrpc_log_fn's rules (thread, no call into the handle); arg is the
+ * options' log_arg. */
+typedef void (*mqrpc_log_record_fn)(const mqrpc_log_record *rec, void *arg);
 
 /* Which account a program connects as. The private broker has one of each
  * (README, Security): services may consume only service queues, clients
@@ -229,6 +310,19 @@ typedef struct mqrpc_tls_opts {
     int insecure;
 } mqrpc_tls_opts;
 
+/* --------------------------------------------------------- trace context */
+
+/* Length of a version 00 traceparent:
+ * "00-" 32 hex trace id "-" 16 hex parent id "-" 2 hex flags. */
+#define MQRPC_TRACEPARENT_LEN 55
+/* Longest tracestate passed on (the W3C recommendation's limit). */
+#define MQRPC_TRACESTATE_MAX 512
+
+/* mqrpc_traceparent_valid returns 1 if traceparent is a W3C traceparent
+ * this library takes: version 00 with exactly its four fields, or a later
+ * version (not ff) that starts like one; lowercase hex; trace id and
+ * parent id not all zeros. 0 otherwise (NULL included). */
+MQRPC_API int mqrpc_traceparent_valid(const char *traceparent);
 /*
  * mqrpc_url_check checks urls (a URL or a comma-separated list) as a
  * connection attempt would, without connecting: every entry well-formed,
@@ -408,6 +502,41 @@ MQRPC_API mqrpc_err mqrpc_call_async(mqrpc_client *c, const char *queue, const v
                            mqrpc_done_fn done, void *arg);
 
 /*
+ * Per-call options, for mqrpc_call_async_ex and mqrpc_call_ex. Fill with
+ * mqrpc_call_opts_init (it records the struct's size, as for
+ * mqrpc_client_opts); zero means default; new fields go at the end.
+ */
+typedef struct mqrpc_call_opts {
+    size_t size; /* sizeof(mqrpc_call_opts); set by mqrpc_call_opts_init */
+    /* The caller's W3C trace context: the request carries it unchanged
+     * (its parent id is the caller's span, e.g. a service handler's
+     * mqrpc_request_traceparent). NULL: the library starts a new trace,
+     * random trace and parent ids from getrandom, flags 01 (sampled).
+     * Copied; an invalid one (mqrpc_traceparent_valid) is MQRPC_EINVAL. */
+    const char *traceparent;
+    /* Its tracestate, sent beside it; NULL: none. Only with traceparent;
+     * 1 to MQRPC_TRACESTATE_MAX printable ASCII characters, else
+     * MQRPC_EINVAL. */
+    const char *tracestate;
+} mqrpc_call_opts;
+
+/* mqrpc_call_opts_init zeroes *o (all defaults) and sets o->size. */
+static inline void mqrpc_call_opts_init(mqrpc_call_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->size = sizeof *o;
+}
+
+/* mqrpc_call_async_ex is mqrpc_call_async with per-call options (NULL:
+ * the defaults, which is what mqrpc_call_async uses). MQRPC_EINVAL, done
+ * never called, for options this library does not know or bad values. */
+MQRPC_API mqrpc_err mqrpc_call_async_ex(mqrpc_client *c, const char *queue,
+                                        const void *body, size_t len,
+                                        int timeout_ms, unsigned flags,
+                                        const mqrpc_call_opts *opts,
+                                        mqrpc_done_fn done, void *arg);
+
+/*
  * mqrpc_client_process reads and dispatches whatever the broker sent,
  * waiting up to timeout_ms (0: do not wait; <0: until something happens)
  * for the first frame, expires calls past their deadline and keeps the
@@ -459,9 +588,19 @@ typedef struct mqrpc_client_stats {
     int connected;       /* 1 while connected */
     uint64_t blocked;    /* times the broker blocked the connection */
     int is_blocked;      /* 1 while the broker blocks it */
+    /* Calls ended, by status (index mqrpc_err; MQRPC_OK the successes,
+     * MQRPC_EREMOTE every error reply, detailed in remote). */
+    uint64_t calls[32];
+    uint64_t remote[MQRPC_CODE_SLOTS]; /* error replies by mqrpc_code */
+    /* Time from mqrpc_call_async to the end of the call, per
+     * MQRPC_DURATION_BOUNDS_S bucket, and its sum in us. */
+    uint64_t duration[MQRPC_DURATION_BUCKETS + 1];
+    uint64_t duration_us;
+    uint64_t in_flight; /* gauge: calls not yet ended */
 } mqrpc_client_stats;
 
-/* mqrpc_client_get_stats fills *out, of size bytes (sizeof *out). */
+/* mqrpc_client_get_stats fills *out, of size bytes (sizeof *out); from
+ * the thread that uses c, as every client call. */
 MQRPC_API void mqrpc_client_get_stats(const mqrpc_client *c,
                                       mqrpc_client_stats *out, size_t size);
 
@@ -476,6 +615,13 @@ MQRPC_API mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *b
                      size_t len, int timeout_ms, unsigned flags,
                      mqrpc_reply **out);
 
+/* mqrpc_call_ex is mqrpc_call with per-call options (NULL: defaults), as
+ * mqrpc_call_async_ex. */
+MQRPC_API mqrpc_err mqrpc_call_ex(mqrpc_client *c, const char *queue,
+                                  const void *body, size_t len, int timeout_ms,
+                                  unsigned flags, const mqrpc_call_opts *opts,
+                                  mqrpc_reply **out);
+
 /*
  * mqrpc_client_queue_info asks the broker (a passive queue.declare on a
  * side channel, so a missing queue does not disturb calls in flight) how
@@ -484,6 +630,25 @@ MQRPC_API mqrpc_err mqrpc_call(mqrpc_client *c, const char *queue, const void *b
  */
 MQRPC_API mqrpc_err mqrpc_client_queue_info(mqrpc_client *c, const char *queue,
                                   uint32_t *messages, uint32_t *consumers);
+
+/*
+ * mqrpc_client_ping asks the live service instances who they are, over
+ * the broker's control exchange (README, Health and discovery): every
+ * instance of queue, or of every queue when queue is NULL or "". A
+ * broadcast has no count of answers to wait for, so it blocks for
+ * timeout_ms, serving c's other calls meanwhile. When answers is not
+ * NULL, *answers receives a new JSON array (the caller decrefs it) of the
+ * answers, one object per instance, sorted by queue then instance, with
+ * the fields of the README's wire contract (more may come: ignore unknown
+ * ones). Returns MQRPC_OK (also when nobody answered), MQRPC_EBLOCKED
+ * when the broker blocks c's publishes and nobody answered,
+ * MQRPC_ECLOSED when the connection was lost (*answers holds what came
+ * before), MQRPC_EINVAL for timeout_ms <= 0 or a queue over 255 bytes,
+ * MQRPC_ESTATE inside a callback or before mqrpc_client_connect;
+ * mqrpc_client_errmsg says why.
+ */
+MQRPC_API mqrpc_err mqrpc_client_ping(mqrpc_client *c, const char *queue,
+                                      int timeout_ms, json_t **answers);
 
 /* mqrpc_reply_status: MQRPC_OK (result available), MQRPC_EREMOTE (error
  * reply: see code and message), or the transport failure. */
@@ -513,6 +678,18 @@ MQRPC_API const char *mqrpc_reply_app_id(const mqrpc_reply *r);
 
 /* mqrpc_reply_queue: the queue the call was sent to. */
 MQRPC_API const char *mqrpc_reply_queue(const mqrpc_reply *r);
+
+/* mqrpc_reply_traceparent: the reply's traceparent header (a service of
+ * ours: the call's trace id and the service's own span id), or NULL when
+ * the reply had none, or an invalid one (e.g. a pika service), or no reply
+ * arrived. Borrowed from r. */
+MQRPC_API const char *mqrpc_reply_traceparent(const mqrpc_reply *r);
+
+/* mqrpc_reply_call_traceparent: the traceparent the call was sent with
+ * (the caller's, or the one the library started), so a program can log
+ * the trace id of a call that got no reply. NULL only when the call was
+ * never made (mqrpc_call's copy of an argument error). Borrowed from r. */
+MQRPC_API const char *mqrpc_reply_call_traceparent(const mqrpc_reply *r);
 
 /* mqrpc_reply_free frees a reply returned by mqrpc_call. Accepts NULL. */
 MQRPC_API void mqrpc_reply_free(mqrpc_reply *r);
@@ -560,6 +737,48 @@ MQRPC_API const char *mqrpc_json_typename(const json_t *v);
 
 typedef struct mqrpc_service mqrpc_service;
 
+/*
+ * What a running service tells its program, for a supervisor (systemd's
+ * READY=1, STATUS= and WATCHDOG=1, service_main's notify.c) or a health
+ * check. New kinds may be added at the end: ignore the ones you do not know.
+ */
+typedef enum {
+    /* Consuming: mqrpc_service_connect is about to return MQRPC_OK (the
+     * broker confirmed the consumer), or consuming again after a lost
+     * connection or a consumer the broker cancelled. detail: the queue. */
+    MQRPC_SERVICE_CONSUMING,
+    /* Not consuming, retrying: the broker could not be reached at start
+     * (the first failed attempt of mqrpc_service_connect that will be
+     * retried), or mqrpc_service_run lost the connection and is about to
+     * reconnect (and again when an attempt fails for a new reason).
+     * detail: the reason, one line, password masked. */
+    MQRPC_SERVICE_DISCONNECTED,
+    /* The connection loop is alive: at least every tick_ms ms (see
+     * mqrpc_service_opts) while mqrpc_service_connect retries and
+     * mqrpc_service_run runs (reconnecting and stopping included), except
+     * during a connection attempt (up to connect_timeout_ms). A hung loop
+     * stops them; a long handler does not (the connection is serviced
+     * meanwhile, see mqrpc_service_run). detail: NULL. */
+    MQRPC_SERVICE_TICK,
+    /* mqrpc_service_run is ending (mqrpc_service_stop, or a failure it
+     * does not recover from): no new request starts; those in hand are
+     * finished and answered first. detail: NULL. */
+    MQRPC_SERVICE_STOPPING
+} mqrpc_service_event;
+
+/*
+ * mqrpc_service_event_fn receives a service's events (above). It runs on
+ * the thread that services the connection: the caller of
+ * mqrpc_service_connect or mqrpc_service_run, or, while a handler runs
+ * inline for long, the handler thread standing in for it; never on two
+ * threads at once for one service. detail is valid only during the call.
+ * It must return quickly and call no function of s but
+ * mqrpc_service_instance and mqrpc_service_stop. arg is
+ * mqrpc_service_opts.event_arg.
+ */
+typedef void (*mqrpc_service_event_fn)(mqrpc_service *s,
+                                       mqrpc_service_event event,
+                                       const char *detail, void *arg);
 /* Queue types, for mqrpc_service_opts.queue_type. A classic queue (the
  * default, as the seed's pika peers declare it) lives on one node of a
  * cluster. A quorum queue is replicated over the cluster's nodes (Raft)
@@ -627,6 +846,15 @@ typedef struct mqrpc_service_opts {
     /* Handler threads: requests handled at once on the one connection;
      * 0: 1. prefetch defaults to this. */
     unsigned threads;
+    /* Events for the program (mqrpc_service_event); NULL: none. */
+    mqrpc_service_event_fn event;
+    void *event_arg;
+    /* MQRPC_SERVICE_TICK at least every tick_ms ms; 0: no ticks. */
+    int tick_ms;
+    /* When set, receives every log line as a record (with the request's
+     * queue, correlation id, trace and span ids, outcome and duration
+     * apart) instead of log; its arg is log_arg. */
+    mqrpc_log_record_fn log_record;
     /* MQRPC_QUEUE_CLASSIC (0) or MQRPC_QUEUE_QUORUM. A quorum queue is
      * declared durable (x-queue-type quorum) with the broker's own
      * delivery count: x-delivery-limit max_deliveries and dead-lettering
@@ -671,6 +899,21 @@ MQRPC_API json_t *mqrpc_request_params(const mqrpc_request *r);
 
 /* mqrpc_request_correlation_id: the caller's correlation id (for logs). */
 MQRPC_API const char *mqrpc_request_correlation_id(const mqrpc_request *r);
+
+/* mqrpc_request_traceparent: the request's W3C trace context as this
+ * service continues it: "00-<trace id>-<span id>-<flags>", the caller's
+ * trace id and flags (a new trace when the request had no valid
+ * traceparent) and a span id of this service's own, which its reply
+ * carries and its log lines name. Give it to the calls the handler makes
+ * for this request (mqrpc_call_opts.traceparent), so that one trace spans
+ * them. Valid until the request ends; never NULL. */
+MQRPC_API const char *mqrpc_request_traceparent(const mqrpc_request *r);
+
+/* mqrpc_request_tracestate: the request's tracestate header, to pass on
+ * with mqrpc_request_traceparent, or NULL when it had none (or one over
+ * MQRPC_TRACESTATE_MAX characters or not printable ASCII). Valid until
+ * the request ends. */
+MQRPC_API const char *mqrpc_request_tracestate(const mqrpc_request *r);
 
 /* mqrpc_request_time_left_ms: how long the caller will still wait, in ms
  * (0: it gave up), or -1 when it set no deadline (e.g. the seed's pika
@@ -802,10 +1045,25 @@ typedef struct mqrpc_service_stats {
     uint64_t abandoned;     /* replies not sent: the caller gave up while
                                the handler ran */
     uint64_t progress;      /* progress messages sent */
+    /* Replies sent by code (index mqrpc_code; error replies the service
+     * itself sends, overloaded and dead_letter, included). */
+    uint64_t replies[MQRPC_CODE_SLOTS];
+    /* Handling time of the requests a handler answered (the served
+     * ones: from the delivery's arrival in the service to its reply's
+     * publish, waiting for a handler thread included), per
+     * MQRPC_DURATION_BOUNDS_S bucket, and its sum in us. */
+    uint64_t handling[MQRPC_DURATION_BUCKETS + 1];
+    uint64_t handling_us;
+    /* Gauges, values now: */
+    uint64_t in_progress; /* requests taken from the queue, not yet done */
+    uint64_t connected;   /* 1 while connected and consuming */
+    uint64_t is_blocked;  /* 1 while the broker blocks the connection */
 } mqrpc_service_stats;
 
-/* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out); call it
- * from the thread that runs s. */
+/* mqrpc_service_get_stats fills *out, of size bytes (sizeof *out). May be
+ * called from any thread while another runs s (a metrics server): each
+ * field is read atomically, but fields may be a few microseconds apart
+ * (only uint64_t fields, all written by the thread that runs s). */
 MQRPC_API void mqrpc_service_get_stats(const mqrpc_service *s,
                                        mqrpc_service_stats *out, size_t size);
 

@@ -22,6 +22,11 @@ struct job {
     unsigned in_flight;
     bool answered; /* req ended: only the calls in flight keep the job */
     struct timespec deadline;
+    /* The request's trace context, which its calls continue (copied: the
+     * request's own ends with it, while calls may still be out). */
+    mqrpc_call_opts trace;
+    char traceparent[MQRPC_TRACEPARENT_LEN + 1];
+    char tracestate[MQRPC_TRACESTATE_MAX + 1];
 };
 
 struct resumo {
@@ -122,8 +127,9 @@ static void call(resumo *r, struct job *j, const char *queue, json_t *body,
     }
     /* Both services only read: a call may be re-sent after a lost
      * connection (mqrpc_client_opts.retries). */
-    e = mqrpc_call_async(r->client, queue, text, strlen(text), ms_left(j),
-                         MQRPC_CALL_IDEMPOTENT, done, j);
+    e = mqrpc_call_async_ex(r->client, queue, text, strlen(text),
+                            ms_left(j), MQRPC_CALL_IDEMPOTENT, &j->trace,
+                            done, j);
     free(text);
     if (e == MQRPC_OK)
         j->in_flight++;
@@ -247,6 +253,15 @@ void resumo_request(mqrpc_request *req, void *arg)
     }
     j->req = req;
     j->owner = r;
+    mqrpc_call_opts_init(&j->trace);
+    snprintf(j->traceparent, sizeof j->traceparent, "%s",
+             mqrpc_request_traceparent(req));
+    j->trace.traceparent = j->traceparent;
+    if (mqrpc_request_tracestate(req)) {
+        snprintf(j->tracestate, sizeof j->tracestate, "%s",
+                 mqrpc_request_tracestate(req));
+        j->trace.tracestate = j->tracestate;
+    }
     j->numeros = json_incref(numeros);
     clock_gettime(CLOCK_MONOTONIC, &j->deadline);
     if (left < 0)

@@ -59,6 +59,59 @@ rpc call service_soma - <"$tmpdir/body.json"
 expect_rc 0
 expect_out 5
 
+# ------------------------------------------ command-line conventions
+section "options after the arguments, negative numbers, --"
+rpc call service_soma '{"a":1,"b":2}' --timeout 4000
+expect_rc 0
+expect_out 3
+rpc soma 1 2 -v
+expect_rc 0
+expect_out 3
+expect_err_has "answered by service_soma@"
+rpc soma -5 3
+expect_rc 0
+expect_out -2
+rpc soma -5 -3 --timeout 4000
+expect_rc 0
+expect_out -8
+rpc media -1.5 2 -3
+expect_rc 0
+expect_json 'abs(d - (-2.5 / 3)) < 1e-12'
+rpc media -1.5 --timeout 4000 2 -3 -v
+expect_rc 0
+expect_json 'abs(d - (-2.5 / 3)) < 1e-12'
+expect_err_has "answered by service_media@"
+# "--" ends the options: a name that starts with '-' is a name.
+rpc busca -- -x
+expect_rc 1
+expect_err_line rpc_client 'service_busca: not_found: no person named "-x"'
+rpc -v -- busca --timeout
+expect_rc 1
+expect_err_has 'service_busca: not_found: no person named "--timeout"'
+rpc busca -x
+expect_rc 2
+expect_out_empty
+expect_err_line rpc_client 'unknown option -x (try --help)'
+rpc soma 1 2 --bogus
+expect_rc 2
+expect_out_empty
+expect_err_line rpc_client 'unknown option or missing value: --bogus (try --help)'
+rpc call service_soma '{"a":1,"b":2}' --timeout
+expect_rc 2
+expect_err_line rpc_client 'unknown option or missing value: --timeout (try --help)'
+run "$B/rpc_bench" service_soma '{"a":1,"b":2}' -n 20 --warmup 0 --json --expect 3
+expect_rc 0
+expect_json 'd["calls"] == 20 and d["errors"] == 0 and d["queue"] == "service_soma"'
+run "$B/rpc_bench" service_soma --bogus
+expect_rc 2
+expect_err_line rpc_bench 'unknown option or missing value: --bogus (try --help)'
+run "$B/service_soma" extra --queue "service_t_${tag}_dead"
+expect_rc 2
+expect_err_line service_soma 'unexpected argument "extra" (try --help)'
+run "$B/service_soma" -- --queue "service_t_${tag}_dead"
+expect_rc 2
+expect_err_line service_soma 'unexpected argument "--queue" (try --help)'
+
 # -------------------------------------------------------- remote errors
 section "error replies (exit 1)"
 rpc call service_soma '{"a": 1}'

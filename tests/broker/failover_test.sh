@@ -75,6 +75,17 @@ expect_rc 3
 expect_err_has "cannot connect to 127.0.0.1:$dead: connection refused"
 expect_err_has "cannot connect to 127.0.0.1:$((dead + 1)): connection refused"
 
+# Every password of a list typed into --url is hidden from ps.
+spawn hide "$B/service_soma" --connect-timeout 3000 --queue "$q" \
+    --url "amqp://u:secret1@127.0.0.1:$dead/,amqp://v:secret2@127.0.0.1:$((dead + 1))/"
+sleep 0.5
+args=$(tr '\0' ' ' </proc/$SPAWNED_PID/cmdline 2>/dev/null)
+echo "ps shows: $args"
+LABEL='--url with a list'
+ok "no password of the list in ps" \
+    "[[ \$args == *'u:*******@'*'v:*******@'* && \$args != *secret* ]]"
+wait_pid "$SPAWNED_PID" 10
+
 section "a service whose node goes moves to the next address at once"
 stop_pid "$fo_pid"
 relay ra "$r1"

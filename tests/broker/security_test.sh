@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Broker test of security as a user meets it: the private broker's accounts
-# (no guest; clients cannot consume, declare or delete service queues;
-# services cannot call), credentials kept out of ps, logs and errors, the
+# (no guest; clients cannot consume, declare or delete service queues nor
+# listen on the control exchange; services cannot call nor read another
+# instance's control queue), credentials kept out of ps, logs and errors, the
 # --url-file permission check, password rotation, input limits, and, when
 # the suite runs over TLS (URL files are amqps://), every way a TLS
 # connection must be refused. Each refusal is one clear line and an exit
@@ -70,6 +71,55 @@ delete refused 403"
     rpc call "$q" '{"a": 2, "b": 2}'
     expect_rc 0
     expect_out 4
+
+    # Health and discovery: clients may ping (publish to mqrpc.control)
+    # but not listen to pings nor touch a control queue; a service reads
+    # only its own control queue (exclusive to its connection).
+    rpc --json ping "$q"
+    expect_rc 0
+    ctlq=$("$PY" -c 'import json, sys; print(json.loads(sys.argv[1])["control_queue"])' "$OUT" 2>/dev/null)
+    LABEL="control queue of $q"
+    ok "named mqrpc.control.$q.*" '[[ $ctlq == "mqrpc.control.$q."* ]]'
+    "$PY" - "$ctlq" >"$tmpdir/control.out" 2>&1 <<'EOF'
+import sys, pika, mqrpc_pika
+ctlq = sys.argv[1]
+def attempt(account, what, f):
+    conn = mqrpc_pika.connect(account)
+    ch = conn.channel()
+    try:
+        f(ch)
+        print(account, what, "allowed")
+    except pika.exceptions.ChannelClosedByBroker as e:
+        print(account, what, "refused", e.reply_code)
+    conn.close()
+def bind_own(ch):
+    q = ch.queue_declare(queue="", exclusive=True).method.queue
+    ch.queue_bind(queue=q, exchange="mqrpc.control", routing_key="")
+attempt("clients", "consume control queue",
+        lambda ch: ch.basic_consume(queue=ctlq, on_message_callback=print))
+attempt("clients", "bind control queue",
+        lambda ch: ch.queue_bind(queue=ctlq, exchange="mqrpc.control", routing_key="x"))
+attempt("clients", "bind own queue to mqrpc.control", bind_own)
+attempt("clients", "declare mqrpc.control otherwise",
+        lambda ch: ch.exchange_declare(exchange="mqrpc.control", exchange_type="fanout"))
+attempt("clients", "delete mqrpc.control",
+        lambda ch: ch.exchange_delete(exchange="mqrpc.control"))
+attempt("services", "consume another instance's control queue",
+        lambda ch: ch.basic_consume(queue=ctlq, on_message_callback=print))
+attempt("services", "bind another instance's control queue",
+        lambda ch: ch.queue_bind(queue=ctlq, exchange="mqrpc.control", routing_key="x"))
+EOF
+    LABEL="accounts against the control exchange and queues (pika)"
+    OUT=$(cat "$tmpdir/control.out") ERR='' RC=0
+    expect_out "clients consume control queue refused 403
+clients bind control queue refused 403
+clients bind own queue to mqrpc.control refused 403
+clients declare mqrpc.control otherwise refused 403
+clients delete mqrpc.control refused 403
+services consume another instance's control queue refused 405
+services bind another instance's control queue refused 405"
+    rpc health "$q"
+    expect_rc 0
 fi
 
 # The services account cannot call: it may not declare a reply queue.

@@ -54,3 +54,33 @@ mqrpc_broker_test(resumo bash ${CMAKE_CURRENT_SOURCE_DIR}/resumo_test.sh)
 # its capacity; latency from the scheduled start grows with the backlog.
 # Ratios, not speeds; about 20 s.
 mqrpc_broker_test(load bash ${CMAKE_CURRENT_SOURCE_DIR}/load_test.sh)
+
+# Prometheus metrics: a service's --metrics endpoint checked by promtool,
+# counters that move by exactly the calls made, bad --metrics values,
+# rpc_bench --metrics-out, and a real Prometheus server scraping the service
+# and the broker's rabbitmq_prometheus endpoint. HTTP ports: the one below
+# and the next (Prometheus itself).
+set(MQRPC_TEST_HTTP_PORT 9464 CACHE STRING
+    "HTTP port of the metrics test's service (Prometheus takes the next)")
+mqrpc_broker_test(metrics bash ${CMAKE_CURRENT_SOURCE_DIR}/metrics_test.sh)
+set_property(TEST broker.metrics APPEND PROPERTY ENVIRONMENT
+  MQRPC_TEST_HTTP_PORT=${MQRPC_TEST_HTTP_PORT})
+
+# systemd's notification protocol, sd_supervisor.py playing systemd: READY=1
+# only once consuming, WATCHDOG=1 at half of WATCHDOG_USEC (none without),
+# STATUS= through a lost connection, STOPPING=1 after SIGTERM; and
+# `systemd-analyze verify` of packaging/systemd/mqrpc-service@.service.
+# Skipped (77) in a build without libsystemd, after the unit's check.
+mqrpc_broker_test(systemd bash ${CMAKE_CURRENT_SOURCE_DIR}/systemd_test.sh
+                  ${MQRPC_HAVE_SYSTEMD})
+set_tests_properties(broker.systemd PROPERTIES SKIP_RETURN_CODE 77)
+
+# W3C trace context and structured logs: rpc_client --traceparent, a pika
+# caller's trace continued, one trace through service_resumo, the services'
+# log lines (text and --log-format json) naming trace and span ids.
+mqrpc_broker_test(trace bash ${CMAKE_CURRENT_SOURCE_DIR}/trace_test.sh)
+
+# Health and discovery over the broker: rpc_client ping, services and health
+# against two soma instances, one media, a pika seed service (no control
+# queue), an instance killed with SIGKILL, busy and stopping instances.
+mqrpc_broker_test(control bash ${CMAKE_CURRENT_SOURCE_DIR}/control_test.sh)

@@ -206,6 +206,12 @@ mqrpc_err mqr_conn_publish(mqr_conn *c, mqr_str routing_key,
                  (int)props->correlation_id.len, props->correlation_id.ptr);
         snprintf(p->body, sizeof p->body, "%.*s", (int)len,
                  (const char *)body);
+        snprintf(p->traceparent, sizeof p->traceparent, "%.*s",
+                 (int)props->traceparent.len,
+                 props->traceparent.ptr ? props->traceparent.ptr : "");
+        snprintf(p->tracestate, sizeof p->tracestate, "%.*s",
+                 (int)props->tracestate.len,
+                 props->tracestate.ptr ? props->tracestate.ptr : "");
         p->seq = c->pub_seq + 1;
         p->conn_id = c->id;
     }
@@ -246,9 +252,13 @@ mqrpc_err mqr_conn_wait(mqr_conn *c, int timeout_ms, mqr_msg *m)
     switch (e->kind) {
     case MQR_DELIVERY:
         c->msg_body = strdup(e->body);
-        snprintf(c->corr, sizeof c->corr, "%s", e->corr);
+        snprintf(c->corr, sizeof c->corr, "%s",
+                 strcmp(e->corr, FAKE_LAST_CORR) == 0 && fake.npub
+                     ? fake.pub[fake.npub - 1].corr
+                     : e->corr);
         m->body = mqr_cstr(c->msg_body);
         m->correlation_id = mqr_cstr(c->corr);
+        m->traceparent = mqr_cstr(e->traceparent);
         m->delivery_tag = e->tag;
         break;
     case MQR_ACK:
@@ -293,4 +303,20 @@ void mqr_conn_set_wake_fd(mqr_conn *c, int fd)
     /* The fake's wait never sleeps on a socket: nothing to watch. */
     (void)c;
     (void)fd;
+}
+
+mqrpc_err mqr_conn_exchange_exists(mqr_conn *c, const char *exchange)
+{
+    (void)exchange;
+    if (!c->open)
+        return MQRPC_ECLOSED;
+    return fake.control_exchange ? MQRPC_OK : MQRPC_ENOROUTE;
+}
+
+mqrpc_err mqr_conn_publish_to(mqr_conn *c, const char *exchange,
+                              mqr_str routing_key, const mqr_props *p,
+                              const void *body, size_t len)
+{
+    (void)exchange;
+    return mqr_conn_publish(c, routing_key, p, body, len, false);
 }

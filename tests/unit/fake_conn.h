@@ -16,6 +16,8 @@ struct fake_pub {
     char queue[256];
     char corr[64];
     char body[256];
+    char traceparent[128];
+    char tracestate[600];
     uint64_t seq; /* confirm sequence number */
     int conn_id;
 };
@@ -26,6 +28,7 @@ struct fake_event {
     char corr[64];
     char body[256];
     bool error_type;
+    char traceparent[128]; /* MQR_DELIVERY: its header; "": none */
     uint64_t tag; /* MQR_ACK: publish seq; MQR_DELIVERY: delivery tag */
     bool multiple;
     char text[64];
@@ -40,6 +43,7 @@ struct fake {
     bool consume_no_ack; /* of the last basic.consume */
     int acks;         /* deliveries acknowledged */
     int conn_id;      /* of the current connection */
+    bool control_exchange; /* mqrpc.control exists (else ENOROUTE) */
     /* A URL list of addr_count addresses (0: none); an attempt goes to
      * address addrs->next % addr_count (the fake does not shuffle) and
      * fails when its bit is in dead; tried[] records each attempt's. */
@@ -61,6 +65,9 @@ extern struct fake fake;
 void fake_reset(void);
 /* Queues what the broker sends next. */
 void fake_reply(const char *corr, const char *body);
+/* FAKE_LAST_CORR as fake_reply's corr: the last publish's correlation id
+ * (an answer to a ping whose id the test cannot know in advance). */
+#define FAKE_LAST_CORR "@last"
 void fake_ack(uint64_t tag, bool multiple);
 void fake_fail(void); /* the connection drops */
 void fake_blocked(const char *reason);

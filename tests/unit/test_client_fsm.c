@@ -31,6 +31,8 @@ struct rec {
     bool try_blocking;       /* call mqrpc_call and process */
     mqrpc_err nested_call, nested_process;
     bool body_still_valid;   /* re-read after the nested call */
+    char traceparent[64];      /* the reply's, or "(none)" */
+    char call_traceparent[64]; /* the call's */
 };
 
 static struct rec recs[MAX_CALLS];
@@ -62,6 +64,12 @@ static void on_done(const mqrpc_reply *r, void *arg)
 
     rec->calls++;
     rec->status = mqrpc_reply_status(r);
+    snprintf(rec->traceparent, sizeof rec->traceparent, "%s",
+             mqrpc_reply_traceparent(r) ? mqrpc_reply_traceparent(r)
+                                        : "(none)");
+    snprintf(rec->call_traceparent, sizeof rec->call_traceparent, "%s",
+             mqrpc_reply_call_traceparent(r) ? mqrpc_reply_call_traceparent(r)
+                                             : "(none)");
     snprintf(rec->body, sizeof rec->body, "%.*s", (int)n, body ? body : "");
     if (mqrpc_reply_error_message(r))
         snprintf(rec->message, sizeof rec->message, "%s",
@@ -527,6 +535,152 @@ static void lone_confirm_waits_on_but_a_wake_ends_the_wait(void **state)
     mqrpc_client_free(c);
 }
 
+/* Each call carries a traceparent: the caller's, unchanged (a later
+ * version's as the 00 it starts with), or a new trace; the reply's is
+ * shown only when valid; bad options are refused before anything goes. */
+static void calls_carry_trace_context(void **state)
+{
+    static const char tp[] =
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    mqrpc_client *c = connected(0);
+    mqrpc_call_opts o;
+    mqrpc_reply *r = NULL;
+    struct fake_event *ev;
+    mqrpc_err e;
+
+    (void)state;
+    mqrpc_call_opts_init(&o);
+    o.traceparent = tp;
+    o.tracestate = "congo=t61rcWkgMzE";
+    assert_int_equal(mqrpc_call_async_ex(c, "service_x", "{}", 2, 1000, 0, &o,
+                                         on_done, &recs[nrecs++]),
+                     MQRPC_OK);
+    assert_string_equal(fake.pub[0].traceparent, tp);
+    assert_string_equal(fake.pub[0].tracestate, "congo=t61rcWkgMzE");
+    ev = &fake.ev[fake.nev % FAKE_MAX_EVENTS];
+    fake_reply(fake.pub[0].corr, "3");
+    snprintf(ev->traceparent, sizeof ev->traceparent,
+             "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01");
+    process_until_done(c, 1000);
+    assert_int_equal(recs[0].status, MQRPC_OK);
+    assert_string_equal(recs[0].traceparent,
+                        "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01");
+    assert_string_equal(recs[0].call_traceparent, tp);
+
+    /* No traceparent: a new trace, valid, different each call; a reply
+     * with an invalid one shows none. */
+    assert_int_equal(mqrpc_call_async(c, "service_x", "{}", 2, 1000, 0,
+                                      on_done, &recs[nrecs++]),
+                     MQRPC_OK);
+    assert_int_equal(mqrpc_call_async(c, "service_x", "{}", 2, 1000, 0,
+                                      on_done, &recs[nrecs++]),
+                     MQRPC_OK);
+    assert_true(mqrpc_traceparent_valid(fake.pub[1].traceparent));
+    assert_true(mqrpc_traceparent_valid(fake.pub[2].traceparent));
+    assert_memory_not_equal(fake.pub[1].traceparent + 3,
+                            fake.pub[2].traceparent + 3, 32);
+    assert_string_equal(fake.pub[1].tracestate, "");
+    ev = &fake.ev[fake.nev % FAKE_MAX_EVENTS];
+    fake_reply(fake.pub[1].corr, "1");
+    snprintf(ev->traceparent, sizeof ev->traceparent, "00-garbage");
+    fake_reply(fake.pub[2].corr, "2");
+    process_until_done(c, 1000);
+    assert_string_equal(recs[1].traceparent, "(none)");
+    assert_string_equal(recs[1].call_traceparent, fake.pub[1].traceparent);
+
+    /* A later version is passed on as version 00. */
+    o.traceparent = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-"
+                    "what-comes-next";
+    o.tracestate = NULL;
+    assert_int_equal(mqrpc_call_async_ex(c, "service_x", "{}", 2, 1000, 0, &o,
+                                         on_done, &recs[nrecs++]),
+                     MQRPC_OK);
+    assert_string_equal(fake.pub[3].traceparent, tp);
+    fake_reply(fake.pub[3].corr, "4");
+    process_until_done(c, 1000);
+
+    /* Refused before anything is published, with the reason. */
+    int before = fake.npub;
+    o.traceparent = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+    e = mqrpc_call_ex(c, "service_x", "{}", 2, 1000, 0, &o, &r);
+    assert_int_equal(e, MQRPC_EINVAL);
+    assert_non_null(strstr(mqrpc_reply_error_message(r), "traceparent"));
+    assert_null(mqrpc_reply_call_traceparent(r));
+    mqrpc_reply_free(r);
+    o.traceparent = NULL;
+    o.tracestate = "a=b";
+    assert_int_equal(mqrpc_call_ex(c, "service_x", "{}", 2, 1000, 0, &o, NULL),
+                     MQRPC_EINVAL);
+    o.traceparent = tp;
+    o.tracestate = "a=\n";
+    assert_int_equal(mqrpc_call_ex(c, "service_x", "{}", 2, 1000, 0, &o, NULL),
+                     MQRPC_EINVAL);
+    o.size = 3;
+    assert_int_equal(mqrpc_call_ex(c, "service_x", "{}", 2, 1000, 0, &o, NULL),
+                     MQRPC_EINVAL);
+    assert_int_equal(fake.npub, before);
+    mqrpc_client_free(c);
+}
+
+/* mqrpc_client_ping: no exchange, no ping; answers gathered until the
+ * timeout, sorted, non-objects dropped; a blocked broker is said. */
+static void ping_gathers_answers_until_its_timeout(void **state)
+{
+    mqrpc_client *c = connected(0);
+    mqrpc_client_stats st;
+    json_t *ans;
+    struct timespec t0, t1;
+    long ms;
+    (void)state;
+
+    assert_int_equal(mqrpc_client_ping(c, NULL, 0, &ans), MQRPC_EINVAL);
+    assert_null(ans);
+    assert_int_equal(mqrpc_client_ping(c, NULL, 50, &ans), MQRPC_OK);
+    assert_int_equal(json_array_size(ans), 0);
+    assert_int_equal(fake.npub, 0); /* no exchange: nothing published */
+    json_decref(ans);
+
+    fake.control_exchange = true;
+    fake_reply(FAKE_LAST_CORR, "{\"queue\": \"q\", \"instance\": \"b\"}");
+    fake_reply(FAKE_LAST_CORR, "[1]");
+    fake_reply(FAKE_LAST_CORR, "{\"queue\": \"q\", \"instance\": \"a\"}");
+    fake_reply("someone-else", "{}");
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    assert_int_equal(mqrpc_client_ping(c, "q", 200, &ans), MQRPC_OK);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    ms = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+    assert_true(ms >= 195 && ms < 1000);
+    assert_int_equal(fake.npub, 1);
+    assert_string_equal(fake.pub[0].queue, "q"); /* the routing key */
+    assert_non_null(strstr(fake.pub[0].corr, "-ping-"));
+    assert_int_equal(json_array_size(ans), 2);
+    assert_string_equal(
+        json_string_value(json_object_get(json_array_get(ans, 0), "instance")),
+        "a");
+    assert_string_equal(
+        json_string_value(json_object_get(json_array_get(ans, 1), "instance")),
+        "b");
+    json_decref(ans);
+    mqrpc_client_get_stats(c, &st, sizeof st);
+    assert_int_equal(st.dropped, 2); /* "[1]" and the stranger's */
+
+    /* An answer after the timeout is a stranger's too. */
+    fake_reply(FAKE_LAST_CORR, "{\"queue\": \"q\", \"instance\": \"late\"}");
+    mqrpc_client_process(c, 10);
+    mqrpc_client_get_stats(c, &st, sizeof st);
+    assert_int_equal(st.dropped, 3);
+
+    fake_blocked("low on memory");
+    mqrpc_client_process(c, 10);
+    assert_int_equal(mqrpc_client_ping(c, NULL, 50, &ans), MQRPC_EBLOCKED);
+    assert_int_equal(json_array_size(ans), 0);
+    assert_non_null(strstr(mqrpc_client_errmsg(c),
+                           "blocking publishers: low on memory"));
+    assert_int_equal(fake.npub, 1); /* not sent to a broker that won't read */
+    json_decref(ans);
+    mqrpc_client_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -543,6 +697,8 @@ int main(void)
         cmocka_unit_test(queued_calls_leave_when_unblocked_or_writable),
         cmocka_unit_test(durable_replies_are_acknowledged),
         cmocka_unit_test(lone_confirm_waits_on_but_a_wake_ends_the_wait),
+        cmocka_unit_test(calls_carry_trace_context),
+        cmocka_unit_test(ping_gathers_answers_until_its_timeout),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

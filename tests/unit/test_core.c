@@ -2,6 +2,7 @@
  * message codec, broker URL handling, and the programs' option parsing. */
 #include "cli.h"
 #include "internal.h"
+#include "metrics.h"
 
 #include <setjmp.h>
 #include <stdarg.h>
@@ -658,6 +659,12 @@ static void url_list_attempt_policy(void **state)
     assert_false(mqr_addrs_failed(&a));
     assert_false(mqr_addrs_failed(&a));
     assert_true(mqr_addrs_failed(&a));
+    {
+        char buf[16] = "";
+        mqr_append(buf, sizeof buf, "; ", "a: refused");
+        mqr_append(buf, sizeof buf, "; ", "b: refused");
+        assert_string_equal(buf, "a: refused; b: "); /* cut, terminated */
+    }
     /* One address: back off after every failure, as before lists. */
     a.count = 1;
     assert_true(mqr_addrs_failed(&a));
@@ -946,6 +953,27 @@ static void cli_service_options(void **state)
     struct cli c6 = {
         .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
     assert_int_equal(parse(&c6, 3, many), CLI_EXIT_USAGE);
+    /* --queue-type: classic (the default, 0) or quorum, nothing else. */
+    assert_int_equal(c5.queue_type, MQRPC_QUEUE_CLASSIC);
+    char *quorum[] = {"svc", "--queue-type", "quorum", NULL};
+    struct cli c7 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c7, 3, quorum), -1);
+    assert_int_equal(c7.queue_type, MQRPC_QUEUE_QUORUM);
+    char *qbad[] = {"svc", "--queue-type", "stream", NULL};
+    struct cli c8 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c8, 3, qbad), CLI_EXIT_USAGE);
+    /* A bad entry of a URL list is a usage error before anything
+     * connects. */
+    char *lbad[] = {"svc", "--url", "amqp://h/,amqp://h:x/", NULL};
+    struct cli c9 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c9, 3, lbad), CLI_EXIT_USAGE);
+    char *lok[] = {"svc", "--url", "amqp://h1/,amqp://h2/", NULL};
+    struct cli c10 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_SERVICE};
+    assert_int_equal(parse(&c10, 3, lok), -1);
 }
 
 /* --max-depth and --max-string: 0 (the library's default) unless given,
@@ -1014,6 +1042,119 @@ static void cli_extra_short_and_flags(void **state)
     assert_int_equal(parse(&c3, 2, noval), CLI_EXIT_USAGE);
 }
 
+/* Options after the operands, as GNU tools take them; negative numbers
+ * stay operands; "--" ends the options. argv is permuted: the operands
+ * end up last, from c.optind on, in their order. */
+static void cli_options_after_operands(void **state)
+{
+    char *call[] = {
+        "rpc_client", "call", "service_soma", "{\"a\":1,\"b\":2}", "--timeout",
+        "4000",       NULL};
+    struct cli c = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    (void)state;
+    assert_int_equal(parse(&c, 6, call), -1);
+    assert_int_equal(c.timeout_ms, 4000);
+    assert_int_equal(c.optind, 3);
+    assert_string_equal(call[3], "call");
+    assert_string_equal(call[4], "service_soma");
+    assert_string_equal(call[5], "{\"a\":1,\"b\":2}");
+
+    char *soma_v[] = {"rpc_client", "soma", "1", "2", "-v", NULL};
+    struct cli c2 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c2, 5, soma_v), -1);
+    assert_true(c2.verbose);
+    assert_int_equal(c2.optind, 2);
+    assert_string_equal(soma_v[2], "soma");
+    assert_string_equal(soma_v[3], "1");
+    assert_string_equal(soma_v[4], "2");
+
+    /* Negative numbers anywhere, between options too. */
+    char *media[] = {"rpc_client", "media", "-1.5", "--timeout", "300", "2",
+                     "-3",         "-.5",   "-1e3", "-v",        NULL};
+    struct cli c3 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c3, 10, media), -1);
+    assert_int_equal(c3.timeout_ms, 300);
+    assert_true(c3.verbose);
+    assert_int_equal(c3.optind, 4);
+    const char *want[] = {"media", "-1.5", "2", "-3", "-.5", "-1e3"};
+    for (int i = 0; i < 6; i++)
+        assert_string_equal(media[4 + i], want[i]);
+
+    char *soma_neg[] = {"rpc_client", "soma", "-5", "3", NULL};
+    struct cli c4 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c4, 4, soma_neg), -1);
+    assert_int_equal(c4.optind, 1);
+    assert_string_equal(soma_neg[2], "-5");
+
+    /* "--" ends the options: what follows is operands, "-v" included;
+     * "-" (stdin) is an operand anyway. */
+    char *dd[] = {"rpc_client", "-v",        "busca", "--",
+                  "-x",         "--timeout", "-",     NULL};
+    struct cli c5 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c5, 7, dd), -1);
+    assert_true(c5.verbose);
+    assert_int_equal(c5.timeout_ms, MQRPC_DEFAULT_TIMEOUT_MS);
+    assert_int_equal(c5.optind, 3);
+    assert_string_equal(dd[3], "busca");
+    assert_string_equal(dd[4], "-x");
+    assert_string_equal(dd[5], "--timeout");
+    assert_string_equal(dd[6], "-");
+
+    /* A value is taken whole, even one that looks like an option, and
+     * by the same rules as getopt_long: "--time" is --timeout, "=" and
+     * a short option's attached value take no next element. */
+    char *vals[] = {"b",  "q",  "--label",   "--x", "--time", "70",
+                    "-n", "-5", "--calls=7", "-n9", "j",      NULL};
+    struct cli_extra extra[] = {
+        {.name = "calls", .arg = "N", .help = "n", .short_name = 'n'},
+        {.name = "label", .arg = "S", .help = "l"},
+        {.name = NULL}};
+    struct cli c6 = {.prog = "t",
+                     .usage = "",
+                     .summary = "",
+                     .flags = CLI_CALLER,
+                     .extra = extra};
+    assert_int_equal(parse(&c6, 11, vals), -1);
+    assert_string_equal(extra[1].value, "--x");
+    assert_int_equal(c6.timeout_ms, 70);
+    assert_string_equal(extra[0].value, "9");
+    assert_int_equal(c6.optind, 9);
+    assert_string_equal(vals[9], "q");
+    assert_string_equal(vals[10], "j");
+
+    /* An unknown option after the operands is a usage error, as before
+     * them; so is an option missing its value at the end. */
+    char *bogus[] = {"rpc_client", "soma", "1", "2", "--bogus", NULL};
+    struct cli c7 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c7, 5, bogus), CLI_EXIT_USAGE);
+    char *unk[] = {"rpc_client", "busca", "-x", NULL};
+    struct cli c8 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c8, 3, unk), CLI_EXIT_USAGE);
+    char *noval[] = {"rpc_client", "info", "--timeout", NULL};
+    struct cli c9 = {
+        .prog = "t", .usage = "", .summary = "", .flags = CLI_CALLER};
+    assert_int_equal(parse(&c9, 3, noval), CLI_EXIT_USAGE);
+
+    /* Services: options after an (unexpected) operand are still read. */
+    char *svc[] = {"svc", "extra", "--queue", "q1", NULL};
+    struct cli c10 = {.prog = "t",
+                      .usage = "",
+                      .summary = "",
+                      .flags = CLI_SERVICE,
+                      .queue = "d"};
+    assert_int_equal(parse(&c10, 4, svc), -1);
+    assert_string_equal(c10.queue, "q1");
+    assert_int_equal(c10.optind, 3);
+    assert_string_equal(svc[3], "extra");
+}
+
 static void exit_codes_are_the_documented_ones(void **state)
 {
     (void)state;
@@ -1052,11 +1193,247 @@ static void backoff_jitters_and_caps(void **state)
     assert_int_equal(mqr_backoff_next(3000, 5000), 5000);
 }
 
+/* ------------------------------------------------------------ metrics */
+
+static void metric_codes_and_buckets(void **state)
+{
+    (void)state;
+    assert_int_equal(mqrpc_code_of(NULL), MQRPC_CODE_OK);
+    assert_int_equal(mqrpc_code_of(""), MQRPC_CODE_OK);
+    assert_int_equal(mqrpc_code_of("bad_request"), MQRPC_CODE_BAD_REQUEST);
+    assert_int_equal(mqrpc_code_of(MQRPC_DEAD_LETTER), MQRPC_CODE_DEAD_LETTER);
+    assert_int_equal(mqrpc_code_of("overloaded"), MQRPC_CODE_OVERLOADED);
+    assert_int_equal(mqrpc_code_of("cancelled"), MQRPC_CODE_OTHER);
+    /* "other" names the bucket, not a code that lands in it by name. */
+    assert_int_equal(mqrpc_code_of("other"), MQRPC_CODE_OTHER);
+    for (unsigned i = 0; i < MQRPC_CODE_COUNT; i++)
+        assert_non_null(mqrpc_code_name(i));
+    assert_null(mqrpc_code_name(MQRPC_CODE_COUNT));
+    assert_int_equal(mqr_duration_bucket(0), 0);
+    assert_int_equal(mqr_duration_bucket(100), 0);   /* le 0.0001 */
+    assert_int_equal(mqr_duration_bucket(101), 1);   /* le 0.00025 */
+    assert_int_equal(mqr_duration_bucket(1000000), 12); /* le 1 */
+    assert_int_equal(mqr_duration_bucket(60000000), MQRPC_DURATION_BUCKETS - 1);
+    assert_int_equal(mqr_duration_bucket(60000001), MQRPC_DURATION_BUCKETS);
+}
+
+/* The exposition text: cumulative le buckets ending at +Inf = _count,
+ * escaped labels, workers summed. */
+static void metrics_text_of_a_service(void **state)
+{
+    struct metrics_service_info info = {"service_x", "q\"\\\n", 2, 7};
+    mqrpc_service_stats a = {0}, b = {0}, sum = {0};
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f;
+
+    (void)state;
+    a.replies[MQRPC_CODE_OK] = 3;
+    b.replies[MQRPC_CODE_OK] = 2;
+    b.replies[MQRPC_CODE_BAD_REQUEST] = 1;
+    a.handling[0] = 2;
+    b.handling[2] = 3;
+    b.handling[MQRPC_DURATION_BUCKETS] = 1;
+    a.handling_us = 1500000;
+    a.connected = b.connected = 1;
+    metrics_sum_service(&sum, &a);
+    metrics_sum_service(&sum, &b);
+    f = open_memstream(&text, &len);
+    assert_non_null(f);
+    metrics_write_service(f, &info, &sum);
+    fclose(f);
+#define Q "queue=\"q\\\"\\\\\\n\""
+    assert_non_null(strstr(text, "mqrpc_requests_total{" Q ",code=\"ok\"} 5\n"));
+    assert_non_null(
+        strstr(text, "mqrpc_requests_total{" Q ",code=\"bad_request\"} 1\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"0.0001\"} 2\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"0.0005\"} 5\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"60\"} 5\n"));
+    assert_non_null(strstr(
+        text, "mqrpc_request_handling_seconds_bucket{" Q ",le=\"+Inf\"} 6\n"));
+    assert_non_null(
+        strstr(text, "mqrpc_request_handling_seconds_count{" Q "} 6\n"));
+    assert_non_null(
+        strstr(text, "mqrpc_request_handling_seconds_sum{" Q "} 1.500000\n"));
+    assert_non_null(strstr(text, "mqrpc_connected{" Q "} 2\n"));
+    assert_non_null(strstr(text, "mqrpc_workers{" Q "} 2\n"));
+    assert_non_null(strstr(text, "mqrpc_max_queue{" Q "} 7\n"));
+    assert_non_null(strstr(text, "# TYPE mqrpc_requests_total counter\n"));
+#undef Q
+    free(text);
+}
+
+/* ------------------------------------------------------------ trace */
+
+#define T_ID "4bf92f3577b34da6a3ce929d0e0e4736"
+#define P_ID "00f067aa0ba902b7"
+
+static void traceparent_parsing(void **state)
+{
+    static const char *const good[] = {
+        "00-" T_ID "-" P_ID "-01",
+        "00-" T_ID "-" P_ID "-00",
+        "00-" T_ID "-" P_ID "-ff", /* unknown flags are carried */
+        "01-" T_ID "-" P_ID "-01", /* a later version, same fields */
+        "cc-" T_ID "-" P_ID "-01-what-the-future-adds",
+    };
+    static const char *const bad[] = {
+        "",
+        "00",
+        "00-" T_ID "-" P_ID,                         /* no flags */
+        "00-" T_ID "-" P_ID "-1",                    /* short flags */
+        "00-" T_ID "-" P_ID "-01-",                  /* 00 has no more */
+        "00-" T_ID "-" P_ID "-01 ",
+        "00-00000000000000000000000000000000-" P_ID "-01", /* zero trace */
+        "00-" T_ID "-0000000000000000-01",           /* zero parent */
+        "ff-" T_ID "-" P_ID "-01",                   /* forbidden version */
+        "0g-" T_ID "-" P_ID "-01",
+        "00-4BF92F3577B34DA6A3CE929D0E0E4736-" P_ID "-01", /* uppercase */
+        "00-" T_ID "-00F067AA0BA902B7-01",
+        "00_" T_ID "-" P_ID "-01",
+        "00-" T_ID "x" P_ID "-01",
+        "00-" T_ID "-" P_ID "x01",
+        "01-" T_ID "-" P_ID "-01x",                  /* later: '-' after */
+        "00-4bf92f3577b34da6a3ce929d0e0e473-" P_ID "-01", /* 31 digits */
+    };
+    mqr_trace_ids ids;
+
+    (void)state;
+    for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
+        assert_true(mqrpc_traceparent_valid(good[i]));
+        assert_true(mqr_traceparent_parse(good[i], strlen(good[i]), &ids));
+        assert_string_equal(ids.trace_id, T_ID);
+        assert_string_equal(ids.span_id, P_ID);
+    }
+    assert_true(mqr_traceparent_parse(good[2], strlen(good[2]), &ids));
+    assert_string_equal(ids.flags, "ff");
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        if (mqrpc_traceparent_valid(bad[i]))
+            fail_msg("accepted \"%s\"", bad[i]);
+        assert_false(mqr_traceparent_parse(bad[i], strlen(bad[i]), NULL));
+    }
+    assert_false(mqrpc_traceparent_valid(NULL));
+    assert_false(mqr_traceparent_parse(NULL, 0, NULL));
+    /* Not NUL-terminated, as a header is: the length decides. */
+    assert_true(mqr_traceparent_parse("00-" T_ID "-" P_ID "-01xyz", 55, NULL));
+}
+
+static void traceparent_formatting_and_tracestate(void **state)
+{
+    char tp[MQRPC_TRACEPARENT_LEN + 1], big[MQRPC_TRACESTATE_MAX + 2];
+
+    (void)state;
+    mqr_traceparent_format(tp, T_ID, P_ID, "01");
+    assert_string_equal(tp, "00-" T_ID "-" P_ID "-01");
+    assert_true(mqr_tracestate_ok("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7",
+                                  39));
+    assert_false(mqr_tracestate_ok("", 0));
+    assert_false(mqr_tracestate_ok("a=\n", 3));
+    assert_false(mqr_tracestate_ok("a=\xc3\xa9", 4));
+    memset(big, 'a', sizeof big);
+    assert_true(mqr_tracestate_ok(big, MQRPC_TRACESTATE_MAX));
+    assert_false(mqr_tracestate_ok(big, MQRPC_TRACESTATE_MAX + 1));
+}
+
+static void trace_start_continues_or_begins(void **state)
+{
+    mqr_trace a, b, c;
+    char hex[33];
+
+    (void)state;
+    mqr_trace_random_hex(hex, 16);
+    assert_int_equal(strlen(hex), 32);
+    assert_int_equal(strspn(hex, "0123456789abcdef"), 32);
+
+    /* Continued: the caller's trace and flags, its span as the parent, a
+     * new span of ours. */
+    mqr_trace_start(&a, mqr_cstr("00-" T_ID "-" P_ID "-00"));
+    assert_string_equal(a.trace_id, T_ID);
+    assert_string_equal(a.parent_id, P_ID);
+    assert_string_equal(a.flags, "00");
+    assert_string_not_equal(a.span_id, P_ID);
+    assert_true(mqrpc_traceparent_valid(a.traceparent));
+    assert_memory_equal(a.traceparent, "00-" T_ID "-", 36);
+    assert_memory_equal(a.traceparent + 36, a.span_id, 16);
+    assert_string_equal(a.traceparent + 52, "-00");
+
+    /* Missing or invalid: a new trace, sampled, no parent. */
+    mqr_trace_start(&b, mqr_cstr(""));
+    mqr_trace_start(&c, mqr_cstr("00-" T_ID "-" P_ID));
+    assert_true(mqrpc_traceparent_valid(b.traceparent));
+    assert_true(mqrpc_traceparent_valid(c.traceparent));
+    assert_string_equal(b.parent_id, "");
+    assert_string_equal(b.flags, "01");
+    assert_string_not_equal(b.trace_id, c.trace_id);
+    assert_string_not_equal(c.trace_id, T_ID);
+}
+
+static mqrpc_log_record last_rec;
+static char last_msg[256], last_cid[64];
+
+static void save_record(const mqrpc_log_record *rec, void *arg)
+{
+    (void)arg;
+    last_rec = *rec;
+    snprintf(last_msg, sizeof last_msg, "%s", rec->msg);
+    snprintf(last_cid, sizeof last_cid, "%s",
+             rec->correlation_id ? rec->correlation_id : "(null)");
+}
+
+static void save_line(mqrpc_log_level level, const char *line, void *arg)
+{
+    (void)level;
+    (void)arg;
+    snprintf(last_msg, sizeof last_msg, "%s", line);
+}
+
+static void request_log_lines_carry_their_fields(void **state)
+{
+    mqr_logger lg = {.record_fn = save_record};
+    mqr_req_fields f = {.queue = "service_x",
+                        .correlation_id = "abc-1",
+                        .trace_id = T_ID,
+                        .span_id = P_ID,
+                        .code = "ok",
+                        .duration_ms = 1.5};
+
+    (void)state;
+    mqr_log_req(&lg, MQRPC_LOG_DEBUG, &f, "answered %s", "abc-1");
+    assert_true(last_rec.size >= sizeof last_rec);
+    assert_int_equal(last_rec.level, MQRPC_LOG_DEBUG);
+    assert_string_equal(last_msg, "answered abc-1"); /* ids apart */
+    assert_string_equal(last_cid, "abc-1");
+    assert_string_equal(last_rec.queue, "service_x");
+    assert_string_equal(last_rec.trace_id, T_ID);
+    assert_string_equal(last_rec.span_id, P_ID);
+    assert_string_equal(last_rec.code, "ok");
+    assert_true(last_rec.duration_ms == 1.5);
+
+    mqr_log(&lg, MQRPC_LOG_WARN, "connection lost");
+    assert_string_equal(last_msg, "connection lost");
+    assert_null(last_rec.trace_id);
+    assert_null(last_rec.queue);
+    assert_true(last_rec.duration_ms < 0);
+
+    /* A text log function gets the ids at the end of the line. */
+    lg = (mqr_logger){.fn = save_line};
+    mqr_log_req(&lg, MQRPC_LOG_DEBUG, &f, "answered %s", "abc-1");
+    assert_string_equal(last_msg,
+                        "answered abc-1 trace_id=" T_ID " span_id=" P_ID);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(every_error_has_a_name_and_a_sentence),
         cmocka_unit_test(backoff_jitters_and_caps),
+        cmocka_unit_test(traceparent_parsing),
+        cmocka_unit_test(traceparent_formatting_and_tracestate),
+        cmocka_unit_test(trace_start_continues_or_begins),
+        cmocka_unit_test(request_log_lines_carry_their_fields),
         cmocka_unit_test(fault_set_formats_and_returns_null),
         cmocka_unit_test(decode_request_accepts_objects),
         cmocka_unit_test(decode_request_rejects_bad_bodies),
@@ -1088,7 +1465,10 @@ int main(void)
         cmocka_unit_test(cli_service_options),
         cmocka_unit_test(cli_service_limit_options),
         cmocka_unit_test(cli_extra_short_and_flags),
+        cmocka_unit_test(cli_options_after_operands),
         cmocka_unit_test(exit_codes_are_the_documented_ones),
+        cmocka_unit_test(metric_codes_and_buckets),
+        cmocka_unit_test(metrics_text_of_a_service),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
