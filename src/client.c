@@ -54,6 +54,10 @@ struct mqrpc_client {
     uint64_t next_seq;
     mqr_calls calls;
     size_t unsent;       /* calls in state MQR_CALL_UNSENT or RESEND */
+    /* When every unsent call is a refused one waiting for its pause to
+     * end (see on_confirm): the earliest end, so that the wait is not
+     * cut into UNSENT_RETRY_MS slices; 0 otherwise. */
+    int64_t unsent_paused_until_us;
     uint64_t completed;  /* callbacks run: did process do anything? */
     int in_callback;     /* > 0 while a callback runs */
     bool closing;        /* mqrpc_client_free began: no new calls */
@@ -203,7 +207,9 @@ static mqrpc_err open_reply_queue(mqrpc_client *c)
         for (mqr_call *k = c->calls.head; k; k = k->next) {
             if (k->state == MQR_CALL_CONFIRMED) {
                 k->state = MQR_CALL_RESEND; /* sorted out by flush_unsent */
+                k->resend_at_us = 0;
                 c->unsent++;
+                c->unsent_paused_until_us = 0;
             }
         }
     }
@@ -345,8 +351,13 @@ static int next_timeout_at(const mqrpc_client *c, int64_t now)
     }
     if (mqr_conn_buffered(c->conn))
         return 0;
-    if (c->unsent && !c->blocked && (wait < 0 || wait > UNSENT_RETRY_MS))
-        wait = UNSENT_RETRY_MS;
+    if (c->unsent && !c->blocked) {
+        int64_t retry = UNSENT_RETRY_MS;
+        if (c->unsent_paused_until_us > now)
+            retry = (c->unsent_paused_until_us - now + 999) / 1000;
+        if (wait < 0 || wait > retry)
+            wait = retry;
+    }
     /* rabbitmq-c sends heartbeats only from inside its read calls; half the
      * interval keeps us inside the broker's tolerance. */
     hb = mqr_conn_heartbeat_s(c->conn);
@@ -623,13 +634,26 @@ static void on_return(mqrpc_client *c, const mqr_msg *m)
                   (int)m->reply_text.len, m->reply_text.ptr);
 }
 
+/* The pause before a refused call is sent again: 100 ms, doubling with
+ * each refusal, at most 1 s. */
+static int64_t refusal_pause_us(unsigned refusals)
+{
+    return refusals >= 4 ? 1000000 : 100000 << (refusals ? refusals - 1 : 0);
+}
+
 /* A publisher confirm: an ack means the broker took the request (for a
- * persistent one, wrote it to disk); a nack means it refused it, which
- * for our queues means x-max-length was reached. The broker confirms in
- * publish order, so the calls concerned are at the front of the list. */
+ * persistent one, wrote it to disk); a nack means it refused it: for our
+ * queues x-max-length was reached, or a quorum queue could not take it
+ * just then (RabbitMQ 3.10 refuses a new channel's publishes to a quorum
+ * queue whose leader's node has just died, for seconds, until the
+ * cluster has settled: broker.cluster shows it). An idempotent call with
+ * retries left is sent again after a pause, within its deadline; any
+ * other fails. The broker confirms in publish order, so the calls
+ * concerned are at the front of the list. */
 static void on_confirm(mqrpc_client *c, const mqr_msg *m)
 {
     mqr_call *k = c->calls.chead, *next;
+    int64_t now = m->kind == MQR_ACK ? 0 : mqr_now_us();
 
     for (; k && k->pub_seq <= m->delivery_tag; k = next) {
         next = k->cnext;
@@ -638,6 +662,14 @@ static void on_confirm(mqrpc_client *c, const mqr_msg *m)
         mqr_calls_unconfirmed_unlink(&c->calls, k);
         if (m->kind == MQR_ACK) {
             k->state = MQR_CALL_CONFIRMED;
+            continue;
+        }
+        if (k->retries_left > 0 &&
+            now + refusal_pause_us(k->refusals + 1) < k->deadline_us) {
+            k->refusals++;
+            k->state = MQR_CALL_RESEND;
+            k->resend_at_us = now + refusal_pause_us(k->refusals);
+            c->unsent++;
             continue;
         }
         fail_call(c, k, MQRPC_EOVERLOAD,
@@ -686,7 +718,9 @@ static mqrpc_err lost(mqrpc_client *c)
             continue;
         if (again && k->retries_left > 0) {
             k->state = MQR_CALL_RESEND;
+            k->resend_at_us = 0; /* through the next connection, at once */
             c->unsent++;
+            c->unsent_paused_until_us = 0;
             continue;
         }
         fail_call(c, k, MQRPC_ECLOSED, "connection lost: %s", c->err);
@@ -759,19 +793,29 @@ static mqrpc_err send_call(mqrpc_client *c, mqr_call *k, int64_t now)
 static void flush_unsent(mqrpc_client *c)
 {
     mqr_call *k, *next;
+    int64_t now = mqr_now_us(), paused_until = 0;
+    size_t paused = 0;
 
     for (k = c->calls.head; k && c->unsent && c->conn; k = next) {
         next = k->next;
         if (k->state != MQR_CALL_UNSENT && k->state != MQR_CALL_RESEND)
             continue;
+        if (k->state == MQR_CALL_RESEND && k->resend_at_us > now) {
+            if (!paused_until || k->resend_at_us < paused_until)
+                paused_until = k->resend_at_us;
+            paused++;
+            continue; /* refused: its pause is not over */
+        }
         if (k->state == MQR_CALL_RESEND && k->retries_left <= 0) {
             /* A durable call whose reply queue vanished meanwhile. */
             fail_call(c, k, MQRPC_ECLOSED,
                       "connection lost, and the reply queue with it");
             continue;
         }
-        if (!mqr_conn_can_publish(c->conn, k->body_len))
+        if (!mqr_conn_can_publish(c->conn, k->body_len)) {
+            c->unsent_paused_until_us = 0;
             return;
+        }
         c->unsent--;
         if (k->state == MQR_CALL_RESEND) {
             k->retries_left--;
@@ -781,10 +825,13 @@ static void flush_unsent(mqrpc_client *c)
         if (send_call(c, k, mqr_now_us()) != MQRPC_OK) {
             c->unsent++;
             k->state = k->retries_left > 0 ? MQR_CALL_RESEND : MQR_CALL_UNSENT;
+            c->unsent_paused_until_us = 0;
             lost(c);
             return;
         }
     }
+    c->unsent_paused_until_us =
+        c->conn && c->unsent && c->unsent == paused ? paused_until : 0;
 }
 
 /* Reconnects if disconnected and the backoff allows it now; each
@@ -1144,6 +1191,7 @@ mqrpc_err mqrpc_call_async_ex(mqrpc_client *c, const char *queue,
     if (!now) {
         k->state = MQR_CALL_UNSENT;
         c->unsent++;
+        c->unsent_paused_until_us = 0;
         mqr_calls_add(&c->calls, k);
         return MQRPC_OK;
     }
@@ -1164,6 +1212,7 @@ mqrpc_err mqrpc_call_async_ex(mqrpc_client *c, const char *queue,
     if (e != MQRPC_OK) {
         k->state = MQR_CALL_RESEND; /* waits for the reconnection */
         c->unsent++;
+        c->unsent_paused_until_us = 0;
         lost(c);
     }
     return MQRPC_OK;

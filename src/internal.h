@@ -334,6 +334,8 @@ struct mqr_call {
     int64_t deadline_wall_ms; /* the same deadline, for the header */
     int timeout_ms;
     int retries_left;
+    unsigned refusals;    /* nacks of this call so far (on_confirm) */
+    int64_t resend_at_us; /* a refused call's resend: not before this */
     enum mqr_call_state state;
     bool unconfirmed; /* linked in the publish-order list */
     bool progress;    /* MQRPC_CALL_PROGRESS */

@@ -380,8 +380,11 @@ typedef struct mqrpc_client_opts {
      * survive a broker restart. */
     int durable;
     /* How many times an idempotent call (MQRPC_CALL_IDEMPOTENT) is re-sent
-     * after the connection was lost before its reply came; 0: never. Other
-     * calls are never re-sent. */
+     * after the connection was lost before its reply came, or after the
+     * broker refused it (a nack: a full queue, or a quorum queue that
+     * cannot take it just after a node loss; re-sent after a pause of
+     * 100 ms doubling to 1 s, within its deadline); 0: never. Other calls
+     * are never re-sent. */
     int retries;
     /* Reconnection backoff after a lost connection: the first delay and
      * the cap, in ms; the delay doubles after each failed attempt and is
@@ -582,7 +585,7 @@ typedef struct mqrpc_client_stats {
     /* replies with no call waiting for them (late after a timeout, a
      * second reply to a redelivered request, or foreign): dropped */
     uint64_t dropped;
-    uint64_t retried;    /* idempotent calls re-sent after a lost connection */
+    uint64_t retried;    /* idempotent calls re-sent (lost connection, nack) */
     uint64_t lost;       /* connections lost */
     uint64_t reconnects; /* connections regained */
     int connected;       /* 1 while connected */

@@ -47,6 +47,11 @@ void fake_ack(uint64_t tag, bool multiple)
     e->multiple = multiple;
 }
 
+void fake_nack(uint64_t tag)
+{
+    push(MQR_NACK)->tag = tag;
+}
+
 void fake_fail(void)
 {
     push(0);

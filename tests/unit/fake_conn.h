@@ -69,6 +69,7 @@ void fake_reply(const char *corr, const char *body);
  * (an answer to a ping whose id the test cannot know in advance). */
 #define FAKE_LAST_CORR "@last"
 void fake_ack(uint64_t tag, bool multiple);
+void fake_nack(uint64_t tag); /* the broker refuses that publish */
 void fake_fail(void); /* the connection drops */
 void fake_blocked(const char *reason);
 void fake_unblocked(void);

@@ -681,6 +681,56 @@ static void ping_gathers_answers_until_its_timeout(void **state)
     mqrpc_client_free(c);
 }
 
+/* A refused (nacked) call: an idempotent one is sent again after a pause
+ * of 100 ms, then 200 ms, while it has retries left; any other fails at
+ * once with overloaded, as does the idempotent one when its retries are
+ * spent. (A quorum queue refuses publishes for seconds after a node loss:
+ * broker.cluster.) */
+static long elapsed_ms(const struct timespec *t0)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (t.tv_sec - t0->tv_sec) * 1000 + (t.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+static void refused_calls_are_resent_only_when_idempotent(void **state)
+{
+    mqrpc_client *c = connected(2);
+    mqrpc_client_stats st;
+    struct timespec t0;
+    struct rec *a, *b;
+    (void)state;
+
+    assert_int_equal(start(c, "{}", 0, 5000, &a), MQRPC_OK);
+    assert_int_equal(fake.npub, 1);
+    fake_nack(fake.pub[0].seq);
+    process_until_done(c, 1000);
+    assert_int_equal(a->calls, 1);
+    assert_int_equal(a->status, MQRPC_EOVERLOAD);
+
+    assert_int_equal(start(c, "{}", MQRPC_CALL_IDEMPOTENT, 5000, &b), MQRPC_OK);
+    assert_int_equal(fake.npub, 2);
+    for (int round = 0; round < 2; round++) {
+        int before = fake.npub;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        fake_nack(fake.pub[before - 1].seq);
+        while (fake.npub == before && elapsed_ms(&t0) < 3000)
+            mqrpc_client_process(c, 50);
+        assert_int_equal(fake.npub, before + 1); /* the same call again */
+        assert_string_equal(fake.pub[before].corr, fake.pub[before - 1].corr);
+        assert_true(elapsed_ms(&t0) >= (round ? 200 : 100) - 5);
+        assert_int_equal(b->calls, 0);
+    }
+    fake_nack(fake.pub[fake.npub - 1].seq); /* no retries left */
+    process_until_done(c, 1000);
+    assert_int_equal(b->calls, 1);
+    assert_int_equal(b->status, MQRPC_EOVERLOAD);
+    assert_int_equal(fake.npub, 4);
+    mqrpc_client_get_stats(c, &st, sizeof st);
+    assert_int_equal(st.retried, 2);
+    mqrpc_client_free(c);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -699,6 +749,7 @@ int main(void)
         cmocka_unit_test(lone_confirm_waits_on_but_a_wake_ends_the_wait),
         cmocka_unit_test(calls_carry_trace_context),
         cmocka_unit_test(ping_gathers_answers_until_its_timeout),
+        cmocka_unit_test(refused_calls_are_resent_only_when_idempotent),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
