@@ -15,8 +15,14 @@ port=${MQRPC_BROKER_PORT:?}
 r0=$((port + 47)) r1=$((port + 48)) r2=$((port + 49)) dead=$((port + 50))
 curl=$(broker_url clients)
 surl=$(broker_url services)
-# The same account on another port: "amqp://u:p@127.0.0.1:P/".
-at_port() { sed -E "s#@[^/]*/#@127.0.0.1:$2/#" <<<"$1"; }
+# The port the URLs name: the TLS one on the TLS pass (amqps://), which the
+# relays forward to.
+bport=$(sed -E 's#^[a-z]+://[^@]*@[^:/]*:([0-9]+)/.*#\1#' <<<"$curl")
+[[ $bport =~ ^[0-9]+$ ]] || bport=$port
+# And its host: localhost on the TLS pass, the name the certificate holds.
+bhost=$(sed -E 's#^[a-z]+://[^@]*@([^:/]*).*#\1#' <<<"$curl")
+# The same URL on another port: "amqp://u:p@HOST:P/...".
+at_port() { sed -E "s#@([^:/]*)(:[0-9]+)?/#@\1:$2/#" <<<"$1"; }
 q="service_t_${tag}_fo"
 trap 'delete_queues "$q" "$q.dlq"; cleanup' EXIT
 
@@ -24,7 +30,7 @@ section() { echo "--- $*"; }
 
 # relay NAME PORT: a relay to the broker, for at most 60 s; RELAY_PID.
 relay() {
-    spawn "$1" "$PY" "$TESTS_DIR/tcp_relay.py" "$2" "$port" 60
+    spawn "$1" "$PY" "$TESTS_DIR/tcp_relay.py" "$2" "$bport" 60
     RELAY_PID=$SPAWNED_PID
     wait_for_line "$tmpdir/$1.out" listening 5 || fail "relay $1 did not start"
 }
@@ -37,7 +43,7 @@ start_service fo SOMA "$B/service_soma" --queue "$q" \
 }
 fo_pid=$SPAWNED_PID
 ok "the service logs the address it connected to" \
-    "grep -q 'connected.* to amqp://services:\*\*\*\*@127.0.0.1:$port/' '$tmpdir/fo.err'"
+    "grep -q 'connected.* to amqps\\?://services:\*\*\*\*@$bhost:$bport/' '$tmpdir/fo.err'"
 # Each client draws its own order: over 8 runs both orders come up (all
 # but certainly), and every run connects.
 for i in 1 2 3 4 5 6 7 8; do
@@ -98,7 +104,7 @@ start_service sv SOMA "$B/service_soma" --queue "$q" \
     exit 1
 }
 sv_pid=$SPAWNED_PID
-if grep -q "@127.0.0.1:$r1/" "$tmpdir/sv.err"; then
+if grep -q "@$bhost:$r1/" "$tmpdir/sv.err"; then
     on=$ra_pid other=$r2
 else
     on=$rb_pid other=$r1
@@ -116,7 +122,7 @@ else
     cat "$tmpdir/sv.err"
 fi
 ok "to the other address, at the first attempt" \
-    "grep -q 'connection regained after [0-9.]* s (1 attempt), to amqp://services:\*\*\*\*@127.0.0.1:$other/' '$tmpdir/sv.err'"
+    "grep -q 'connection regained after [0-9.]* s (1 attempt), to amqps\\?://services:\*\*\*\*@$bhost:$other/' '$tmpdir/sv.err'"
 rpc call "$q" '{"a": 5, "b": 5}'
 expect_rc 0
 expect_out 10
