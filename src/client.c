@@ -84,24 +84,6 @@ struct mqrpc_client {
     size_t ping_corr_len;
 };
 
-static void random_bytes(void *buf, size_t len)
-{
-    /* Correlation ids must not be guessable by other clients of the broker,
-     * who could otherwise inject replies. */
-    if (getrandom(buf, len, 0) == (ssize_t)len)
-        return;
-    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        ssize_t n = read(fd, buf, len);
-        close(fd);
-        if (n == (ssize_t)len)
-            return;
-    }
-    /* No entropy source at all: fall back to something unique per call. */
-    uint64_t x = (uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 32);
-    memcpy(buf, &x, len < sizeof x ? len : sizeof x);
-}
-
 /* "<program>@<host>:<pid>", the connection name the broker shows. */
 static void default_name(char *buf, size_t len)
 {
@@ -159,7 +141,9 @@ mqrpc_client *mqrpc_client_new(const mqrpc_client_opts *opts)
     c->log.fn = c->opts.log;
     c->log.arg = c->opts.log_arg;
     c->log.name = c->name;
-    random_bytes(rnd, sizeof rnd);
+    /* Correlation ids must not be guessable by other clients of the
+     * broker, who could otherwise inject replies. */
+    mqr_random_bytes(rnd, sizeof rnd);
     for (size_t i = 0; i < PREFIX_LEN / 2; i++)
         snprintf(c->prefix + 2 * i, 3, "%02x", rnd[i]);
     /* Sequence numbers start at a random point too (as nng does), so ids

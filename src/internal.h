@@ -32,6 +32,9 @@ void mqr_wake_drain(int fd);
 
 /* mqr_now_us: monotonic clock in microseconds. */
 int64_t mqr_now_us(void);
+/* len random bytes (getrandom, else /dev/urandom, else a per-process
+ * fallback): correlation ids and trace ids must not be guessable. */
+void mqr_random_bytes(void *out, size_t len);
 
 /* Reconnection backoff. mqr_jitter draws a delay between half and all of
  * d ms from the xorshift state *rng (nonzero), so that programs that lost

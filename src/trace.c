@@ -93,25 +93,6 @@ void mqr_traceparent_format(char out[MQRPC_TRACEPARENT_LEN + 1],
     out[MQRPC_TRACEPARENT_LEN] = '\0';
 }
 
-static void random_fill(unsigned char *buf, size_t len)
-{
-    if (getrandom(buf, len, 0) == (ssize_t)len)
-        return;
-    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
-    if (fd >= 0) {
-        ssize_t n = read(fd, buf, len);
-        close(fd);
-        if (n == (ssize_t)len)
-            return;
-    }
-    /* No entropy source: unique enough within this process. */
-    static _Atomic uint64_t counter;
-    uint64_t x = (uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 40) ^
-                 ++counter * 0x9e3779b97f4a7c15u;
-    for (size_t i = 0; i < len; i++)
-        buf[i] = (unsigned char)(x >> (8 * (i % 8))) ^ (unsigned char)i;
-}
-
 void mqr_trace_random_hex(char *out, size_t nbytes)
 {
     static const char digits[] = "0123456789abcdef";
@@ -120,7 +101,7 @@ void mqr_trace_random_hex(char *out, size_t nbytes)
 
     if (nbytes == 0 || nbytes > sizeof b)
         nbytes = sizeof b;
-    random_fill(b, nbytes);
+    mqr_random_bytes(b, nbytes);
     for (size_t i = 0; i < nbytes; i++)
         if (b[i])
             zero = false;

@@ -2,11 +2,13 @@
 #include "internal.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -244,4 +246,27 @@ void mqr_append(char *buf, size_t size, const char *sep, const char *s)
     for (; *s && n + 1 < size; s++)
         buf[n++] = *s;
     buf[n] = '\0';
+}
+
+/* Random bytes from the kernel; without any entropy source, bytes unique
+ * enough within this process. */
+void mqr_random_bytes(void *out, size_t len)
+{
+    unsigned char *buf = out;
+
+    if (getrandom(buf, len, 0) == (ssize_t)len)
+        return;
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        ssize_t n = read(fd, buf, len);
+        close(fd);
+        if (n == (ssize_t)len)
+            return;
+    }
+    /* No entropy source: unique enough within this process. */
+    static _Atomic uint64_t counter;
+    uint64_t x = (uint64_t)mqr_now_us() ^ ((uint64_t)getpid() << 40) ^
+                 ++counter * 0x9e3779b97f4a7c15u;
+    for (size_t i = 0; i < len; i++)
+        buf[i] = (unsigned char)(x >> (8 * (i % 8))) ^ (unsigned char)i;
 }
